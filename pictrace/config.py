@@ -1,0 +1,98 @@
+"""All settings in one place: environment variables ``PICTRACE_*`` (or a ``.env`` file).
+
+Every limit the service enforces lives here, so an operator can read one table (the README's) and know what
+PicTrace will accept, fetch and keep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "efficientnet-lite2" / "model.onnx"
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """PicTrace configuration. Field names map to ``PICTRACE_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="PICTRACE_", env_file=".env", extra="ignore")
+
+    # --- serving -------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the web server binds to.")
+    port: int = Field(5000, ge=1, le=65535, description="Port the web server listens on.")
+    db: Path = Field(Path("db.json"), description="Gallery file (JSON list of {url, id?, ...}).")
+    data_dir: Path = Field(Path("data"), description="Where the catalogue, index and thumbnails live.")
+    index_on_start: bool = Field(True, description="Index the gallery file in the background at start.")
+
+    # --- model ---------------------------------------------------------------------------------------
+    backbone: str = Field("efficientnet-lite2", description="Embedding backbone name.")
+    model_path: Path = Field(DEFAULT_MODEL, description="ONNX model file for the default backbone.")
+    embed_threads: int = Field(2, ge=1, description="onnxruntime intra-op threads.")
+    embed_batch: int = Field(16, ge=1, le=256, description="Images per embedding batch at ingest.")
+
+    # --- search --------------------------------------------------------------------------------------
+    top_k: int = Field(5, ge=1, le=50, description="Results returned when the client does not say.")
+    candidates: int = Field(50, ge=1, le=1000, description="Nearest vectors re-ranked by SSIM and ORB.")
+    weight_embedding: float = Field(0.5, ge=0, description="Fusion weight of the embedding cosine.")
+    weight_ssim: float = Field(0.15, ge=0, description="Fusion weight of SSIM (256x256 gray).")
+    weight_orb: float = Field(0.35, ge=0, description="Fusion weight of ORB+RANSAC geometric agreement.")
+    orb_features: int = Field(1000, ge=50, le=10000, description="ORB keypoints per image.")
+    orb_max_side: int = Field(640, ge=128, le=4096, description="Longest side an image is resized to for ORB.")
+    orb_ratio: float = Field(0.75, gt=0, lt=1, description="Lowe ratio test threshold for ORB matches.")
+    orb_ransac_px: float = Field(5.0, gt=0, description="RANSAC reprojection threshold (pixels).")
+    orb_min_inliers: int = Field(8, ge=4, description="Fewer inliers than this count as no geometric match.")
+    orb_full_inliers: int = Field(40, ge=5, description="Inliers at which the ORB score reaches 1.0.")
+    min_score: float = Field(0.0, ge=0, le=1, description="Matches scoring below this are not returned.")
+
+    # --- limits --------------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(20 * MiB, ge=1024, description="Largest accepted request body.")
+    max_download_bytes: int = Field(20 * MiB, ge=1024, description="Largest image body fetched from a URL.")
+    max_pixels: int = Field(50_000_000, ge=10_000, description="Largest image (width x height) decoded.")
+    fetch_timeout_s: float = Field(20.0, gt=0, description="Total time allowed for one download.")
+    fetch_connect_timeout_s: float = Field(5.0, gt=0, description="Time allowed to connect.")
+    fetch_retries: int = Field(2, ge=0, le=10, description="Retries on 5xx/connection errors (gallery).")
+    fetch_concurrency: int = Field(16, ge=1, description="Concurrent downloads in total.")
+    fetch_per_host: int = Field(4, ge=1, description="Concurrent downloads per host (politeness).")
+    fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed per download.")
+    fetch_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts or networks (CIDR) a user's URL may reach despite the SSRF guard, comma separated.",
+    )
+    user_agent: str = Field("PicTrace/1.0 (+reverse image search)", description="User-Agent for downloads.")
+
+    # --- work ----------------------------------------------------------------------------------------
+    workers: int = Field(2, ge=1, description="Threads in the one bounded executor for CPU work.")
+    queue_limit: int = Field(16, ge=1, description="CPU jobs waiting beyond which requests get 503.")
+    api_token: str | None = Field(None, description="Bearer token for write endpoints; unset disables writes.")
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _weights_not_all_zero(self) -> Settings:
+        if self.weight_embedding + self.weight_ssim + self.weight_orb <= 0:
+            raise ValueError("at least one of the fusion weights must be positive")
+        return self
+
+    @property
+    def catalogue_path(self) -> Path:
+        return self.data_dir / "catalogue.sqlite3"
+
+    @property
+    def index_path(self) -> Path:
+        return self.data_dir / "vectors.faiss"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and .env), with explicit overrides winning (tests, CLI flags)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

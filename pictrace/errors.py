@@ -1,0 +1,72 @@
+"""Typed domain errors.
+
+Domain code raises these and never turns a failure into ``None``. ``pictrace.web.errors`` is the one place
+that maps them to HTTP statuses, so the classes carry no status codes themselves.
+"""
+
+from __future__ import annotations
+
+
+class PicTraceError(Exception):
+    """Base class: every error PicTrace raises on purpose."""
+
+
+class InvalidInputError(PicTraceError):
+    """The caller's request is malformed (bad top_k, no image given, bad db.json entry...)."""
+
+
+class GalleryError(InvalidInputError):
+    """db.json cannot be read at all (not JSON, not a list)."""
+
+
+class UnsafeURLError(InvalidInputError):
+    """A URL is refused before anything is fetched: bad scheme, credentials, or a forbidden address."""
+
+
+class TooLargeError(PicTraceError):
+    """A body or an image exceeds a configured limit (bytes or pixels)."""
+
+
+class UnsupportedFormatError(PicTraceError):
+    """The bytes are not an image in one of the allowed formats."""
+
+
+class DecodeError(PicTraceError):
+    """The bytes claim an allowed image format but cannot be decoded (truncated, corrupt)."""
+
+
+class FetchError(PicTraceError):
+    """A remote image could not be downloaded (connection error, timeout, HTTP error status)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class NotFoundError(PicTraceError):
+    """A requested image, query or resource does not exist."""
+
+
+class OverloadedError(PicTraceError):
+    """The CPU work queue is full; the client should retry later."""
+
+    def __init__(self, message: str = "server is busy, retry later", *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReadyError(PicTraceError):
+    """The service cannot answer yet (model or index still loading)."""
+
+
+class AuthError(PicTraceError):
+    """A write was attempted without the right bearer token (or with writes disabled)."""
+
+
+class IndexMismatchError(PicTraceError):
+    """A persisted index was built by another backbone/dimension and must not be mixed with this one."""
+
+
+class IndexCorruptError(PicTraceError):
+    """A persisted vector index file cannot be read back."""

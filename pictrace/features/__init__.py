@@ -1,0 +1,1 @@
+"""Pure feature functions over decoded RGB arrays: embedding, SSIM, ORB, hashing."""
