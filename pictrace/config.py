@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     weight_ssim: float = Field(0.15, ge=0, description="Fusion weight of SSIM (256x256 gray).")
     weight_orb: float = Field(0.35, ge=0, description="Fusion weight of ORB+RANSAC geometric agreement.")
     orb_features: int = Field(1000, ge=50, le=10000, description="ORB keypoints per image.")
-    orb_max_side: int = Field(640, ge=128, le=4096, description="Longest side an image is resized to for ORB.")
+    orb_max_side: int = Field(
+        640, ge=128, le=4096, description="Longest side an image is resized to for ORB."
+    )
     orb_ratio: float = Field(0.75, gt=0, lt=1, description="Lowe ratio test threshold for ORB matches.")
     orb_ransac_px: float = Field(5.0, gt=0, description="RANSAC reprojection threshold (pixels).")
     orb_min_inliers: int = Field(8, ge=4, description="Fewer inliers than this count as no geometric match.")
@@ -69,7 +71,9 @@ class Settings(BaseSettings):
     # --- work ----------------------------------------------------------------------------------------
     workers: int = Field(2, ge=1, description="Threads in the one bounded executor for CPU work.")
     queue_limit: int = Field(16, ge=1, description="CPU jobs waiting beyond which requests get 503.")
-    api_token: str | None = Field(None, description="Bearer token for write endpoints; unset disables writes.")
+    api_token: str | None = Field(
+        None, description="Bearer token for write endpoints; unset disables writes."
+    )
 
     @field_validator("fetch_allow", mode="before")
     @classmethod

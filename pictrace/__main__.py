@@ -1,0 +1,5 @@
+"""`python -m pictrace ...`"""
+
+from pictrace.cli import main
+
+raise SystemExit(main())

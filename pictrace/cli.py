@@ -1,0 +1,134 @@
+"""`python -m pictrace index|search|serve`: thin commands over the same pipeline as the web app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pictrace.config import Settings, load_settings
+from pictrace.errors import PicTraceError
+from pictrace.gallery import load_gallery
+from pictrace.ingest import IngestProgress, read_local_file
+from pictrace.schemas import IngestReport, SearchResult
+from pictrace.service import Service
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pictrace", description="PicTrace reverse image search")
+    parser.add_argument("--data-dir", type=Path, help="override PICTRACE_DATA_DIR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    index = sub.add_parser("index", help="build or update the index from a gallery file (db.json)")
+    index.add_argument("db", nargs="?", type=Path, help="gallery file (default: PICTRACE_DB)")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    search = sub.add_parser("search", help="search the index with an image file or URL")
+    search.add_argument("image", help="path or http(s) URL of the query image")
+    search.add_argument("--top-k", type=int, default=None, help="number of results (1..50, default 5)")
+    search.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    serve = sub.add_parser("serve", help="run the web service")
+    serve.add_argument("--host", help="override PICTRACE_HOST")
+    serve.add_argument("--port", type=int, help="override PICTRACE_PORT")
+    return parser
+
+
+async def _index(settings: Settings, db: Path, quiet: bool) -> IngestReport:
+    from tqdm import tqdm
+
+    gallery = load_gallery(db)
+    service = await Service.start(settings)
+    bar = tqdm(total=len(gallery.entries), unit="img", disable=quiet, desc="indexing")
+    try:
+
+        def on_progress(progress: IngestProgress) -> None:
+            bar.total = progress.total
+            bar.update(progress.done - bar.n)
+
+        return await service.ingestor.ingest_gallery(gallery, on_progress)
+    finally:
+        bar.close()
+        await service.close()
+
+
+def _print_report(report: IngestReport) -> None:
+    print(
+        f"added {report.added}, duplicates {report.duplicates}, unchanged {report.unchanged}, "
+        f"removed {report.removed}, failed {len(report.failed)}, invalid {len(report.invalid)}"
+    )
+    for failure in report.invalid:
+        print(f"  invalid entry {failure.position}: {failure.reason}")
+    for failure in report.failed:
+        print(f"  failed entry {failure.position} ({failure.url}): {failure.reason}")
+
+
+async def _search(settings: Settings, image: str, top_k: int | None) -> SearchResult:
+    service = await Service.start(settings)
+    try:
+        if image.startswith(("http://", "https://")):
+            data = await service.fetcher.fetch_gallery(image)  # the operator's own command: trusted
+        else:
+            data = read_local_file(Path(image), settings.max_upload_bytes)
+        return await service.pool.run(service.searcher.search_bytes, data, top_k)
+    finally:
+        await service.close()
+
+
+def _print_results(result: SearchResult) -> None:
+    print(
+        f"query {result.query.sha256[:12]} {result.query.width}x{result.query.height}, {result.took_ms:.0f} ms"
+    )
+    if not result.results:
+        print("no matches")
+    for rank, match in enumerate(result.results, 1):
+        s = match.scores
+        tag = " exact" if match.exact else ""
+        print(
+            f"{rank}. {match.score * 100:5.1f}%{tag}  {match.id}  "
+            f"(embedding {s.embedding:.2f}, ssim {s.ssim:.2f}, orb {s.orb:.2f} / {s.orb_inliers} inliers)  {match.url}"
+        )
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from pictrace.web import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, object] = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    try:
+        if args.command == "serve":
+            if args.host:
+                overrides["host"] = args.host
+            if args.port:
+                overrides["port"] = args.port
+            _serve(load_settings(**overrides))
+            return 0
+        settings = load_settings(**overrides)
+        if args.command == "index":
+            report = asyncio.run(_index(settings, args.db or settings.db, args.quiet))
+            _print_report(report)
+            return 0
+        if args.command == "search":
+            result = asyncio.run(_search(settings, args.image, args.top_k))
+            if args.json:
+                print(json.dumps(result.model_dump(mode="json"), indent=2))
+            else:
+                _print_results(result)
+            return 0
+    except PicTraceError as exc:
+        print(f"pictrace: {exc}", file=sys.stderr)
+        return 2
+    return 1

@@ -1,0 +1,32 @@
+"""Everything stored per gallery image except its embedding (which is computed in batches)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pictrace.config import Settings
+from pictrace.decode import DecodedImage
+from pictrace.features.hashing import dhash64, pixel_sha256
+from pictrace.features.orb import extract_orb
+from pictrace.features.ssim import gray256
+from pictrace.features.thumbnail import encode_gray_png, encode_thumbnail
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    pixel_sha256: str
+    dhash: int
+    gray_png: bytes
+    orb: bytes
+    thumbnail: bytes
+
+
+def local_features(image: DecodedImage, settings: Settings) -> LocalFeatures:
+    orb = extract_orb(image.rgb, n_features=settings.orb_features, max_side=settings.orb_max_side)
+    return LocalFeatures(
+        pixel_sha256=pixel_sha256(image.rgb),
+        dhash=dhash64(image.rgb),
+        gray_png=encode_gray_png(gray256(image.rgb)),
+        orb=orb.to_bytes(),
+        thumbnail=encode_thumbnail(image.rgb),
+    )

@@ -1,0 +1,192 @@
+"""ORB keypoints and RANSAC geometric verification: "is this the same scene, moved/cropped/rotated?".
+
+Embeddings say two images look alike; a homography supported by many distinct keypoints says one is an
+edited copy of the other (crop, rotation, rescale, recompression). The verification is deliberately strict:
+inliers count *distinct* keypoints on both sides (text and screenshots otherwise pile many matches onto one
+point) and degenerate homographies (folded, collapsed or exploded quadrilaterals) are rejected, so two
+unrelated images essentially never score.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+_MAGIC = b"ORB1"
+_HEADER = struct.Struct("<4sIIId")  # magic, n, width, height, scale
+_DESC_BYTES = 32
+_MIN_DET = 1.0 / 100.0
+_MAX_DET = 100.0
+
+
+@dataclass(frozen=True, eq=False)
+class OrbFeatures:
+    """Keypoints of one image in its working (downscaled) coordinates, ready to store and match."""
+
+    points: np.ndarray  # (N, 2) float32, x, y in the working image
+    descriptors: np.ndarray  # (N, 32) uint8
+    width: int  # working image size
+    height: int
+    scale: float  # working size / original size
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+    def to_bytes(self) -> bytes:
+        """Compact little-endian blob: fixed header, then raw points and descriptors (no pickle)."""
+        n = len(self)
+        points = np.ascontiguousarray(self.points, dtype="<f4").reshape(n, 2)
+        desc = np.ascontiguousarray(self.descriptors, dtype=np.uint8).reshape(n, _DESC_BYTES)
+        header = _HEADER.pack(_MAGIC, n, self.width, self.height, float(self.scale))
+        return header + points.tobytes() + desc.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OrbFeatures:
+        """Inverse of :meth:`to_bytes`; a blob of the wrong shape is a ValueError, never garbage features."""
+        if len(data) < _HEADER.size:
+            raise ValueError("ORB blob is shorter than its header")
+        magic, n, width, height, scale = _HEADER.unpack_from(data)
+        if magic != _MAGIC:
+            raise ValueError(f"ORB blob has an unknown magic {magic!r}")
+        points_end = _HEADER.size + n * 8
+        if len(data) != points_end + n * _DESC_BYTES:
+            raise ValueError(f"ORB blob length {len(data)} does not match its {n} keypoints")
+        points = np.frombuffer(data, dtype="<f4", count=n * 2, offset=_HEADER.size).reshape(n, 2)
+        desc = np.frombuffer(data, dtype=np.uint8, count=n * _DESC_BYTES, offset=points_end)
+        return cls(
+            points=points.astype(np.float32),
+            descriptors=desc.reshape(n, _DESC_BYTES).copy(),
+            width=width,
+            height=height,
+            scale=scale,
+        )
+
+
+def _empty(width: int, height: int, scale: float) -> OrbFeatures:
+    return OrbFeatures(
+        points=np.zeros((0, 2), dtype=np.float32),
+        descriptors=np.zeros((0, _DESC_BYTES), dtype=np.uint8),
+        width=width,
+        height=height,
+        scale=scale,
+    )
+
+
+def extract_orb(rgb: np.ndarray, *, n_features: int = 1000, max_side: int = 640) -> OrbFeatures:
+    """ORB on a grayscale copy whose longest side is at most ``max_side`` (never upscaled).
+
+    A low FAST threshold and a small border keep small or low-contrast images from coming out empty; twelve
+    pyramid levels (1.2**11 ~ 7x) let a heavily downscaled copy still meet its original at some level. An
+    image with no corners at all (flat colour) legitimately yields zero keypoints.
+    """
+    img = np.ascontiguousarray(rgb, dtype=np.uint8)
+    gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    h, w = gray.shape[:2]
+    longest = max(h, w)
+    if longest > max_side:
+        factor = max_side / longest
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    wh, ww = gray.shape[:2]
+    scale = max(wh, ww) / longest
+    orb = cv2.ORB.create(
+        nfeatures=int(n_features),
+        scaleFactor=1.2,
+        nlevels=12,
+        edgeThreshold=15,
+        patchSize=31,
+        fastThreshold=10,
+    )
+    keypoints, descriptors = orb.detectAndCompute(gray, None)
+    if descriptors is None or not keypoints:
+        return _empty(ww, wh, scale)
+    points = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2)
+    return OrbFeatures(
+        points=points,
+        descriptors=np.ascontiguousarray(descriptors, dtype=np.uint8),
+        width=ww,
+        height=wh,
+        scale=scale,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class OrbMatch:
+    """Outcome of verifying one query against one gallery image."""
+
+    matches: int  # matches surviving the ratio test
+    inliers: int  # RANSAC inliers as distinct keypoints: min(#distinct query, #distinct gallery)
+    homography: np.ndarray | None  # 3x3 float64 query working -> gallery working; None unless accepted
+    score: float  # 0 below min_inliers, else min(1, inliers / full_inliers)
+
+
+def _plausible(hom: np.ndarray, width: int, height: int) -> bool:
+    """Reject homographies no real edit produces: non-finite, collapsing/exploding, folded or twisted."""
+    if not np.all(np.isfinite(hom)) or abs(hom[2, 2]) < 1e-12:
+        return False
+    hom = hom / hom[2, 2]
+    det = abs(float(np.linalg.det(hom[:2, :2])))
+    if not _MIN_DET <= det <= _MAX_DET:
+        return False
+    corners = np.array([[0, 0, 1], [width, 0, 1], [width, height, 1], [0, height, 1]], dtype=np.float64)
+    proj = corners @ hom.T
+    if np.any(proj[:, 2] <= 1e-9):  # a corner crossed the horizon: the plane is folded over
+        return False
+    quad = proj[:, :2] / proj[:, 2:3]
+    edges = np.roll(quad, -1, axis=0) - quad
+    nxt = np.roll(edges, -1, axis=0)
+    cross = edges[:, 0] * nxt[:, 1] - edges[:, 1] * nxt[:, 0]
+    # All four turns the same way <=> convex and simple (for a quadrilateral the turns then sum to 360°).
+    return bool(np.all(cross > 1e-9) or np.all(cross < -1e-9))
+
+
+def match_orb(
+    query: OrbFeatures,
+    gallery: OrbFeatures,
+    *,
+    ratio: float = 0.75,
+    ransac_px: float = 5.0,
+    min_inliers: int = 8,
+    full_inliers: int = 40,
+) -> OrbMatch:
+    """Ratio-tested Hamming matches, then a RANSAC homography checked for plausibility."""
+    if len(query) < 1 or len(gallery) < 2:
+        return OrbMatch(matches=0, inliers=0, homography=None, score=0.0)
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=False)
+    knn = matcher.knnMatch(query.descriptors, gallery.descriptors, k=2)
+    q_idx: list[int] = []
+    g_idx: list[int] = []
+    for pair in knn:
+        if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance:
+            q_idx.append(pair[0].queryIdx)
+            g_idx.append(pair[0].trainIdx)
+    n_matches = len(q_idx)
+    rejected = OrbMatch(matches=n_matches, inliers=0, homography=None, score=0.0)
+    if n_matches < 4:
+        return rejected
+    qi = np.asarray(q_idx, dtype=np.intp)
+    gi = np.asarray(g_idx, dtype=np.intp)
+    src = query.points[qi].reshape(-1, 1, 2).astype(np.float32)
+    dst = gallery.points[gi].reshape(-1, 1, 2).astype(np.float32)
+    try:
+        hom, mask = cv2.findHomography(
+            src, dst, cv2.RANSAC, float(ransac_px), maxIters=2000, confidence=0.995
+        )
+    except cv2.error:  # e.g. all matched points coincide
+        return rejected
+    if hom is None or mask is None or not _plausible(hom, query.width, query.height):
+        return rejected
+    keep = mask.ravel().astype(bool)
+    inliers = min(len(np.unique(qi[keep])), len(np.unique(gi[keep])))
+    if inliers < min_inliers:
+        return OrbMatch(matches=n_matches, inliers=inliers, homography=None, score=0.0)
+    hom = np.asarray(hom, dtype=np.float64) / float(hom[2, 2])
+    return OrbMatch(
+        matches=n_matches,
+        inliers=inliers,
+        homography=hom,
+        score=min(1.0, inliers / float(full_inliers)),
+    )

@@ -1,0 +1,271 @@
+"""Gallery → fetch → decode → features (batched embedding) → catalogue + vector index.
+
+Work is done once per image: a URL already indexed is not fetched again, the same bytes under another URL are
+linked instead of stored twice, failures are recorded with their reason and retried by the next run, and each
+image is committed whole, so a run that is killed resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pictrace.config import Settings
+from pictrace.decode import decode_image
+from pictrace.errors import FetchError, PicTraceError, TooLargeError
+from pictrace.features.embed import Embedder
+from pictrace.features.extract import local_features
+from pictrace.features.hashing import sha256_hex
+from pictrace.fetch import Fetcher
+from pictrace.gallery import Gallery, LocatedEntry
+from pictrace.index import VectorIndex
+from pictrace.schemas import FailedEntry, IngestReport
+from pictrace.store import Catalogue, Source, StoredImage
+from pictrace.work import WorkPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestProgress:
+    """Live counters for the health endpoint, the page and the CLI's progress bar."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    running: bool = False
+
+    @property
+    def pending(self) -> int:
+        return max(self.total - self.done, 0) if self.running else 0
+
+
+@dataclass
+class _Fetched:
+    item: LocatedEntry
+    data: bytes
+
+
+@dataclass
+class _BatchOutcome:
+    added: int = 0
+    duplicates: int = 0
+    failed: list[FailedEntry] = field(default_factory=list)
+
+
+def _source(item: LocatedEntry, origin: str = "gallery") -> Source:
+    return Source(
+        url=item.location,
+        origin=origin,
+        entry_url=item.entry.url,
+        entry_id=item.entry.id,
+        position=item.position,
+        metadata=item.entry.metadata,
+    )
+
+
+def read_local_file(path: Path, max_bytes: int) -> bytes:
+    """Read a gallery file with the same byte cap as downloads."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise TooLargeError(f"{path.name} is {size} bytes; the limit is {max_bytes}")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise FetchError(f"file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise FetchError(f"not a file: {path}") from exc
+    except PermissionError as exc:
+        raise FetchError(f"cannot read {path}: permission denied") from exc
+
+
+class Ingestor:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        index: VectorIndex,
+        embedder: Embedder,
+        fetcher: Fetcher,
+        pool: WorkPool,
+        settings: Settings,
+    ) -> None:
+        self.catalogue = catalogue
+        self.index = index
+        self.embedder = embedder
+        self.fetcher = fetcher
+        self.pool = pool
+        self.settings = settings
+        self.progress = IngestProgress()
+        self._lock = asyncio.Lock()
+
+    async def ingest_gallery(
+        self, gallery: Gallery, on_progress: Callable[[IngestProgress], None] | None = None
+    ) -> IngestReport:
+        """Bring the catalogue in line with a gallery file: add new entries, retry failures, drop removed ones."""
+        async with self._lock:
+            report = IngestReport(invalid=list(gallery.invalid))
+            states = await self.pool.run_background(self.catalogue.source_states)
+            todo = [e for e in gallery.entries if (s := states.get(e.location)) is None or s.status != "ok"]
+            unchanged = [e for e in gallery.entries if e not in todo]
+            report.unchanged = len(unchanged)
+            await self.pool.run_background(self._refresh_details, unchanged)
+            current = {e.location for e in gallery.entries}
+            gone = [
+                url
+                for url in await self.pool.run_background(self.catalogue.gallery_urls)
+                if url not in current
+            ]
+            if gone:
+                removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
+                await self.pool.run_background(self.index.remove, np.array(removed, dtype=np.int64))
+                report.removed = len(gone)
+            self.progress = IngestProgress(total=len(todo), running=True)
+            try:
+                outcome = await self._run(todo, on_progress)
+            finally:
+                self.progress.running = False
+                await self.pool.run_background(self.index.save)
+            report.added, report.duplicates = outcome.added, outcome.duplicates
+            report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
+            return report
+
+    def _refresh_details(self, entries: list[LocatedEntry]) -> None:
+        self.catalogue.update_sources_details([_source(e) for e in entries])
+
+    async def _run(
+        self, todo: list[LocatedEntry], on_progress: Callable[[IngestProgress], None] | None
+    ) -> _BatchOutcome:
+        outcome = _BatchOutcome()
+        entries: asyncio.Queue[LocatedEntry] = asyncio.Queue()
+        for item in todo:
+            entries.put_nowait(item)
+        fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.settings.embed_batch * 2)
+        n_fetchers = max(1, min(self.settings.fetch_concurrency, len(todo)))
+
+        def advance(n: int, failures: list[FailedEntry]) -> None:
+            self.progress.done += n
+            self.progress.failed += len(failures)
+            outcome.failed.extend(failures)
+            if on_progress is not None:
+                on_progress(self.progress)
+
+        async def fetch_worker() -> None:
+            while True:
+                try:
+                    item = entries.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                try:
+                    data = await self._fetch(item)
+                except PicTraceError as exc:
+                    await self.pool.run_background(self.catalogue.record_failure, _source(item), str(exc))
+                    advance(1, [FailedEntry(position=item.position, url=item.entry.url, reason=str(exc))])
+                    continue
+                await fetched.put(_Fetched(item, data))
+
+        async def fetch_all() -> None:
+            try:
+                await asyncio.gather(*(fetch_worker() for _ in range(n_fetchers)))
+            finally:
+                await fetched.put(None)
+
+        producer = asyncio.create_task(fetch_all())
+        try:
+            done = False
+            while not done:
+                batch: list[_Fetched] = []
+                item = await fetched.get()
+                while item is not None:
+                    batch.append(item)
+                    if len(batch) >= self.settings.embed_batch or fetched.empty():
+                        break
+                    item = await fetched.get()
+                done = item is None
+                if batch:
+                    result = await self.pool.run_background(self._process_batch, batch)
+                    outcome.added += result.added
+                    outcome.duplicates += result.duplicates
+                    advance(len(batch), result.failed)
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+        return outcome
+
+    async def _fetch(self, item: LocatedEntry) -> bytes:
+        if item.is_remote:
+            return await self.fetcher.fetch_gallery(item.location)
+        return await self.pool.run_background(
+            read_local_file, Path(item.location), self.settings.max_download_bytes
+        )
+
+    def _process_batch(self, batch: list[_Fetched]) -> _BatchOutcome:
+        """Runs on a worker thread: decode and featurise, embed the batch at once, commit each image."""
+        outcome = _BatchOutcome()
+        ready: list[tuple[_Fetched, str, StoredImage]] = []
+        pixels = []
+        for fetched in batch:
+            source = _source(fetched.item)
+            sha = sha256_hex(fetched.data)
+            try:
+                if self.catalogue.has_image(sha):
+                    self.catalogue.link_source(source, sha)
+                    outcome.duplicates += 1
+                    continue
+                image = decode_image(fetched.data, max_pixels=self.settings.max_pixels)
+                local = local_features(image, self.settings)
+            except PicTraceError as exc:
+                self.catalogue.record_failure(source, str(exc))
+                outcome.failed.append(
+                    FailedEntry(position=fetched.item.position, url=fetched.item.entry.url, reason=str(exc))
+                )
+                continue
+            stored = StoredImage(
+                sha256=sha,
+                pixel_sha256=local.pixel_sha256,
+                width=image.width,
+                height=image.height,
+                format=image.format,
+                nbytes=len(fetched.data),
+                dhash=local.dhash,
+                embedding=np.zeros(0, np.float32),
+                gray_png=local.gray_png,
+                orb=local.orb,
+                thumbnail=local.thumbnail,
+            )
+            ready.append((fetched, sha, stored))
+            pixels.append(image.rgb)
+        if not ready:
+            return outcome
+        vectors = self.embedder.embed(pixels)
+        new_ids: list[int] = []
+        new_vectors: list[np.ndarray] = []
+        for (fetched, _, stored), vector in zip(ready, vectors, strict=True):
+            stored = StoredImage(**{**stored.__dict__, "embedding": vector})
+            vec_id, is_new = self.catalogue.add_image(stored, _source(fetched.item))
+            if is_new:
+                new_ids.append(vec_id)
+                new_vectors.append(vector)
+                outcome.added += 1
+            else:
+                outcome.duplicates += 1
+        if new_ids:
+            self.index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
+        return outcome
+
+
+def reconcile(index: VectorIndex, catalogue: Catalogue) -> tuple[int, int]:
+    """Make the index hold exactly the catalogue's images (after a crash or a lost index). Returns (+, -)."""
+    wanted = catalogue.vec_ids()
+    held = index.ids()
+    missing = np.setdiff1d(wanted, held)
+    extra = np.setdiff1d(held, wanted)
+    if len(extra):
+        index.remove(extra)
+    for ids, vectors in catalogue.embeddings(missing.tolist()):
+        index.add(ids, vectors)
+    return len(missing), len(extra)

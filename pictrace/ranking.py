@@ -1,0 +1,73 @@
+"""Re-ranking of a query's candidates by SSIM and ORB geometric agreement, and fusion into one score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from pictrace.config import Settings
+from pictrace.features.orb import OrbFeatures, extract_orb, match_orb
+from pictrace.features.ssim import gray256, ssim_score
+from pictrace.features.thumbnail import decode_gray_png
+from pictrace.store import RerankFeatures
+
+
+@dataclass(frozen=True)
+class QueryFeatures:
+    """Features of the query computed once and compared with every candidate."""
+
+    embedding: np.ndarray
+    gray: np.ndarray
+    orb: OrbFeatures
+
+    @classmethod
+    def compute(cls, rgb: np.ndarray, embedding: np.ndarray, settings: Settings) -> QueryFeatures:
+        orb = extract_orb(rgb, n_features=settings.orb_features, max_side=settings.orb_max_side)
+        return cls(embedding=embedding, gray=gray256(rgb), orb=orb)
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    vec_id: int
+    embedding: float
+    ssim: float
+    orb: float
+    orb_inliers: int
+    fused: float
+
+
+def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float:
+    """Weighted mean of the three components, each in [0, 1], so the result is in [0, 1] too."""
+    weights = (settings.weight_embedding, settings.weight_ssim, settings.weight_orb)
+    total = sum(weights)
+    return float((weights[0] * embedding + weights[1] * ssim + weights[2] * orb) / total)
+
+
+def verify(
+    query: QueryFeatures, vec_id: int, cosine: float, stored: RerankFeatures, settings: Settings
+) -> CandidateScore:
+    """Embedding and ORB+RANSAC for one candidate: the cheap-enough signals every candidate gets.
+
+    ``fused`` is provisional here (SSIM counted as 0); ``with_ssim`` completes it for the shortlist.
+    """
+    embedding = float(np.clip(cosine, 0.0, 1.0))
+    match = match_orb(
+        query.orb,
+        OrbFeatures.from_bytes(stored.orb),
+        ratio=settings.orb_ratio,
+        ransac_px=settings.orb_ransac_px,
+        min_inliers=settings.orb_min_inliers,
+        full_inliers=settings.orb_full_inliers,
+    )
+    return CandidateScore(
+        vec_id, embedding, 0.0, match.score, match.inliers, fuse(embedding, 0.0, match.score, settings)
+    )
+
+
+def with_ssim(
+    query: QueryFeatures, candidate: CandidateScore, stored: RerankFeatures, settings: Settings
+) -> CandidateScore:
+    """SSIM is the costliest per-pair signal and the least discriminative, so only the shortlist pays for it."""
+    ssim = ssim_score(query.gray, decode_gray_png(stored.gray_png))
+    return replace(candidate, ssim=ssim, fused=fuse(candidate.embedding, ssim, candidate.orb, settings))

@@ -1,0 +1,109 @@
+"""Pydantic models for what crosses a boundary: gallery entries in, search results and status out.
+
+Input models (what a client or db.json sends) are kept apart from output models (what PicTrace answers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------------------------------------- input
+
+
+class GalleryEntry(BaseModel):
+    """One db.json entry: where the image is, an optional id, and any other keys kept as metadata."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str = Field(description="http(s) URL, or a path relative to the db.json file.")
+    id: str | None = Field(None, description="Caller's identifier; defaults to the URL.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Every other key of the entry.")
+
+    @property
+    def key(self) -> str:
+        """The identifier shown to users: the entry's id, else its URL."""
+        return self.id if self.id is not None else self.url
+
+
+class SearchRequest(BaseModel):
+    """JSON body of ``POST /api/search`` when searching by URL."""
+
+    url: str = Field(description="http(s) URL of the query image.", min_length=1, max_length=4096)
+    top_k: int | None = Field(None, ge=1, le=50, description="How many matches to return (default 5).")
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+class ComponentScores(BaseModel):
+    """The evidence behind a fused score, each in [0, 1]."""
+
+    embedding: float = Field(description="Cosine similarity of the CNN embeddings (clipped to [0, 1]).")
+    ssim: float = Field(description="SSIM of the 256x256 grayscale images (clipped to [0, 1]).")
+    orb: float = Field(description="ORB matches that agree on one homography (RANSAC inliers), scaled.")
+    orb_inliers: int = Field(0, description="Number of geometrically consistent ORB matches.")
+
+
+class Match(BaseModel):
+    """One gallery image that matches the query."""
+
+    id: str = Field(description="The gallery entry's id (or its URL when it has none).")
+    url: str = Field(description="The gallery entry's url, as written in db.json.")
+    original_url: str = Field(description="Where to view the original: its http(s) URL, or PicTrace's copy.")
+    sha256: str = Field(description="SHA-256 of the gallery image's bytes.")
+    score: float = Field(description="Fused score in [0, 1]; higher is more similar.")
+    scores: ComponentScores
+    exact: bool = Field(False, description="True when the query has the same bytes as this image.")
+    thumbnail_url: str = Field(description="Thumbnail served by PicTrace itself.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Other keys of the db.json entry.")
+
+
+class QueryInfo(BaseModel):
+    sha256: str
+    width: int
+    height: int
+
+
+class SearchResult(BaseModel):
+    """Answer of ``POST /api/search``: the query's identity and its matches, best first."""
+
+    query: QueryInfo
+    results: list[Match]
+    took_ms: float = Field(description="Time spent answering, in milliseconds.")
+
+
+class ImageCounts(BaseModel):
+    indexed: int = Field(description="Distinct images searchable now.")
+    pending: int = Field(description="Gallery entries the background ingest still has to do.")
+    failed: int = Field(description="Gallery entries that could not be indexed (see `pictrace index`).")
+
+
+class Health(BaseModel):
+    status: str = Field(description="'ok' once the model and index are loaded.")
+    model: str = Field(description="Embedding backbone in use.")
+    images: ImageCounts
+
+
+class LegacySimilarImages(BaseModel):
+    """The original PicTrace's answer format, kept for its clients."""
+
+    similar_images: list[str]
+
+
+class FailedEntry(BaseModel):
+    position: int | None = Field(description="Index of the entry in db.json (None when not from db.json).")
+    url: str
+    reason: str
+
+
+class IngestReport(BaseModel):
+    """Summary of one ingest run."""
+
+    added: int = 0
+    duplicates: int = Field(0, description="New URLs whose bytes were already stored (stored once).")
+    unchanged: int = 0
+    removed: int = Field(0, description="Sources dropped because they left db.json.")
+    failed: list[FailedEntry] = Field(default_factory=list)
+    invalid: list[FailedEntry] = Field(default_factory=list, description="db.json entries refused.")

@@ -1,0 +1,378 @@
+"""The catalogue: the system of record for every image, its sources (URLs) and its features.
+
+SQLite in WAL mode with ``synchronous=FULL``: each ingested image is committed with all its features in one
+transaction, so a crash (even ``kill -9``) loses at most the image being written and never leaves half of one.
+Vector indexes are derived from the embeddings stored here and can always be rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pictrace.errors import NotFoundError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    vec_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256       TEXT NOT NULL UNIQUE,
+    pixel_sha256 TEXT NOT NULL,
+    width        INTEGER NOT NULL,
+    height       INTEGER NOT NULL,
+    format       TEXT NOT NULL,
+    nbytes       INTEGER NOT NULL,
+    dhash        INTEGER NOT NULL,
+    embedding    BLOB NOT NULL,
+    gray         BLOB NOT NULL,
+    orb          BLOB NOT NULL,
+    thumbnail    BLOB NOT NULL,
+    added_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_pixel ON images(pixel_sha256);
+CREATE TABLE IF NOT EXISTS sources (
+    url        TEXT PRIMARY KEY,
+    entry_url  TEXT,
+    origin     TEXT NOT NULL,
+    entry_id   TEXT,
+    position   INTEGER,
+    sha256     TEXT REFERENCES images(sha256),
+    metadata   TEXT NOT NULL DEFAULT '{}',
+    status     TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    error      TEXT,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sources_sha ON sources(sha256);
+"""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """Everything the ingest computed for one distinct image (one SHA-256)."""
+
+    sha256: str
+    pixel_sha256: str
+    width: int
+    height: int
+    format: str
+    nbytes: int
+    dhash: int
+    embedding: np.ndarray
+    gray_png: bytes
+    orb: bytes
+    thumbnail: bytes
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an image came from: a db.json entry (origin 'gallery') or an API call (origin 'api')."""
+
+    url: str
+    origin: str = "gallery"
+    entry_url: str | None = None
+    entry_id: str | None = None
+    position: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SourceState:
+    status: str
+    sha256: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What a search result shows about a gallery image (its first source names it)."""
+
+    vec_id: int
+    sha256: str
+    pixel_sha256: str
+    width: int
+    height: int
+    entry_id: str
+    url: str  # as written in db.json (or given to the API)
+    location: str  # where it was fetched from: the URL, or the resolved local path
+    metadata: dict[str, Any]
+
+    @property
+    def is_remote(self) -> bool:
+        return self.location.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class RerankFeatures:
+    gray_png: bytes
+    orb: bytes
+
+
+@dataclass(frozen=True)
+class FailedSource:
+    url: str
+    position: int | None
+    error: str
+
+
+class Catalogue:
+    """Thread-safe access to the SQLite catalogue (one connection, one lock; WAL lets readers overlap)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._conn.execute(sql, tuple(params)).fetchall())
+
+    # ------------------------------------------------------------------------------------------- meta
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # ---------------------------------------------------------------------------------------- sources
+    def source_states(self) -> dict[str, SourceState]:
+        """Every known URL with its state, so an ingest can skip what is already done without fetching."""
+        rows = self._query("SELECT url, status, sha256, error FROM sources")
+        return {url: SourceState(status, sha, error) for url, status, sha, error in rows}
+
+    def _upsert_source(
+        self, conn: sqlite3.Connection, source: Source, status: str, sha256: str | None, error: str | None
+    ) -> None:
+        conn.execute(
+            """INSERT INTO sources (url, entry_url, origin, entry_id, position, sha256, metadata, status, error,
+                                    attempts, updated_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
+               ON CONFLICT(url) DO UPDATE SET entry_url=excluded.entry_url, origin=excluded.origin,
+                   entry_id=excluded.entry_id,
+                   position=excluded.position, sha256=excluded.sha256, metadata=excluded.metadata,
+                   status=excluded.status, error=excluded.error, attempts=sources.attempts + 1,
+                   updated_at=excluded.updated_at""",
+            (
+                source.url,
+                source.entry_url or source.url,
+                source.origin,
+                source.entry_id,
+                source.position,
+                sha256,
+                json.dumps(source.metadata or {}),
+                status,
+                error,
+                time.time(),
+            ),
+        )
+
+    def update_sources_details(self, sources: Iterable[Source]) -> None:
+        """Refresh id/metadata/position of already indexed URLs (db.json edited, images unchanged)."""
+        rows = [
+            (s.entry_url or s.url, s.entry_id, s.position, json.dumps(s.metadata or {}), s.origin, s.url)
+            for s in sources
+        ]
+        with self._transaction() as conn:
+            conn.executemany(
+                """UPDATE sources SET entry_url = ?, entry_id = ?, position = ?, metadata = ?, origin = ?
+                   WHERE url = ?""",
+                rows,
+            )
+
+    def record_failure(self, source: Source, reason: str) -> None:
+        with self._transaction() as conn:
+            self._upsert_source(conn, source, "failed", None, reason)
+
+    def has_image(self, sha256: str) -> bool:
+        return bool(self._query("SELECT 1 FROM images WHERE sha256 = ?", (sha256,)))
+
+    def link_source(self, source: Source, sha256: str) -> None:
+        """Point a URL at bytes already stored (the same bytes are stored once, under several URLs)."""
+        with self._transaction() as conn:
+            self._upsert_source(conn, source, "ok", sha256, None)
+
+    def add_image(self, image: StoredImage, source: Source) -> tuple[int, bool]:
+        """Store an image and its source in one transaction. Returns (vec_id, newly_added)."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT vec_id FROM images WHERE sha256 = ?", (image.sha256,)).fetchone()
+            if row is not None:
+                self._upsert_source(conn, source, "ok", image.sha256, None)
+                return int(row[0]), False
+            cursor = conn.execute(
+                """INSERT INTO images (sha256, pixel_sha256, width, height, format, nbytes, dhash, embedding,
+                                       gray, orb, thumbnail, added_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    image.sha256,
+                    image.pixel_sha256,
+                    image.width,
+                    image.height,
+                    image.format,
+                    image.nbytes,
+                    image.dhash,
+                    np.ascontiguousarray(image.embedding, dtype=np.float32).tobytes(),
+                    image.gray_png,
+                    image.orb,
+                    image.thumbnail,
+                    time.time(),
+                ),
+            )
+            self._upsert_source(conn, source, "ok", image.sha256, None)
+            vec_id = cursor.lastrowid
+            assert vec_id is not None
+            return int(vec_id), True
+
+    def remove_sources(self, urls: Iterable[str]) -> list[int]:
+        """Forget URLs; images left with no source are deleted. Returns the vec_ids to drop from indexes."""
+        urls = list(urls)
+        removed: list[int] = []
+        with self._transaction() as conn:
+            for url in urls:
+                row = conn.execute("SELECT sha256 FROM sources WHERE url = ?", (url,)).fetchone()
+                conn.execute("DELETE FROM sources WHERE url = ?", (url,))
+                if row is None or row[0] is None:
+                    continue
+                still_used = conn.execute("SELECT 1 FROM sources WHERE sha256 = ?", (row[0],)).fetchone()
+                if still_used is None:
+                    image = conn.execute("SELECT vec_id FROM images WHERE sha256 = ?", (row[0],)).fetchone()
+                    conn.execute("DELETE FROM images WHERE sha256 = ?", (row[0],))
+                    if image is not None:
+                        removed.append(int(image[0]))
+        return removed
+
+    def gallery_urls(self) -> set[str]:
+        return {row[0] for row in self._query("SELECT url FROM sources WHERE origin = 'gallery'")}
+
+    # ------------------------------------------------------------------------------------------ reads
+    def counts(self) -> tuple[int, int]:
+        """(distinct images indexed, sources that failed)."""
+        images = self._query("SELECT COUNT(*) FROM images")[0][0]
+        failed = self._query("SELECT COUNT(*) FROM sources WHERE status = 'failed'")[0][0]
+        return int(images), int(failed)
+
+    def failures(self) -> list[FailedSource]:
+        rows = self._query(
+            "SELECT url, position, error FROM sources WHERE status = 'failed' ORDER BY position"
+        )
+        return [FailedSource(url, pos, err or "") for url, pos, err in rows]
+
+    def vec_ids(self) -> np.ndarray:
+        return np.array([r[0] for r in self._query("SELECT vec_id FROM images")], dtype=np.int64)
+
+    def embeddings(
+        self, vec_ids: Iterable[int] | None = None, batch: int = 4096
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids, vectors) batches: all images, or only ``vec_ids``, for (re)building an index."""
+        if vec_ids is None:
+            last = 0
+            while True:
+                rows = self._query(
+                    "SELECT vec_id, embedding FROM images WHERE vec_id > ? ORDER BY vec_id LIMIT ?",
+                    (last, batch),
+                )
+                if not rows:
+                    return
+                yield _to_arrays(rows)
+                last = int(rows[-1][0])
+        else:
+            wanted = [int(v) for v in vec_ids]
+            for start in range(0, len(wanted), batch):
+                chunk = wanted[start : start + batch]
+                marks = ",".join("?" * len(chunk))
+                rows = self._query(f"SELECT vec_id, embedding FROM images WHERE vec_id IN ({marks})", chunk)
+                if rows:
+                    yield _to_arrays(rows)
+
+    def records(self, vec_ids: Iterable[int]) -> dict[int, ImageRecord]:
+        """Describe images for results: the first source (by db.json position, then URL) names each one."""
+        wanted = [int(v) for v in vec_ids]
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        rows = self._query(
+            f"""SELECT i.vec_id, i.sha256, i.pixel_sha256, i.width, i.height, s.entry_id, s.entry_url, s.url,
+                       s.metadata
+                FROM images i JOIN sources s ON s.sha256 = i.sha256 AND s.status = 'ok'
+                WHERE i.vec_id IN ({marks})
+                ORDER BY i.vec_id, s.position IS NULL, s.position, s.url""",
+            wanted,
+        )
+        out: dict[int, ImageRecord] = {}
+        for vec_id, sha, pixel_sha, width, height, entry_id, entry_url, url, metadata in rows:
+            if vec_id not in out:
+                shown = entry_url or url
+                out[vec_id] = ImageRecord(
+                    vec_id, sha, pixel_sha, width, height, entry_id or shown, shown, url, json.loads(metadata)
+                )
+        return out
+
+    def vec_ids_by_hash(self, sha256: str, pixel_sha256: str) -> list[int]:
+        """Images with the same bytes or the same decoded pixels as a query: exact matches."""
+        rows = self._query(
+            "SELECT vec_id FROM images WHERE sha256 = ? OR pixel_sha256 = ? ORDER BY sha256 != ?",
+            (sha256, pixel_sha256, sha256),
+        )
+        return [int(r[0]) for r in rows]
+
+    def rerank_features(self, vec_ids: Iterable[int]) -> dict[int, RerankFeatures]:
+        """Read SSIM/ORB features of the few candidates of one query only (memory does not grow with them)."""
+        wanted = [int(v) for v in vec_ids]
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        rows = self._query(f"SELECT vec_id, gray, orb FROM images WHERE vec_id IN ({marks})", wanted)
+        return {int(v): RerankFeatures(bytes(g), bytes(o)) for v, g, o in rows}
+
+    def thumbnail(self, sha256: str) -> bytes:
+        rows = self._query("SELECT thumbnail FROM images WHERE sha256 = ?", (sha256,))
+        if not rows:
+            raise NotFoundError(f"no image with sha256 {sha256}")
+        return bytes(rows[0][0])
+
+    def local_path(self, sha256: str) -> Path:
+        """The file behind an image whose source is a local gallery path (never a client-named path)."""
+        rows = self._query(
+            "SELECT url FROM sources WHERE sha256 = ? AND status = 'ok' AND url NOT LIKE 'http%' LIMIT 1",
+            (sha256,),
+        )
+        if not rows:
+            raise NotFoundError(f"no local file for image {sha256}")
+        return Path(rows[0][0])
+
+
+def _to_arrays(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+    return ids, vectors

@@ -1,0 +1,196 @@
+"""The JSON API. Handlers are thin: they read the request, call the pipeline, and return its models."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from pictrace.errors import InvalidInputError
+from pictrace.schemas import Health, ImageCounts, LegacySimilarImages, SearchRequest, SearchResult
+from pictrace.web.deps import ServiceDep, parse_top_k, query_bytes, run_search
+
+router = APIRouter()
+
+SEARCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "The query image."},
+                        "url": {"type": "string", "description": "Or: an http(s) URL of the query image."},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
+                    },
+                }
+            },
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "required": ["url"],
+                    "properties": {
+                        "url": {"type": "string"},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
+                    },
+                }
+            },
+            "application/json": {"schema": SearchRequest.model_json_schema()},
+        },
+    }
+}
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Bad request or refused URL"},
+    413: {"description": "Body or image too large"},
+    415: {"description": "Not an image in an accepted format"},
+    422: {"description": "Corrupt image or invalid parameters"},
+    502: {"description": "The URL could not be fetched"},
+    503: {"description": "Busy: retry after the Retry-After header"},
+}
+
+
+async def _read_query(request: Request, service: ServiceDep) -> tuple[bytes, int | None]:
+    """Accept a multipart `file`, a form `url`, or a JSON body `{"url", "top_k"}`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            body = SearchRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise InvalidInputError(f"invalid JSON body: {exc.errors()[0]['msg']}") from exc
+        data = await query_bytes(service, upload=None, url=body.url)
+        return data, body.top_k
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        async with request.form(max_files=1, max_fields=10) as form:
+            upload = form.get("file")
+            url = form.get("url")
+            if upload is not None and not isinstance(upload, UploadFile):
+                raise InvalidInputError("'file' must be a file upload")
+            if url is not None and not isinstance(url, str):
+                raise InvalidInputError("'url' must be a text field")
+            top_k = parse_top_k(form.get("top_k") or request.query_params.get("top_k"))
+            return await query_bytes(service, upload=upload, url=url), top_k
+    raise InvalidInputError(
+        "send multipart/form-data (file or url), application/x-www-form-urlencoded (url) or application/json"
+    )
+
+
+@router.post(
+    "/api/search",
+    response_model=SearchResult,
+    responses=ERRORS,
+    openapi_extra=SEARCH_BODY,
+    summary="Find gallery images that show the same picture or thing",
+)
+async def search(request: Request, service: ServiceDep) -> SearchResult:
+    data, top_k = await _read_query(request, service)
+    return await run_search(service, data, top_k)
+
+
+@router.get("/api/health", response_model=Health, summary="Service status and index counts")
+async def health(service: ServiceDep) -> Health:
+    indexed, failed = await asyncio.to_thread(service.catalogue.counts)
+    return Health(
+        status="ok",
+        model=service.embedder.name,
+        images=ImageCounts(indexed=indexed, pending=service.ingestor.progress.pending, failed=failed),
+    )
+
+
+@router.get(
+    "/api/images/{sha256}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "No such image"}},
+    summary="A small JPEG of a gallery image, served by PicTrace itself",
+)
+async def thumbnail(sha256: str, service: ServiceDep) -> Response:
+    data = await asyncio.to_thread(service.catalogue.thumbnail, sha256.lower())
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.get(
+    "/api/images/{sha256}/original",
+    response_class=FileResponse,
+    responses={404: {"description": "No local file for this image"}},
+    summary="The original file of a gallery image whose db.json entry is a local path",
+)
+async def original(sha256: str, service: ServiceDep) -> FileResponse:
+    path = await asyncio.to_thread(service.catalogue.local_path, sha256.lower())
+    return FileResponse(path)
+
+
+# --- compatibility with the original PicTrace ----------------------------------------------------------
+
+
+@router.post(
+    "/upload/",
+    response_model=LegacySimilarImages,
+    responses=ERRORS,
+    tags=["compatibility"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                }
+            },
+        }
+    },
+    summary="Original PicTrace API: search by uploaded file",
+)
+async def legacy_upload(request: Request, service: ServiceDep) -> LegacySimilarImages:
+    async with request.form(max_files=1, max_fields=5) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInputError("missing multipart field 'file'")
+        data = await query_bytes(service, upload=upload, url=None)
+    result = await run_search(service, data, 5)
+    return LegacySimilarImages(similar_images=[m.url for m in result.results])
+
+
+@router.post(
+    "/upload_from_url/",
+    response_model=LegacySimilarImages,
+    responses=ERRORS,
+    tags=["compatibility"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image_url"],
+                        "properties": {"image_url": {"type": "string"}},
+                    }
+                },
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image_url"],
+                        "properties": {"image_url": {"type": "string"}},
+                    }
+                },
+            },
+        }
+    },
+    summary="Original PicTrace API: search by image URL",
+)
+async def legacy_upload_from_url(request: Request, service: ServiceDep) -> LegacySimilarImages:
+    async with request.form(max_files=0, max_fields=5) as form:
+        url = form.get("image_url")
+        if not isinstance(url, str) or not url.strip():
+            raise InvalidInputError("missing form field 'image_url'")
+    data = await query_bytes(service, upload=None, url=url)
+    result = await run_search(service, data, 5)
+    return LegacySimilarImages(similar_images=[m.url for m in result.results])

@@ -1,0 +1,63 @@
+"""Dependencies shared by the routers: the running Service, and reading a query image from a request."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.datastructures import UploadFile
+
+from pictrace.errors import InvalidInputError, TooLargeError
+from pictrace.schemas import SearchResult
+from pictrace.service import Service
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    """Read an uploaded file into memory, refusing it as soon as it passes the byte cap."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await upload.read(1 << 16):
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLargeError(f"upload is larger than the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def query_bytes(service: Service, *, upload: UploadFile | None, url: str | None) -> bytes:
+    """The query image's bytes from exactly one of an upload or a user's URL (fetched SSRF-guarded)."""
+    has_upload = upload is not None and bool(upload.filename or upload.size)
+    url = (url or "").strip() or None
+    if has_upload and url:
+        raise InvalidInputError("send either a file or a URL, not both")
+    if has_upload:
+        assert upload is not None
+        return await read_upload(upload, service.settings.max_upload_bytes)
+    if url:
+        return await service.fetcher.fetch_user(url)
+    raise InvalidInputError("no query image: send a multipart 'file' or a 'url'")
+
+
+async def run_search(service: Service, data: bytes, top_k: int | None) -> SearchResult:
+    """Search on the bounded executor; OverloadedError (503) when its queue is full."""
+    return await service.pool.run(service.searcher.search_bytes, data, top_k)
+
+
+def parse_top_k(raw: object) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(str(raw))
+    except ValueError as exc:
+        raise InvalidInputError(f"top_k must be an integer between 1 and 50, got {raw!r}") from exc
+    if not 1 <= value <= 50:
+        raise InvalidInputError(f"top_k must be between 1 and 50, got {value}")
+    return value

@@ -1,0 +1,61 @@
+"""The HTML pages (Jinja): search form, results, gallery status. Errors are shown as readable messages."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+from starlette.datastructures import UploadFile
+from starlette.templating import Jinja2Templates
+
+from pictrace.errors import InvalidInputError, PicTraceError
+from pictrace.web.deps import ServiceDep, query_bytes, run_search
+from pictrace.web.errors import headers_for, status_for
+
+router = APIRouter(include_in_schema=False)
+
+
+def templates(request: Request) -> Jinja2Templates:
+    engine: Jinja2Templates = request.app.state.templates
+    return engine
+
+
+async def _status(service: ServiceDep) -> dict[str, object]:
+    indexed, failed = await asyncio.to_thread(service.catalogue.counts)
+    progress = service.ingestor.progress
+    return {
+        "indexed": indexed,
+        "failed": failed,
+        "pending": progress.pending,
+        "running": progress.running,
+        "total": progress.total,
+        "done": progress.done,
+    }
+
+
+@router.get("/", response_class=HTMLResponse)
+async def home(request: Request, service: ServiceDep) -> HTMLResponse:
+    return templates(request).TemplateResponse(request, "index.html", {"status": await _status(service)})
+
+
+@router.post("/search", response_class=HTMLResponse)
+async def search_page(request: Request, service: ServiceDep) -> HTMLResponse:
+    status = await _status(service)
+    query_url = ""
+    try:
+        async with request.form(max_files=1, max_fields=5) as form:
+            upload = form.get("file")
+            raw_url = form.get("url")
+            query_url = raw_url.strip() if isinstance(raw_url, str) else ""
+            if upload is not None and not isinstance(upload, UploadFile):
+                raise InvalidInputError("the file field must be a file")
+            data = await query_bytes(service, upload=upload, url=query_url or None)
+        result = await run_search(service, data, None)
+    except PicTraceError as exc:
+        context = {"status": status, "error": str(exc), "query_url": query_url}
+        return templates(request).TemplateResponse(
+            request, "index.html", context, status_code=status_for(exc), headers=headers_for(exc)
+        )
+    context = {"status": status, "result": result, "query_url": query_url}
+    return templates(request).TemplateResponse(request, "results.html", context)

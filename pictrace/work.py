@@ -1,0 +1,53 @@
+"""The one bounded executor for CPU work (decode, embed, SSIM, ORB, index I/O).
+
+The event loop only waits on it. Jobs beyond ``workers + queue_limit`` are refused at once with
+OverloadedError (HTTP 503 + Retry-After) instead of piling up and taking memory and latency with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+from pictrace.errors import OverloadedError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class WorkPool:
+    def __init__(self, workers: int, queue_limit: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pictrace-cpu")
+        self._capacity = workers + queue_limit
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on a worker thread, or raise OverloadedError when the queue is full."""
+        if self._in_flight >= self._capacity:
+            raise OverloadedError()
+        return await self._submit(functools.partial(fn, *args, **kwargs))
+
+    async def run_background(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Like run, but never refused: background ingest waits its turn instead of failing."""
+        return await self._submit(functools.partial(fn, *args, **kwargs))
+
+    async def _submit(self, job: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        future: Future[T] = self._executor.submit(job)
+        # Count the job until it really ends: a cancelled request does not stop a job already running.
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finished))
+        return await asyncio.wrap_future(future)
+
+    def _finished(self) -> None:
+        self._in_flight -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,146 @@
+"""Shared fixtures: photos made in code, a real HTTP server on 127.0.0.1, settings in a temp dir."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pictrace.config import Settings
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(rgb)
+    if fmt == "JPEG":
+        options.setdefault("quality", 90)
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photographs shipped inside scikit-image (no download), as RGB uint8."""
+    from skimage import data
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
+    return {name: _rgb(getattr(data, name)()) for name in names}
+
+
+# --- edits a user might make to a gallery image ---------------------------------------------------------
+
+
+def crop(rgb: np.ndarray, fraction: float = 0.6, offset: float = 0.1) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    ch, cw = int(h * fraction), int(w * fraction)
+    y, x = int(h * offset), int(w * offset)
+    return np.ascontiguousarray(rgb[y : y + ch, x : x + cw])
+
+
+def rotate90(rgb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(rgb))
+
+
+def resize(rgb: np.ndarray, factor: float) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    return np.asarray(
+        Image.fromarray(rgb).resize((max(1, int(w * factor)), max(1, int(h * factor))), Image.BILINEAR)
+    )
+
+
+def recompress(rgb: np.ndarray, quality: int) -> bytes:
+    return encode(rgb, "JPEG", quality=quality)
+
+
+# --- a real HTTP server on 127.0.0.1 -------------------------------------------------------------------
+
+
+@dataclass
+class ImageServer:
+    """Serves registered bytes; /missing is 404, /slow sleeps past any test timeout, /text is not an image."""
+
+    base: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+    slow_seconds: float = 5.0
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def add(self, path: str, data: bytes) -> str:
+        self.files["/" + path.lstrip("/")] = data
+        return self.url(path)
+
+
+def _handler(server: ImageServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            server.hits[self.path] += 1
+            if self.path.startswith("/slow"):
+                time.sleep(server.slow_seconds)
+            body = server.files.get(self.path)
+            if body is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    state = ImageServer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd.daemon_threads = True
+    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings isolated in a temp dir, ignoring any PICTRACE_* of the developer's shell and .env."""
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "data_dir": tmp_path / "data",
+            "db": tmp_path / "db.json",
+            "index_on_start": False,
+            "fetch_timeout_s": 2.0,
+            "fetch_connect_timeout_s": 1.0,
+            "fetch_retries": 1,
+            "fetch_allow": ["127.0.0.1"],
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make

@@ -1,0 +1,102 @@
+"""Search finds edited copies of a gallery image first, with honest component scores."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import crop, encode, recompress, resize, rotate90
+
+from pictrace.config import Settings
+from pictrace.errors import DecodeError, UnsupportedFormatError
+from pictrace.gallery import load_gallery
+from pictrace.service import Service
+
+NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
+
+
+@pytest.fixture
+async def service(
+    tmp_path: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
+) -> AsyncIterator[Service]:
+    settings = make_settings()
+    (tmp_path / "g").mkdir()
+    entries = []
+    for name in NAMES:
+        (tmp_path / "g" / f"{name}.jpg").write_bytes(encode(photos[name]))
+        entries.append({"id": name, "url": f"g/{name}.jpg"})
+    settings.db.write_text(json.dumps(entries))
+    svc = await Service.start(settings)
+    report = await svc.ingestor.ingest_gallery(load_gallery(settings.db))
+    assert report.added == len(NAMES)
+    yield svc
+    await svc.close()
+
+
+EDITS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "crop": lambda rgb: encode(crop(rgb, 0.6, 0.15)),
+    "rotate90": lambda rgb: encode(rotate90(rgb)),
+    "jpeg-q30": lambda rgb: recompress(rgb, 30),
+    "quarter-size": lambda rgb: encode(resize(rgb, 0.25)),
+    "crop-rotate-q30": lambda rgb: recompress(rotate90(crop(rgb, 0.7, 0.1)), 30),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket"])
+async def test_edited_copy_is_found_first(
+    service: Service, photos: dict[str, np.ndarray], edit: str, name: str
+) -> None:
+    result = service.searcher.search_bytes(EDITS[edit](photos[name]))
+    best = result.results[0]
+    assert best.id == name, [(m.id, m.score) for m in result.results]
+    assert not best.exact
+    assert best.scores.orb_inliers >= service.settings.orb_min_inliers
+    if len(result.results) > 1:
+        assert best.score > result.results[1].score
+
+
+async def test_exact_bytes_hit_is_first_with_full_score(service: Service, tmp_path: Path) -> None:
+    data = (tmp_path / "g" / "coffee.jpg").read_bytes()
+    result = service.searcher.search_bytes(data)
+    assert result.results[0].id == "coffee"
+    assert result.results[0].exact and result.results[0].score == 1.0
+    assert result.query.sha256 == result.results[0].sha256
+
+
+async def test_same_pixels_other_encoding_is_exact(service: Service, tmp_path: Path) -> None:
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(tmp_path / "g" / "rocket.jpg").convert("RGB"))
+    result = service.searcher.search_bytes(encode(pixels, "PNG"))
+    assert result.results[0].id == "rocket" and result.results[0].exact
+
+
+async def test_result_shape_and_top_k(service: Service, photos: dict[str, np.ndarray]) -> None:
+    result = service.searcher.search_bytes(encode(photos["chelsea"]), top_k=3)
+    assert len(result.results) == 3
+    scores = [m.score for m in result.results]
+    assert scores == sorted(scores, reverse=True)
+    for match in result.results:
+        assert 0.0 <= match.score <= 1.0
+        for value in (match.scores.embedding, match.scores.ssim, match.scores.orb):
+            assert 0.0 <= value <= 1.0
+        assert match.thumbnail_url == f"/api/images/{match.sha256}/thumbnail"
+    assert result.took_ms > 0
+
+
+async def test_unrelated_images_get_no_geometric_support(service: Service) -> None:
+    noise = np.random.default_rng(3).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    result = service.searcher.search_bytes(encode(noise))
+    assert all(m.scores.orb == 0.0 for m in result.results)
+    assert all(m.score < 0.5 for m in result.results)
+
+
+async def test_bad_query_bytes_raise_typed_errors(service: Service) -> None:
+    with pytest.raises(UnsupportedFormatError):
+        service.searcher.search_bytes(b"hello, not an image")
+    with pytest.raises(DecodeError):
+        service.searcher.search_bytes(encode(np.zeros((64, 64, 3), np.uint8))[:200])
