@@ -12,10 +12,17 @@ from pathlib import Path
 
 from pictrace.config import Settings, load_settings
 from pictrace.errors import PicTraceError
-from pictrace.gallery import load_gallery
+from pictrace.gallery import Shard, load_gallery
 from pictrace.ingest import IngestProgress, read_local_file
 from pictrace.schemas import IngestReport, SearchResult
-from pictrace.service import Service
+from pictrace.service import Service, reindex
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build or update the index from a gallery file (db.json)")
     index.add_argument("db", nargs="?", type=Path, help="gallery file (default: PICTRACE_DB)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.add_argument(
+        "--shard", type=_shard, default=None, metavar="I/N",
+        help="index only the entries whose URL hashes to I mod N (parallel workers on one PostgreSQL)",
+    )
+
+    sub.add_parser("reindex", help="rebuild the vector index from the catalogue")
 
     search = sub.add_parser("search", help="search the index with an image file or URL")
     search.add_argument("image", help="path or http(s) URL of the query image")
@@ -38,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _index(settings: Settings, db: Path, quiet: bool) -> IngestReport:
+async def _index(settings: Settings, db: Path, quiet: bool, shard: Shard | None = None) -> IngestReport:
     from tqdm import tqdm
 
     gallery = load_gallery(db)
@@ -50,7 +63,7 @@ async def _index(settings: Settings, db: Path, quiet: bool) -> IngestReport:
             bar.total = progress.total
             bar.update(progress.done - bar.n)
 
-        return await service.ingestor.ingest_gallery(gallery, on_progress)
+        return await service.ingestor.ingest_gallery(gallery, on_progress, shard)
     finally:
         bar.close()
         await service.close()
@@ -118,8 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         settings = load_settings(**overrides)
         if args.command == "index":
-            report = asyncio.run(_index(settings, args.db or settings.db, args.quiet))
+            report = asyncio.run(_index(settings, args.db or settings.db, args.quiet, args.shard))
             _print_report(report)
+            return 0
+        if args.command == "reindex":
+            count, where = reindex(settings)
+            print(f"reindexed {count} images into {where}")
             return 0
         if args.command == "search":
             result = asyncio.run(_search(settings, args.image, args.top_k))

@@ -7,7 +7,7 @@ PicTrace will accept, fetch and keep.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -73,6 +73,28 @@ class Settings(BaseSettings):
     queue_limit: int = Field(16, ge=1, description="CPU jobs waiting beyond which requests get 503.")
     api_token: str | None = Field(
         None, description="Bearer token for write endpoints; unset disables writes."
+    )
+
+    # --- scale: index structure, shared catalogue and vectors ---------------------------------------
+    index_mode: Literal["auto", "exact", "hnsw", "hnsw-sq8"] = Field(
+        "auto", description="FAISS structure: exact, hnsw, hnsw-sq8, or auto (by gallery size)."
+    )
+    index_approx_from: int = Field(
+        20_000, ge=1, description="auto: images from which FAISS switches from exact search to HNSW."
+    )
+    index_sq8_from: int = Field(
+        500_000, ge=1, description="auto: images from which FAISS uses HNSW with 8-bit scalar quantisation."
+    )
+    index_ef_search: int = Field(128, ge=8, le=4096, description="HNSW candidates explored per query (efSearch).")
+    database_url: str | None = Field(
+        None, description="PostgreSQL catalogue (postgresql://user@host:port/db); unset: SQLite in the data dir."
+    )
+    milvus_uri: str | None = Field(
+        None, description="Milvus vectors: a file path (Milvus Lite) or http://host:19530; unset: FAISS."
+    )
+    milvus_token: str | None = Field(None, description="Milvus token (user:password) for a server that asks.")
+    sync_interval_s: float = Field(
+        5.0, ge=0, description="How often a replica checks the catalogue for other writers' changes (0: never)."
     )
 
     @field_validator("fetch_allow", mode="before")

@@ -5,7 +5,9 @@ Bad entries are reported by position and skipped; the good ones are still indexe
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,43 @@ class LocatedEntry:
         return self.location.startswith(("http://", "https://"))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """``--shard I/N``: this worker owns the entries whose URL hashes to I modulo N.
+
+    The hash is SHA-256 of the URL as written in db.json, so every worker, on any machine, agrees.
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: need 0 <= I < N")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if match is None:
+            raise ValueError(f"shard {text!r}: expected I/N, e.g. 0/4")
+        return cls(int(match[1]), int(match[2]))
+
+    def owns(self, entry_url: str) -> bool:
+        digest = hashlib.sha256(entry_url.encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
+
+
 @dataclass
 class Gallery:
     entries: list[LocatedEntry] = field(default_factory=list)
     invalid: list[FailedEntry] = field(default_factory=list)
+
+    def shard(self, shard: Shard) -> Gallery:
+        """The entries (and invalid entries) this shard owns; positions stay those of the whole db.json."""
+        return Gallery(
+            entries=[e for e in self.entries if shard.owns(e.entry.url)],
+            invalid=[f for f in self.invalid if shard.owns(f.url)],
+        )
 
 
 def parse_entry(position: int, raw: Any, base_dir: Path) -> LocatedEntry:

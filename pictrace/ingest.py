@@ -22,7 +22,7 @@ from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
 from pictrace.fetch import Fetcher
-from pictrace.gallery import Gallery, LocatedEntry
+from pictrace.gallery import Gallery, LocatedEntry, Shard
 from pictrace.index import VectorIndex
 from pictrace.schemas import FailedEntry, IngestReport
 from pictrace.store import Catalogue, Source, StoredImage
@@ -104,10 +104,19 @@ class Ingestor:
         self._lock = asyncio.Lock()
 
     async def ingest_gallery(
-        self, gallery: Gallery, on_progress: Callable[[IngestProgress], None] | None = None
+        self,
+        gallery: Gallery,
+        on_progress: Callable[[IngestProgress], None] | None = None,
+        shard: Shard | None = None,
     ) -> IngestReport:
-        """Bring the catalogue in line with a gallery file: add new entries, retry failures, drop removed ones."""
+        """Bring the catalogue in line with a gallery file: add new entries, retry failures, drop removed ones.
+
+        With a ``shard``, only the entries (and the removals) that the shard owns: workers with different
+        shards of one db.json share a catalogue without duplicating or undoing each other's work.
+        """
         async with self._lock:
+            if shard is not None:
+                gallery = gallery.shard(shard)
             report = IngestReport(invalid=list(gallery.invalid))
             states = await self.pool.run_background(self.catalogue.source_states)
             todo = [e for e in gallery.entries if (s := states.get(e.location)) is None or s.status != "ok"]
@@ -115,10 +124,11 @@ class Ingestor:
             report.unchanged = len(unchanged)
             await self.pool.run_background(self._refresh_details, unchanged)
             current = {e.location for e in gallery.entries}
+            known = await self.pool.run_background(self.catalogue.gallery_entry_urls)
             gone = [
                 url
-                for url in await self.pool.run_background(self.catalogue.gallery_urls)
-                if url not in current
+                for url, entry_url in known.items()
+                if url not in current and (shard is None or shard.owns(entry_url))
             ]
             if gone:
                 removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
@@ -130,6 +140,7 @@ class Ingestor:
             finally:
                 self.progress.running = False
                 await self.pool.run_background(self.index.save)
+                await self.pool.run_background(maintain, self.index, self.catalogue)
             report.added, report.duplicates = outcome.added, outcome.duplicates
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
@@ -259,9 +270,14 @@ class Ingestor:
 
 
 def reconcile(index: VectorIndex, catalogue: Catalogue) -> tuple[int, int]:
-    """Make the index hold exactly the catalogue's images (after a crash or a lost index). Returns (+, -)."""
-    wanted = catalogue.vec_ids()
+    """Make the index hold exactly the catalogue's images (after a crash, a lost index, or another process's
+    writes). Returns (added, removed).
+
+    The index's ids are read before the catalogue's: vectors reach the index only after their catalogue commit,
+    so an id held but no longer catalogued was really deleted, never merely not yet visible.
+    """
     held = index.ids()
+    wanted = catalogue.vec_ids()
     missing = np.setdiff1d(wanted, held)
     extra = np.setdiff1d(held, wanted)
     if len(extra):
@@ -269,3 +285,12 @@ def reconcile(index: VectorIndex, catalogue: Catalogue) -> tuple[int, int]:
     for ids, vectors in catalogue.embeddings(missing.tolist()):
         index.add(ids, vectors)
     return len(missing), len(extra)
+
+
+def maintain(index: VectorIndex, catalogue: Catalogue) -> bool:
+    """Rebuild the index from the catalogue when deletes or growth call for it. Returns whether it did."""
+    if not index.needs_rebuild():
+        return False
+    index.rebuild(catalogue.embeddings(), expected=catalogue.counts()[0])
+    index.save()
+    return True

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from pictrace.config import Settings
 from pictrace.errors import IndexCorruptError, IndexMismatchError
 from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
-from pictrace.index import FaissIndex, IndexInfo, VectorIndex
-from pictrace.ingest import Ingestor, reconcile
+from pictrace.index import IndexInfo, VectorIndex
+from pictrace.index.factory import build_index, empty_index
+from pictrace.ingest import Ingestor, maintain, reconcile
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.work import WorkPool
@@ -28,7 +33,7 @@ def check_backbone(catalogue: Catalogue, embedder: Embedder) -> None:
         return
     if stored != current and catalogue.counts()[0] > 0:
         raise IndexMismatchError(
-            f"the catalogue in {catalogue.path.parent} was built with backbone {stored[0]} "
+            f"the catalogue {catalogue.location} was built with backbone {stored[0]} "
             f"(weights {str(stored[1])[:12]}); this service uses {embedder.name} "
             f"(weights {embedder.fingerprint[:12]}). Re-index into a new PICTRACE_DATA_DIR, or switch back."
         )
@@ -36,19 +41,82 @@ def check_backbone(catalogue: Catalogue, embedder: Embedder) -> None:
     catalogue.set_meta("fingerprint", embedder.fingerprint)
 
 
+def open_catalogue(settings: Settings) -> Catalogue:
+    """PostgreSQL when ``PICTRACE_DATABASE_URL`` is set (shared by replicas and workers), else SQLite."""
+    if settings.database_url:
+        from pictrace.store.postgres import PostgresCatalogue
+
+        return PostgresCatalogue(settings.database_url)
+    return Catalogue(settings.catalogue_path)
+
+
+def index_info(embedder: Embedder) -> IndexInfo:
+    return IndexInfo(embedder.name, embedder.fingerprint, embedder.dim)
+
+
+@contextlib.contextmanager
+def _all_threads() -> Iterator[None]:
+    """Give FAISS every core for a bulk build (queries are served with 1 thread, see Service.start)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def rebuild_index(index: VectorIndex, catalogue: Catalogue) -> int:
+    """Load every vector of the catalogue into a fresh structure of ``index`` and save it. Returns the count."""
+    count = catalogue.counts()[0]
+    index.rebuild(catalogue.embeddings(), expected=count)
+    index.save()
+    return count
+
+
 def open_index(settings: Settings, catalogue: Catalogue, embedder: Embedder) -> VectorIndex:
     """Open the persisted index, rebuilding it from the catalogue when it is missing, stale or corrupt."""
-    info = IndexInfo(embedder.name, embedder.fingerprint, embedder.dim)
+    info = index_info(embedder)
     try:
-        index: VectorIndex = FaissIndex.open(settings.index_path, info)
+        index = build_index(settings, info)
     except IndexCorruptError as exc:
         log.warning("%s; rebuilding it from the catalogue", exc)
-        index = FaissIndex(info, settings.index_path)
-    added, removed = reconcile(index, catalogue)
-    if added or removed:
-        log.info("vector index brought in line with the catalogue: +%d -%d", added, removed)
-        index.save()
+        index = empty_index(settings, info)
+    with _all_threads():
+        if len(index) == 0 and catalogue.counts()[0] > 0:
+            log.info("building the vector index from the catalogue (%d images)", rebuild_index(index, catalogue))
+            return index
+        added, removed = reconcile(index, catalogue)
+        if added or removed:
+            log.info("vector index brought in line with the catalogue: +%d -%d", added, removed)
+        if not maintain(index, catalogue) and (added or removed):
+            index.save()
     return index
+
+
+def reindex(settings: Settings) -> tuple[int, str]:
+    """`pictrace reindex`: rebuild the vector index from the catalogue (a lost or corrupt index costs time only).
+
+    Returns (vectors indexed, where the index lives).
+    """
+    catalogue = open_catalogue(settings)
+    try:
+        embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
+        check_backbone(catalogue, embedder)
+        info = index_info(embedder)
+        try:
+            index = build_index(settings, info)
+        except IndexCorruptError:
+            index = empty_index(settings, info)
+        try:
+            with _all_threads():
+                count = rebuild_index(index, catalogue)
+        finally:
+            index.close()
+    finally:
+        catalogue.close()
+    return count, settings.milvus_uri or str(settings.index_path)
 
 
 @dataclass
@@ -61,6 +129,7 @@ class Service:
     fetcher: Fetcher
     searcher: Searcher
     ingestor: Ingestor
+    sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, settings: Settings, *, fetcher: Fetcher | None = None) -> Service:
@@ -68,7 +137,7 @@ class Service:
 
         faiss.omp_set_num_threads(1)  # one query on 2 OpenMP threads was ~7x slower here than on 1
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        catalogue = Catalogue(settings.catalogue_path)
+        catalogue = open_catalogue(settings)
         try:
             embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
             check_backbone(catalogue, embedder)
@@ -79,7 +148,7 @@ class Service:
         fetcher = fetcher or Fetcher(settings)
         await fetcher.start()
         pool = WorkPool(settings.workers, settings.queue_limit)
-        return cls(
+        service = cls(
             settings=settings,
             catalogue=catalogue,
             embedder=embedder,
@@ -89,9 +158,41 @@ class Service:
             searcher=Searcher(catalogue, index, embedder, settings),
             ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings),
         )
+        if settings.sync_interval_s > 0 and not settings.milvus_uri:
+            service.sync_task = asyncio.create_task(service._follow_catalogue(catalogue.generation()))
+        return service
+
+    async def _follow_catalogue(self, seen: int) -> None:
+        """Keep this process's FAISS index in step with a catalogue other processes write to (replicas).
+
+        A cheap counter read every ``sync_interval_s``; a reconcile only when it moved. (Shared Milvus needs
+        none: every writer updates the one collection.)
+        """
+        while True:
+            await asyncio.sleep(self.settings.sync_interval_s)
+            try:
+                current = await self.pool.run_background(self.catalogue.generation)
+                if current != seen:
+                    added, removed = await self.pool.run_background(reconcile, self.index, self.catalogue)
+                    if added or removed:
+                        log.info("followed the catalogue: +%d -%d vectors", added, removed)
+                    await self.pool.run_background(maintain, self.index, self.catalogue)
+                    seen = current
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a database hiccup must not end the loop; it is retried next tick
+                log.exception("could not follow the catalogue; retrying in %.0f s", self.settings.sync_interval_s)
+
+    async def sync_now(self) -> tuple[int, int]:
+        """Reconcile at once (tests, and a replica that wants to be current before answering)."""
+        return await self.pool.run_background(reconcile, self.index, self.catalogue)
 
     async def close(self) -> None:
+        if self.sync_task is not None:
+            self.sync_task.cancel()
+            await asyncio.gather(self.sync_task, return_exceptions=True)
         await self.fetcher.close()
         self.pool.shutdown()
         self.index.save()
+        self.index.close()
         self.catalogue.close()

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# a throw-away PostgreSQL server (session) and a fresh database per test; see tests/pgserver.py
+from pgserver import postgres_server, postgres_url  # noqa: F401  (fixtures)
 from PIL import Image
 
 from pictrace.config import Settings

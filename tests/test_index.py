@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pictrace.errors import IndexCorruptError, IndexMismatchError
-from pictrace.index import FaissIndex, IndexInfo, VectorIndex
+from pictrace.index import FaissIndex, FaissParams, IndexInfo, VectorIndex
 
 INFO = IndexInfo("test-backbone", "abc123", 64)
 
@@ -21,21 +21,42 @@ def unit_vectors(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
 
 IndexFactory = Callable[[Path], VectorIndex]
 
+def milvus_lite(path: Path) -> VectorIndex:
+    from pictrace.index.milvus_index import MilvusIndex
+
+    return MilvusIndex(str(path / "milvus.db"), INFO)
+
+
 BACKENDS: dict[str, IndexFactory] = {
     "faiss-flat": lambda path: FaissIndex.open(path / "v.faiss", INFO),
+    "faiss-hnsw": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(mode="hnsw")),
+    "faiss-hnsw-sq8": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(mode="hnsw-sq8")),
+    "faiss-auto": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(approx_from=40)),
+    "milvus-lite": milvus_lite,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest) -> tuple[str, IndexFactory]:
-    return request.param, BACKENDS[request.param]
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, IndexFactory]]:
+    opened: list[VectorIndex] = []
+
+    def factory(path: Path) -> VectorIndex:
+        for index in opened:  # Milvus Lite allows one client per file: the previous one is done
+            index.close()
+        opened.clear()
+        opened.append(BACKENDS[request.param](path))
+        return opened[0]
+
+    yield request.param, factory
+    for index in opened:
+        index.close()
 
 
 class TestVectorIndex:
     def test_finds_each_vector_as_its_own_nearest(
         self, backend: tuple[str, IndexFactory], tmp_path: Path
     ) -> None:
-        _, factory = backend
+        name, factory = backend
         index = factory(tmp_path)
         vectors = unit_vectors(200)
         ids = np.arange(1000, 1200, dtype=np.int64)
@@ -44,7 +65,8 @@ class TestVectorIndex:
         scores, found = index.search(vectors[:10], 5)
         assert found.shape == (10, 5)
         assert list(found[:, 0]) == list(ids[:10])
-        assert np.allclose(scores[:, 0], 1.0, atol=1e-4)
+        tolerance = 5e-3 if "sq8" in name else 1e-4  # 8-bit codes give approximate inner products
+        assert np.allclose(scores[:, 0], 1.0, atol=tolerance)
         assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
     def test_remove_and_replace(self, backend: tuple[str, IndexFactory], tmp_path: Path) -> None:
@@ -84,6 +106,42 @@ class TestVectorIndex:
         _, found = reopened.search(vectors[5:6], 3)
         assert 5 not in found[0]
 
+    def test_deletes_stay_deleted_after_rebuild_and_reopen(
+        self, backend: tuple[str, IndexFactory], tmp_path: Path
+    ) -> None:
+        _, factory = backend
+        index = factory(tmp_path)
+        vectors = unit_vectors(120, seed=3)
+        ids = np.arange(120, dtype=np.int64)
+        index.add(ids, vectors)
+        gone = np.arange(0, 120, 3, dtype=np.int64)  # a third: enough tombstones to call for a rebuild
+        assert index.remove(gone) == len(gone)
+        assert index.remove(gone) == 0  # removing again removes nothing
+        kept = np.setdiff1d(ids, gone)
+        if index.needs_rebuild():
+            index.rebuild([(kept, vectors[kept])], expected=len(kept))
+            assert not index.needs_rebuild()
+        index.save()
+        reopened = factory(tmp_path)
+        assert sorted(reopened.ids().tolist()) == kept.tolist()
+        _, found = reopened.search(vectors[gone], 10)
+        assert not np.isin(found, gone).any()
+        _, found = reopened.search(vectors[kept[:5]], 1)
+        assert found[:, 0].tolist() == kept[:5].tolist()
+
+    def test_rebuild_replaces_everything(self, backend: tuple[str, IndexFactory], tmp_path: Path) -> None:
+        _, factory = backend
+        index = factory(tmp_path)
+        old = unit_vectors(30, seed=4)
+        index.add(np.arange(30, dtype=np.int64), old)
+        new = unit_vectors(20, seed=5)
+        index.rebuild(iter([(np.arange(100, 110, dtype=np.int64), new[:10]),
+                            (np.arange(110, 120, dtype=np.int64), new[10:])]))
+        assert len(index) == 20
+        assert sorted(index.ids().tolist()) == list(range(100, 120))
+        _, found = index.search(new[:3], 1)
+        assert found[:, 0].tolist() == [100, 101, 102]
+
 
 def test_faiss_corrupt_file_is_detected(tmp_path: Path) -> None:
     index = FaissIndex.open(tmp_path / "v.faiss", INFO)
@@ -105,3 +163,77 @@ def test_faiss_refuses_other_backbone(tmp_path: Path) -> None:
     index.save()
     with pytest.raises(IndexMismatchError, match="reindex"):
         FaissIndex.open(tmp_path / "v.faiss", IndexInfo("other", "def", 64))
+
+
+# --- FAISS specifics: structure chosen by size, tombstones, file format ----------------------------------
+
+
+def test_faiss_auto_mode_follows_gallery_size(tmp_path: Path) -> None:
+    params = FaissParams(approx_from=100, sq8_from=300)
+    index = FaissIndex.open(tmp_path / "v.faiss", INFO, params)
+    vectors = unit_vectors(400, seed=6)
+    index.add(np.arange(50, dtype=np.int64), vectors[:50])
+    assert index.mode == "exact" and not index.needs_rebuild()
+    index.add(np.arange(50, 150, dtype=np.int64), vectors[50:150])
+    assert index.needs_rebuild()  # grew past approx_from
+    index.rebuild([(np.arange(150, dtype=np.int64), vectors[:150])], expected=150)
+    assert index.mode == "hnsw"
+    index.rebuild([(np.arange(400, dtype=np.int64), vectors)], expected=400)
+    assert index.mode == "hnsw-sq8"
+    index.save()
+    reopened = FaissIndex.open(tmp_path / "v.faiss", INFO, params)
+    assert reopened.mode == "hnsw-sq8" and len(reopened) == 400
+    _, found = reopened.search(vectors[:20], 1)
+    assert found[:, 0].tolist() == list(range(20))
+    # shrinking a little below the threshold does not flip the structure back and forth
+    reopened.remove(np.arange(250, 400, dtype=np.int64))
+    reopened.rebuild([(np.arange(250, dtype=np.int64), vectors[:250])], expected=250)
+    assert reopened.mode == "hnsw"
+    reopened.remove(np.arange(230, 250, dtype=np.int64))
+    assert reopened.tombstones == 20 and not reopened.needs_rebuild()
+
+
+def test_faiss_replace_in_hnsw_leaves_a_tombstone_not_a_ghost(tmp_path: Path) -> None:
+    index = FaissIndex.open(tmp_path / "v.faiss", INFO, FaissParams(mode="hnsw"))
+    vectors = unit_vectors(20, seed=7)
+    index.add(np.arange(20, dtype=np.int64), vectors)
+    index.add(np.array([5], dtype=np.int64), vectors[15:16])  # id 5 now holds vector 15
+    assert len(index) == 20 and index.tombstones == 1
+    _, found = index.search(vectors[5:6], 20)
+    assert found[0, 0] != 5  # the old vector of id 5 is gone
+    scores, found = index.search(vectors[15:16], 2)
+    assert sorted(found[0].tolist()) == [5, 15] and np.allclose(scores[0], 1.0, atol=1e-4)
+
+
+def test_faiss_search_while_adding_is_safe(tmp_path: Path) -> None:
+    import threading
+
+    index = FaissIndex.open(tmp_path / "v.faiss", INFO, FaissParams(mode="hnsw"))
+    vectors = unit_vectors(3000, seed=8)
+    index.add(np.arange(100, dtype=np.int64), vectors[:100])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        try:
+            while not stop.is_set():
+                _, found = index.search(vectors[:4], 10)
+                assert (found[:, 0] >= 0).all()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    for start in range(100, 3000, 100):
+        index.add(np.arange(start, start + 100, dtype=np.int64), vectors[start : start + 100])
+        index.remove(np.array([start - 50], dtype=np.int64))
+    stop.set()
+    thread.join()
+    assert errors == []
+    assert len(index) == 3000 - 29
+
+
+def test_faiss_older_format_is_reported_as_corrupt(tmp_path: Path) -> None:
+    (tmp_path / "v.faiss").write_bytes(b"PICTRACE-FAISS-1\n{}\n")
+    with pytest.raises(IndexCorruptError, match="older format"):
+        FaissIndex.open(tmp_path / "v.faiss", INFO)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -49,19 +49,36 @@ class VectorIndex(Protocol):
         """Persist durably and atomically (a crash leaves the old file or the new one, never half of one)."""
         ...
 
+    def needs_rebuild(self) -> bool:
+        """Whether deletes or growth have made the structure worth rebuilding from the catalogue."""
+        ...
+
+    def rebuild(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], expected: int | None = None) -> None:
+        """Replace every vector with ``batches`` (the catalogue's (ids, vectors)); ``expected`` = their count."""
+        ...
+
+    def close(self) -> None:
+        """Release connections or files (the index must have been saved first)."""
+        ...
+
 
 class ReadWriteLock:
-    """Many readers or one writer. FAISS crashes if vectors are added while another thread searches."""
+    """Many readers or one writer. FAISS crashes if vectors are added while another thread searches.
+
+    Writers go first: new readers wait while a writer waits, so a steady stream of searches cannot starve
+    an ingest (searches hold the lock for about a millisecond; a write for one batch).
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -75,8 +92,12 @@ class ReadWriteLock:
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
         try:
             yield

@@ -1,5 +1,10 @@
-"""Persistence: the SQLite catalogue (system of record) with each image's features and thumbnail."""
+"""Persistence: the catalogue (system of record) with each image's features and thumbnail.
 
+SQLite by default (``Catalogue``); PostgreSQL (``PostgresCatalogue``, imported lazily: psycopg is an extra)
+when ``PICTRACE_DATABASE_URL`` is set. ``open_catalogue`` is the one place that chooses.
+"""
+
+from pictrace.store.base import CatalogueStore
 from pictrace.store.catalogue import Catalogue, ImageRecord, RerankFeatures, Source, StoredImage
 
-__all__ = ["Catalogue", "ImageRecord", "RerankFeatures", "Source", "StoredImage"]
+__all__ = ["Catalogue", "CatalogueStore", "ImageRecord", "RerankFeatures", "Source", "StoredImage"]

@@ -1,7 +1,13 @@
 """The catalogue: the system of record for every image, its sources (URLs) and its features.
 
-SQLite in WAL mode with ``synchronous=FULL``: each ingested image is committed with all its features in one
-transaction, so a crash (even ``kill -9``) loses at most the image being written and never leaves half of one.
+``Catalogue`` holds every query once, in SQL that SQLite and PostgreSQL both run (``?`` placeholders,
+``ON CONFLICT``, ``RETURNING``); it talks to the database only through ``_query`` and ``_transaction``, so
+``PostgresCatalogue`` (pictrace/store/postgres.py) overrides those and the connection, and inherits the rest.
+A method added here works on both engines when it uses only those two and portable SQL.
+
+The default is SQLite in WAL mode with ``synchronous=FULL``: each ingested image is committed with all its
+features in one transaction, so a crash (even ``kill -9``) loses at most the image being written and never
+leaves half of one.
 Vector indexes are derived from the embeddings stored here and can always be rebuilt from them.
 """
 
@@ -53,7 +59,12 @@ CREATE TABLE IF NOT EXISTS sources (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sources_sha ON sources(sha256);
+CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL);
+INSERT INTO changes (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 """
+
+# Bumped in the transaction that adds or deletes an image: replicas compare it to know their index is stale.
+BUMP_GENERATION = "UPDATE changes SET generation = generation + 1 WHERE id = 1"
 
 
 @dataclass(frozen=True)
@@ -125,7 +136,11 @@ class FailedSource:
 
 
 class Catalogue:
-    """Thread-safe access to the SQLite catalogue (one connection, one lock; WAL lets readers overlap)."""
+    """Thread-safe access to the catalogue: SQLite here (one connection, one lock; WAL lets readers overlap).
+
+    Engine-specific: ``__init__``, ``close``, ``location``, ``_transaction``, ``_query``. Everything else is
+    shared with PostgresCatalogue.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +157,14 @@ class Catalogue:
         with self._lock:
             self._conn.close()
 
+    @property
+    def location(self) -> str:
+        """Where the catalogue lives, for messages (a file, or a database URL without its password)."""
+        return str(self.path)
+
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[Any]:
+        """One write transaction; yields a connection with ``execute``/``executemany`` (``?`` placeholders)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -154,6 +175,7 @@ class Catalogue:
             self._conn.execute("COMMIT")
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one read (``?`` placeholders) and return all its rows."""
         with self._lock:
             return list(self._conn.execute(sql, tuple(params)).fetchall())
 
@@ -164,7 +186,10 @@ class Catalogue:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     # ---------------------------------------------------------------------------------------- sources
     def source_states(self) -> dict[str, SourceState]:
@@ -173,7 +198,7 @@ class Catalogue:
         return {url: SourceState(status, sha, error) for url, status, sha, error in rows}
 
     def _upsert_source(
-        self, conn: sqlite3.Connection, source: Source, status: str, sha256: str | None, error: str | None
+        self, conn: Any, source: Source, status: str, sha256: str | None, error: str | None
     ) -> None:
         conn.execute(
             """INSERT INTO sources (url, entry_url, origin, entry_id, position, sha256, metadata, status, error,
@@ -224,16 +249,16 @@ class Catalogue:
             self._upsert_source(conn, source, "ok", sha256, None)
 
     def add_image(self, image: StoredImage, source: Source) -> tuple[int, bool]:
-        """Store an image and its source in one transaction. Returns (vec_id, newly_added)."""
+        """Store an image and its source in one transaction. Returns (vec_id, newly_added).
+
+        ``ON CONFLICT DO NOTHING`` makes it safe against another process storing the same bytes at once.
+        """
         with self._transaction() as conn:
-            row = conn.execute("SELECT vec_id FROM images WHERE sha256 = ?", (image.sha256,)).fetchone()
-            if row is not None:
-                self._upsert_source(conn, source, "ok", image.sha256, None)
-                return int(row[0]), False
-            cursor = conn.execute(
+            row = conn.execute(
                 """INSERT INTO images (sha256, pixel_sha256, width, height, format, nbytes, dhash, embedding,
                                        gray, orb, thumbnail, added_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (sha256) DO NOTHING RETURNING vec_id""",
                 (
                     image.sha256,
                     image.pixel_sha256,
@@ -248,11 +273,14 @@ class Catalogue:
                     image.thumbnail,
                     time.time(),
                 ),
-            )
+            ).fetchone()
+            is_new = row is not None
+            if row is None:
+                row = conn.execute("SELECT vec_id FROM images WHERE sha256 = ?", (image.sha256,)).fetchone()
+            else:
+                conn.execute(BUMP_GENERATION)
             self._upsert_source(conn, source, "ok", image.sha256, None)
-            vec_id = cursor.lastrowid
-            assert vec_id is not None
-            return int(vec_id), True
+            return int(row[0]), is_new
 
     def remove_sources(self, urls: Iterable[str]) -> list[int]:
         """Forget URLs; images left with no source are deleted. Returns the vec_ids to drop from indexes."""
@@ -270,10 +298,21 @@ class Catalogue:
                     conn.execute("DELETE FROM images WHERE sha256 = ?", (row[0],))
                     if image is not None:
                         removed.append(int(image[0]))
+            if removed:
+                conn.execute(BUMP_GENERATION)
         return removed
 
     def gallery_urls(self) -> set[str]:
         return {row[0] for row in self._query("SELECT url FROM sources WHERE origin = 'gallery'")}
+
+    def gallery_entry_urls(self) -> dict[str, str]:
+        """Gallery sources as {url fetched: url as written in db.json}; shards are assigned by the latter."""
+        rows = self._query("SELECT url, entry_url FROM sources WHERE origin = 'gallery'")
+        return {url: entry_url or url for url, entry_url in rows}
+
+    def generation(self) -> int:
+        """A counter that moves whenever an image is added or deleted, by any process sharing the catalogue."""
+        return int(self._query("SELECT generation FROM changes WHERE id = 1")[0][0])
 
     # ------------------------------------------------------------------------------------------ reads
     def counts(self) -> tuple[int, int]:

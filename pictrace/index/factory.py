@@ -1,0 +1,34 @@
+"""The one place that picks a vector index backend from the settings."""
+
+from __future__ import annotations
+
+from pictrace.config import Settings
+from pictrace.index.base import IndexInfo, VectorIndex
+from pictrace.index.faiss_index import FaissIndex, FaissParams
+
+
+def faiss_params(settings: Settings) -> FaissParams:
+    return FaissParams(
+        mode=settings.index_mode,
+        approx_from=settings.index_approx_from,
+        sq8_from=settings.index_sq8_from,
+        ef_search=settings.index_ef_search,
+    )
+
+
+def build_index(settings: Settings, info: IndexInfo) -> VectorIndex:
+    """Milvus when ``PICTRACE_MILVUS_URI`` is set, else the embedded FAISS file beside the catalogue.
+
+    Raises IndexCorruptError for an unreadable FAISS file (the caller rebuilds it from the catalogue) and
+    IndexMismatchError for vectors of another backbone.
+    """
+    if settings.milvus_uri:
+        from pictrace.index.milvus_index import MilvusIndex
+
+        return MilvusIndex(settings.milvus_uri, info, token=settings.milvus_token or "")
+    return FaissIndex.open(settings.index_path, info, faiss_params(settings))
+
+
+def empty_index(settings: Settings, info: IndexInfo) -> VectorIndex:
+    """A fresh FAISS index at the usual path (used when the file on disk was corrupt)."""
+    return FaissIndex(info, settings.index_path, faiss_params(settings))
