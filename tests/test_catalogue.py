@@ -1,0 +1,179 @@
+"""One behaviour test class run against every catalogue engine: SQLite (default) and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pictrace.errors import NotFoundError
+from pictrace.store import Catalogue, CatalogueStore, Source, StoredImage
+
+Opener = Callable[[], Catalogue]
+
+
+def stored(n: int, dim: int = 16) -> StoredImage:
+    rng = np.random.default_rng(n)
+    return StoredImage(
+        sha256=f"{n:064x}",
+        pixel_sha256=f"p{n:063x}",
+        width=100 + n,
+        height=50 + n,
+        format="JPEG",
+        nbytes=1000 + n,
+        dhash=-(2**63) + n,  # the signed 64-bit extreme must round-trip
+        embedding=rng.normal(size=dim).astype(np.float32),
+        gray_png=b"\x89PNG gray " + bytes([n % 256]) * 10,
+        orb=bytes(range(256)) * 2,
+        thumbnail=b"\xff\xd8 thumb %d" % n,
+    )
+
+
+def source(url: str, position: int | None = None, **kw: object) -> Source:
+    return Source(url=url, entry_url=kw.pop("entry_url", url), position=position, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_catalogue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """A factory of connections to one fresh catalogue (several = several processes sharing it)."""
+    opened: list[Catalogue] = []
+    if request.param == "sqlite":
+
+        def opener() -> Catalogue:
+            opened.append(Catalogue(tmp_path / "catalogue.sqlite3"))
+            return opened[-1]
+    else:
+        from pictrace.store.postgres import PostgresCatalogue
+
+        url = request.getfixturevalue("postgres_url")
+
+        def opener() -> Catalogue:
+            opened.append(PostgresCatalogue(url))
+            return opened[-1]
+
+    yield opener
+    for catalogue in opened:
+        catalogue.close()
+
+
+class TestCatalogue:
+    def test_is_a_catalogue_store(self, open_catalogue: Opener) -> None:
+        assert isinstance(open_catalogue(), CatalogueStore)
+
+    def test_add_dedupes_by_sha256_and_names_by_first_source(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        image = stored(1)
+        vec_id, new = cat.add_image(image, source("http://h/b.jpg", 5, entry_id="b", metadata={"k": 1}))
+        assert new
+        again, new_again = cat.add_image(image, source("http://h/a.jpg", 2, entry_id="a", metadata={"k": 2}))
+        assert (again, new_again) == (vec_id, False)
+        assert cat.has_image(image.sha256) and not cat.has_image(stored(2).sha256)
+        record = cat.records([vec_id])[vec_id]
+        assert (record.entry_id, record.url, record.metadata) == ("a", "http://h/a.jpg", {"k": 2})  # position 2
+        assert (record.width, record.height, record.sha256) == (101, 51, image.sha256)
+        assert cat.counts() == (1, 0)
+
+    def test_features_round_trip_and_are_read_per_candidate(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        ids = [cat.add_image(stored(n), source(f"http://h/{n}.jpg", n))[0] for n in range(5)]
+        assert sorted(cat.vec_ids().tolist()) == sorted(ids)
+        feats = cat.rerank_features(ids[1:3])
+        assert set(feats) == set(ids[1:3])
+        assert feats[ids[1]].gray_png == stored(1).gray_png and feats[ids[1]].orb == stored(1).orb
+        all_ids, vectors = zip(*cat.embeddings(batch=2), strict=True)
+        got = dict(zip(np.concatenate(all_ids).tolist(), np.concatenate(vectors), strict=True))
+        assert np.array_equal(got[ids[4]], stored(4).embedding)
+        (sub_ids, sub_vectors), = list(cat.embeddings([ids[0], ids[3]]))
+        assert sorted(sub_ids.tolist()) == [ids[0], ids[3]] and sub_vectors.shape == (2, 16)
+        assert cat.thumbnail(stored(2).sha256) == stored(2).thumbnail
+        with pytest.raises(NotFoundError):
+            cat.thumbnail("e" * 64)
+
+    def test_exact_matches_by_bytes_then_pixels(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        a, _ = cat.add_image(stored(1), source("http://h/1.jpg"))
+        same_pixels = StoredImage(**{**stored(2).__dict__, "pixel_sha256": stored(1).pixel_sha256})
+        b, _ = cat.add_image(same_pixels, source("http://h/2.png"))
+        assert cat.vec_ids_by_hash(stored(2).sha256, stored(1).pixel_sha256) == [b, a]
+        assert cat.vec_ids_by_hash("f" * 64, "none") == []
+
+    def test_remove_sources_deletes_orphans_only_and_moves_the_generation(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        shared, _ = cat.add_image(stored(1), source("http://h/1.jpg"))
+        cat.link_source(source("http://h/1-copy.jpg"), stored(1).sha256)
+        alone, _ = cat.add_image(stored(2), source("http://h/2.jpg"))
+        before = cat.generation()
+        assert cat.remove_sources(["http://h/1.jpg", "http://h/2.jpg", "http://h/unknown"]) == [alone]
+        assert cat.generation() > before
+        assert cat.vec_ids().tolist() == [shared]
+        assert cat.records([shared])[shared].url == "http://h/1-copy.jpg"
+        assert cat.gallery_urls() == {"http://h/1-copy.jpg"}
+        unchanged = cat.generation()
+        cat.link_source(source("http://h/1-again.jpg"), stored(1).sha256)  # no image added: no move
+        assert cat.generation() == unchanged
+
+    def test_failures_are_recorded_and_retried(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        bad = source("http://h/missing.jpg", 3)
+        cat.record_failure(bad, "HTTP 404")
+        cat.record_failure(bad, "HTTP 404 again")
+        assert cat.counts() == (0, 1)
+        [failure] = cat.failures()
+        assert (failure.url, failure.position, failure.error) == ("http://h/missing.jpg", 3, "HTTP 404 again")
+        state = cat.source_states()["http://h/missing.jpg"]
+        assert (state.status, state.sha256) == ("failed", None)
+        cat.add_image(stored(3), bad)
+        assert cat.counts() == (1, 0) and cat.source_states()["http://h/missing.jpg"].status == "ok"
+
+    def test_details_meta_and_local_paths(self, open_catalogue: Opener, tmp_path: Path) -> None:
+        cat = open_catalogue()
+        local = str(tmp_path / "photo 100%.jpg")  # a literal % must survive the placeholder translation
+        vec_id, _ = cat.add_image(stored(4), source(local, 0, entry_url="photo 100%.jpg", entry_id="p"))
+        cat.update_sources_details([source(local, 7, entry_url="photo 100%.jpg", entry_id="q", metadata={"t": 1})])
+        record = cat.records([vec_id])[vec_id]
+        assert (record.entry_id, record.url, record.location) == ("q", "photo 100%.jpg", local)
+        assert record.metadata == {"t": 1}
+        assert cat.local_path(stored(4).sha256) == Path(local)
+        assert cat.gallery_entry_urls() == {local: "photo 100%.jpg"}
+        assert cat.get_meta("backbone") is None
+        cat.set_meta("backbone", "one")
+        cat.set_meta("backbone", "two")
+        assert cat.get_meta("backbone") == "two"
+
+    def test_a_failed_transaction_leaves_nothing(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        cat.add_image(stored(5), source("http://h/5.jpg"))
+
+        def half_written() -> None:
+            with cat._transaction() as conn:
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", ("half", "written"))
+                conn.execute("INSERT INTO images (sha256) VALUES (?)", ("half",))  # NOT NULL columns missing
+
+        with pytest.raises(Exception, match=r"(?i)null|constraint"):
+            half_written()
+        assert cat.get_meta("half") is None
+        assert cat.counts() == (1, 0) and not cat.has_image("half")
+        cat.add_image(stored(6), source("http://h/6.jpg"))  # the connection is still usable
+        assert cat.counts() == (2, 0)
+
+    def test_two_writers_storing_the_same_bytes_store_them_once(self, open_catalogue: Opener) -> None:
+        first, second = open_catalogue(), open_catalogue()
+        results: list[tuple[int, bool]] = []
+        barrier = threading.Barrier(2)
+
+        def add(cat: Catalogue, url: str) -> None:
+            barrier.wait()
+            for n in range(20):
+                results.append(cat.add_image(stored(100 + n), source(f"{url}/{n}.jpg")))
+
+        threads = [threading.Thread(target=add, args=(c, u)) for c, u in ((first, "http://a"), (second, "http://b"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sum(new for _, new in results) == 20
+        assert first.counts() == (20, 0) and len(first.source_states()) == 40
+        assert second.generation() == 20
