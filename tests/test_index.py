@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ImageServer, crop, encode
 
+from pictrace.config import Settings
 from pictrace.errors import IndexCorruptError, IndexMismatchError
+from pictrace.gallery import load_gallery
 from pictrace.index import FaissIndex, FaissParams, IndexInfo, VectorIndex
+from pictrace.service import Service
 
 INFO = IndexInfo("test-backbone", "abc123", 64)
 
@@ -237,3 +242,44 @@ def test_faiss_older_format_is_reported_as_corrupt(tmp_path: Path) -> None:
     (tmp_path / "v.faiss").write_bytes(b"PICTRACE-FAISS-1\n{}\n")
     with pytest.raises(IndexCorruptError, match="older format"):
         FaissIndex.open(tmp_path / "v.faiss", INFO)
+
+
+# --- the service on each backend: ingest, search, restart -------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_settings", ["faiss-hnsw-sq8", "milvus-lite"])
+async def test_service_ingests_and_finds_on_each_backend(
+    backend_settings: str,
+    image_server: ImageServer,
+    photos: dict[str, np.ndarray],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    overrides: dict[str, object] = (
+        {"index_mode": "hnsw-sq8"} if backend_settings.startswith("faiss") else {"milvus_uri": str(tmp_path / "m.db")}
+    )
+    settings = make_settings(**overrides)
+    names = ["astronaut", "chelsea", "coffee", "rocket"]
+    settings.db.write_text(
+        json.dumps([{"id": n, "url": image_server.add(f"{n}.jpg", encode(photos[n]))} for n in names])
+    )
+    service = await Service.start(settings)
+    try:
+        report = await service.ingestor.ingest_gallery(load_gallery(settings.db))
+        assert report.added == 4
+        # db.json loses one image: it leaves the index too
+        settings.db.write_text(json.dumps([{"id": n, "url": image_server.url(f"{n}.jpg")} for n in names[1:]]))
+        report = await service.ingestor.ingest_gallery(load_gallery(settings.db))
+        assert report.removed == 1
+    finally:
+        await service.close()
+    service = await Service.start(settings)  # after a restart
+    try:
+        assert len(service.index) == 3
+        for name in names[1:]:
+            result = await service.pool.run(service.searcher.search_bytes, encode(crop(photos[name], 0.7)), 1)
+            assert result.results[0].id == name
+        result = await service.pool.run(service.searcher.search_bytes, encode(photos["astronaut"]), 5)
+        assert "astronaut" not in [m.id for m in result.results]
+    finally:
+        await service.close()
