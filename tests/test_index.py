@@ -283,3 +283,18 @@ async def test_service_ingests_and_finds_on_each_backend(
         assert "astronaut" not in [m.id for m in result.results]
     finally:
         await service.close()
+
+
+@pytest.mark.parametrize("where", [0.5, 0.9, "truncate"])
+def test_faiss_damage_anywhere_in_the_file_is_detected(tmp_path: Path, where: float | str) -> None:
+    index = FaissIndex.open(tmp_path / "v.faiss", INFO, FaissParams(mode="hnsw"))
+    index.add(np.arange(300, dtype=np.int64), unit_vectors(300))
+    index.save()
+    raw = bytearray((tmp_path / "v.faiss").read_bytes())
+    if where == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[int(len(raw) * float(where))] ^= 0x01  # one bit of a vector or of the graph
+    (tmp_path / "v.faiss").write_bytes(bytes(raw))
+    with pytest.raises(IndexCorruptError):
+        FaissIndex.open(tmp_path / "v.faiss", INFO)
