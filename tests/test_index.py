@@ -298,3 +298,32 @@ def test_faiss_damage_anywhere_in_the_file_is_detected(tmp_path: Path, where: fl
     (tmp_path / "v.faiss").write_bytes(bytes(raw))
     with pytest.raises(IndexCorruptError):
         FaissIndex.open(tmp_path / "v.faiss", INFO)
+
+
+def test_faiss_writes_during_a_rebuild_are_kept(tmp_path: Path) -> None:
+    import threading
+
+    index = FaissIndex.open(tmp_path / "v.faiss", INFO, FaissParams(mode="hnsw"))
+    vectors = unit_vectors(100, seed=9)
+    index.add(np.arange(60, dtype=np.int64), vectors[:60])
+    reading, release = threading.Event(), threading.Event()
+
+    def catalogue_batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield np.arange(30, dtype=np.int64), vectors[:30]
+        reading.set()
+        release.wait(10)  # the catalogue is slow; meanwhile the service goes on writing
+        yield np.arange(30, 60, dtype=np.int64), vectors[30:60]
+
+    builder = threading.Thread(target=index.rebuild, args=(catalogue_batches(), 60))
+    builder.start()
+    assert reading.wait(10)
+    index.add(np.arange(60, 100, dtype=np.int64), vectors[60:])  # ingested during the rebuild
+    index.remove(np.array([5, 70], dtype=np.int64))  # deleted during the rebuild
+    _, found = index.search(vectors[80:81], 1)  # searches are served meanwhile
+    assert found[0, 0] == 80
+    release.set()
+    builder.join()
+    assert sorted(index.ids().tolist()) == sorted(set(range(100)) - {5, 70})
+    assert index.tombstones == 2  # replayed onto the new structure: 5 and 70 are tombstones there
+    _, found = index.search(vectors[[5, 70, 99]], 1)
+    assert found[:, 0].tolist()[2] == 99 and 5 not in found[:, 0] and 70 not in found[:, 0]

@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -365,7 +365,7 @@ def _write(handle: BinaryIO, header: dict[str, object], labels: np.ndarray, inde
     handle.write(struct.pack("<I", crc) + END)
 
 
-def _read(handle: BinaryIO) -> tuple[dict[str, object], np.ndarray, faiss.Index]:
+def _read(handle: BinaryIO) -> tuple[dict[str, Any], np.ndarray, faiss.Index]:
     """Parse one index file, checking its CRC and trailer; raises ValueError/RuntimeError when corrupt."""
     head = handle.read(len(MAGIC))
     if head != MAGIC:

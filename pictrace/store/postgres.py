@@ -95,7 +95,7 @@ class PostgresCatalogue(Catalogue):
         self.url = url
         self._psycopg = psycopg
         self._lock = threading.RLock()
-        self._conn = psycopg.connect(url, autocommit=True)
+        self._conn: Any = psycopg.connect(url, autocommit=True)
         with self._lock, self._conn.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._conn.execute(SCHEMA)
