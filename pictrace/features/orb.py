@@ -172,9 +172,7 @@ def match_orb(
     src = query.points[qi].reshape(-1, 1, 2).astype(np.float32)
     dst = gallery.points[gi].reshape(-1, 1, 2).astype(np.float32)
     try:
-        hom, mask = cv2.findHomography(
-            src, dst, cv2.RANSAC, float(ransac_px), maxIters=2000, confidence=0.995
-        )
+        hom, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=2000, confidence=0.995)
     except cv2.error:  # e.g. all matched points coincide
         return rejected
     if hom is None or mask is None or not _plausible(hom, query.width, query.height):
