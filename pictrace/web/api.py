@@ -16,6 +16,13 @@ from pictrace.web.deps import ServiceDep, parse_top_k, query_bytes, run_search
 
 router = APIRouter()
 
+
+def form_body(properties: dict[str, Any], required: list[str], *content_types: str) -> dict[str, Any]:
+    """OpenAPI requestBody for routes that read their form themselves (to stream and cap it)."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"requestBody": {"required": True, "content": {t: {"schema": schema} for t in content_types}}}
+
+
 SEARCH_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -132,20 +139,7 @@ async def original(sha256: str, service: ServiceDep) -> FileResponse:
     response_model=LegacySimilarImages,
     responses=ERRORS,
     tags=["compatibility"],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=form_body({"file": {"type": "string", "format": "binary"}}, ["file"], "multipart/form-data"),
     summary="Original PicTrace API: search by uploaded file",
 )
 async def legacy_upload(request: Request, service: ServiceDep) -> LegacySimilarImages:
@@ -163,27 +157,9 @@ async def legacy_upload(request: Request, service: ServiceDep) -> LegacySimilarI
     response_model=LegacySimilarImages,
     responses=ERRORS,
     tags=["compatibility"],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/x-www-form-urlencoded": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image_url"],
-                        "properties": {"image_url": {"type": "string"}},
-                    }
-                },
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image_url"],
-                        "properties": {"image_url": {"type": "string"}},
-                    }
-                },
-            },
-        }
-    },
+    openapi_extra=form_body(
+        {"image_url": {"type": "string"}}, ["image_url"], "application/x-www-form-urlencoded", "multipart/form-data"
+    ),
     summary="Original PicTrace API: search by image URL",
 )
 async def legacy_upload_from_url(request: Request, service: ServiceDep) -> LegacySimilarImages:
