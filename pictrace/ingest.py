@@ -142,8 +142,8 @@ class Ingestor:
     ) -> _BatchOutcome:
         outcome = _BatchOutcome()
         entries: asyncio.Queue[LocatedEntry] = asyncio.Queue()
-        for item in todo:
-            entries.put_nowait(item)
+        for entry in todo:
+            entries.put_nowait(entry)
         fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.settings.embed_batch * 2)
         n_fetchers = max(1, min(self.settings.fetch_concurrency, len(todo)))
 

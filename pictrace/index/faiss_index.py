@@ -79,12 +79,12 @@ class FaissIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self._info.dim or len(ids) != len(vectors):
             raise ValueError(f"expected ({len(ids)}, {self._info.dim}) vectors, got {vectors.shape}")
         with self._lock.write():
-            self._index.remove_ids(ids)
+            self._index.remove_ids(ids)  # type: ignore[arg-type]  # the SWIG wrapper takes arrays too
             self._index.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> int:
         with self._lock.write():
-            return int(self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+            return int(self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))  # type: ignore[arg-type]
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -97,7 +97,7 @@ class FaissIndex:
 
     def ids(self) -> np.ndarray:
         with self._lock.read():
-            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64)  # type: ignore[attr-defined]
 
     def save(self) -> None:
         if self._path is None:
