@@ -36,14 +36,22 @@ def check_backbone(catalogue: Catalogue, embedder: Embedder) -> None:
     catalogue.set_meta("fingerprint", embedder.fingerprint)
 
 
-def open_index(settings: Settings, catalogue: Catalogue, embedder: Embedder) -> VectorIndex:
-    """Open the persisted index, rebuilding it from the catalogue when it is missing, stale or corrupt."""
+def open_index(
+    settings: Settings, catalogue: Catalogue, embedder: Embedder, *, rebuild: bool = False
+) -> VectorIndex:
+    """Open the persisted index, rebuilding it from the catalogue when it is missing, stale or corrupt.
+
+    ``rebuild`` ignores the file altogether (``pictrace reindex``: also the way out of a mismatched index).
+    """
     info = IndexInfo(embedder.name, embedder.fingerprint, embedder.dim)
-    try:
-        index: VectorIndex = FaissIndex.open(settings.index_path, info)
-    except IndexCorruptError as exc:
-        log.warning("%s; rebuilding it from the catalogue", exc)
-        index = FaissIndex(info, settings.index_path)
+    if rebuild:
+        index: VectorIndex = FaissIndex(info, settings.index_path)
+    else:
+        try:
+            index = FaissIndex.open(settings.index_path, info)
+        except IndexCorruptError as exc:
+            log.warning("%s; rebuilding it from the catalogue", exc)
+            index = FaissIndex(info, settings.index_path)
     added, removed = reconcile(index, catalogue)
     if added or removed:
         log.info("vector index brought in line with the catalogue: +%d -%d", added, removed)
@@ -63,7 +71,9 @@ class Service:
     ingestor: Ingestor
 
     @classmethod
-    async def start(cls, settings: Settings, *, fetcher: Fetcher | None = None) -> Service:
+    async def start(
+        cls, settings: Settings, *, fetcher: Fetcher | None = None, rebuild_index: bool = False
+    ) -> Service:
         import faiss
 
         faiss.omp_set_num_threads(1)  # one query on 2 OpenMP threads was ~7x slower here than on 1
@@ -72,7 +82,7 @@ class Service:
         try:
             embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
             check_backbone(catalogue, embedder)
-            index = open_index(settings, catalogue, embedder)
+            index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
         except BaseException:
             catalogue.close()
             raise

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from pictrace.errors import InvalidInputError
+from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.schemas import Health, ImageCounts, LegacySimilarImages, SearchRequest, SearchResult
 from pictrace.web.deps import ServiceDep, parse_top_k, query_bytes, run_search
 
@@ -128,6 +128,9 @@ async def thumbnail(sha256: str, service: ServiceDep) -> Response:
 )
 async def original(sha256: str, service: ServiceDep) -> FileResponse:
     path = await asyncio.to_thread(service.catalogue.local_path, sha256.lower())
+    # a gallery file deleted from disk, or an image added through the API (no file): 404, not a 500
+    if not path.is_absolute() or not await asyncio.to_thread(path.is_file):
+        raise NotFoundError(f"no local file for image {sha256}")
     return FileResponse(path)
 
 

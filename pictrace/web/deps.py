@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, TooLargeError
+from pictrace.kept_queries import keep_query
 from pictrace.schemas import SearchResult
 from pictrace.service import Service
 
@@ -47,8 +48,14 @@ async def query_bytes(service: Service, *, upload: UploadFile | None, url: str |
 
 
 async def run_search(service: Service, data: bytes, top_k: int | None) -> SearchResult:
-    """Search on the bounded executor; OverloadedError (503) when its queue is full."""
-    return await service.pool.run(service.searcher.search_bytes, data, top_k)
+    """Search on the bounded executor; OverloadedError (503) when its queue is full.
+
+    The query's bytes are dropped with the request unless the operator set ``PICTRACE_KEEP_QUERIES``.
+    """
+    result = await service.pool.run(service.searcher.search_bytes, data, top_k)
+    if service.settings.keep_queries:
+        await service.pool.run_background(keep_query, service.settings, data, result.query.sha256)
+    return result
 
 
 def parse_top_k(raw: object) -> int | None:
