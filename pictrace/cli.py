@@ -1,4 +1,4 @@
-"""`python -m pictrace index|search|serve`: thin commands over the same pipeline as the web app."""
+"""`python -m pictrace index|search|reindex|serve`: thin commands over the same pipeline as the web app."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=None, help="number of results (1..50, default 5)")
     search.add_argument("--json", action="store_true", help="print the API's JSON")
 
+    sub.add_parser("reindex", help="rebuild the vector index from the catalogue (ignores the index file)")
+
     serve = sub.add_parser("serve", help="run the web service")
     serve.add_argument("--host", help="override PICTRACE_HOST")
     serve.add_argument("--port", type=int, help="override PICTRACE_PORT")
@@ -54,6 +56,15 @@ async def _index(settings: Settings, db: Path, quiet: bool) -> IngestReport:
     finally:
         bar.close()
         await service.close()
+
+
+async def _reindex(settings: Settings) -> int:
+    """Build the index afresh from the catalogue's stored embeddings: nothing is downloaded or re-embedded."""
+    service = await Service.start(settings, rebuild_index=True)
+    try:
+        return len(service.index)
+    finally:
+        await service.close()  # saves the index atomically
 
 
 def _print_report(report: IngestReport) -> None:
@@ -120,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "index":
             report = asyncio.run(_index(settings, args.db or settings.db, args.quiet))
             _print_report(report)
+            return 0
+        if args.command == "reindex":
+            count = asyncio.run(_reindex(settings))
+            print(f"rebuilt {settings.index_path} from the catalogue: {count} vectors")
             return 0
         if args.command == "search":
             result = asyncio.run(_search(settings, args.image, args.top_k))
