@@ -90,6 +90,9 @@ UPLOADS: list[tuple[str, bytes, str, str, int]] = [
     ("cmyk jpeg", _save(Image.fromarray(noise()).convert("CMYK"), "JPEG"), "cmyk.jpg", "image/jpeg", 200),
     ("16-bit png", sixteen_bit_png(), "deep.png", "image/png", 200),
     ("animated gif", animated_gif(), "anim.gif", "image/gif", 200),
+    # found by schemathesis: OpenCV's ORB pyramid raised (500) on images thinner than 8 pixels
+    ("1x1 png", _save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), "dot.png", "image/png", 200),
+    ("3x500 sliver", _save(Image.fromarray(noise(8, 504)[:3, :500]), "PNG"), "line.png", "image/png", 200),
     ("svg", SVG, "vector.svg", "image/svg+xml", 415),
     ("svg named .jpg", SVG, "photo.jpg", "image/jpeg", 415),
     ("html as jpeg", HTML, "photo.jpg", "image/jpeg", 415),
