@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from conftest import ImageServer, encode
 from fastapi.testclient import TestClient
 from live_server import live_server
 from PIL import Image
 
 from pictrace.config import Settings
+from pictrace.fetch import Fetcher
 from pictrace.web import create_app
 
 MiB = 1024 * 1024
@@ -312,3 +314,63 @@ def test_keep_queries_keeps_them_under_names_pictrace_makes(
         sha = response.json()["query"]["sha256"]
     assert [p.name for p in settings.queries_dir.iterdir()] == [f"{sha}.jpg"]
     assert (settings.queries_dir / f"{sha}.jpg").read_bytes() == data
+
+
+# --- SSRF through the API ------------------------------------------------------------------------------
+
+
+class RebindingResolver(AbstractResolver):
+    """A real resolver over a fixed table: 'photos.test' is a public-looking name that points at 127.0.0.1."""
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self.table = table
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        address = self.table.get(host)
+        if address is None:
+            raise OSError(f"unknown host {host}")
+        return [
+            ResolveResult(
+                hostname=host, host=address, port=port, family=socket.AF_INET, proto=0, flags=socket.AI_NUMERICHOST
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def test_ssrf_guard_checks_the_connected_address_and_honours_the_allow_list(
+    make_settings: Callable[..., Settings],
+    image_server: ImageServer,
+    photos: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = "internal/secret.jpg"
+    image_server.add(path, encode(photos["coffee"]))
+    port = image_server.base.rsplit(":", 1)[1]
+    resolver = RebindingResolver({"photos.test": "127.0.0.1", "cdn.test": "127.0.0.1"})
+    # the operator's allow-list comes from the environment, comma separated; it opens only what it names
+    monkeypatch.setenv("PICTRACE_FETCH_ALLOW", " cdn.test , 192.0.2.0/24")
+    from pictrace.config import load_settings
+
+    allow = load_settings(_env_file=None).fetch_allow
+    assert allow == ["cdn.test", "192.0.2.0/24"]
+    settings = make_settings(fetch_allow=allow)
+    with TestClient(create_app(settings, fetcher=Fetcher(settings, resolver=resolver))) as client:
+        for url in (
+            f"http://photos.test:{port}/{path}",  # a name that resolves to loopback
+            f"http://127.0.0.1:{port}/{path}",
+            f"http://2130706433:{port}/{path}",
+            f"http://0x7f.1:{port}/{path}",
+            f"http://[::ffff:7f00:1]:{port}/{path}",
+        ):
+            response = client.post("/api/search", json={"url": url})
+            assert response.status_code == 400, (url, response.text)
+            assert_json_detail(response)
+        assert image_server.hits[f"/{path}"] == 0
+        # the allowed name reaches the same address
+        response = client.post("/api/search", json={"url": f"http://cdn.test:{port}/{path}"})
+        assert response.status_code == 200, response.text
+        assert image_server.hits[f"/{path}"] == 1
