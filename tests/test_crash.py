@@ -118,7 +118,7 @@ def test_kill_9_mid_ingest_then_restart_resumes_consistently(tmp_path: Path, ima
     from pictrace.features.embed import build_embedder
     from pictrace.index import FaissIndex, IndexInfo
 
-    embedder = build_embedder("efficientnet-lite2", Settings(_env_file=None).model_path, threads=1)  # type: ignore[call-arg]
+    embedder = build_embedder("efficientnet-lite2", Settings(_env_file=None).model_path, threads=1)
     index = FaissIndex.open(data_dir / "vectors.faiss", IndexInfo(embedder.name, embedder.fingerprint, embedder.dim))
     assert sorted(index.ids().tolist()) == final["vec_ids"]
     assert len(index) == n
@@ -222,8 +222,8 @@ async def test_faulty_hosts_cost_only_their_entries_and_are_retried(
         reasons = {f.url: f.reason.lower() for f in report.failed}
         assert set(reasons) == {down_url, entries[5]["url"], entries[6]["url"]}
         assert "connect" in reasons[down_url]
-        assert "timed out" in reasons[entries[5]["url"]]  # type: ignore[index]
-        assert "not a supported image" in reasons[entries[6]["url"]]  # type: ignore[index]
+        assert "timed out" in reasons[str(entries[5]["url"])]
+        assert "not a supported image" in reasons[str(entries[6]["url"])]
         rows = catalogue_rows(settings.catalogue_path)
         assert rows["images"] == 4 and rows["orphans"] == 0
         with contextlib.closing(sqlite3.connect(settings.catalogue_path)) as conn:

@@ -272,7 +272,10 @@ def _tree(root: Path) -> set[str]:
 
 def _rows(settings: Settings) -> tuple[int, int, int]:
     with sqlite3.connect(settings.catalogue_path) as conn:
-        return tuple(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("images", "sources", "meta"))  # type: ignore[return-value]
+        images, sources, meta = (
+            conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("images", "sources", "meta")
+        )
+        return int(images), int(sources), int(meta)
 
 
 def test_client_names_never_reach_the_file_system_and_queries_are_not_kept(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,7 +30,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, np.ndarray]
     for name in ("coffee", "rocket"):
         (root / "g" / f"{name}.jpg").write_bytes(encode(photos[name]))
     (root / "db.json").write_text(json.dumps([{"id": n, "url": f"g/{n}.jpg"} for n in ("coffee", "rocket")]))
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None,
         data_dir=root / "data",
         db=root / "db.json",
@@ -45,7 +46,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, np.ndarray]
         yield server
 
 
-def check_case(case: schemathesis.Case, live: Live) -> None:
+def check_case(case: schemathesis.Case[Any], live: Live) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}"} if case.method != "GET" else {}
     response = case.call(base_url=live.base, headers=headers, timeout=30)
     # 5xx is a bug, except 503 (busy, documented) and 502 (a URL the client gave could not be fetched)
@@ -63,7 +64,7 @@ def test_no_server_errors(live: Live) -> None:
     """Positive and negative cases for every operation. (schemathesis' own pytest plugin does not run on
     pytest 9 yet, so Hypothesis drives its strategies directly.)"""
     api = schemathesis.openapi.from_dict(httpx.get(live.url("/openapi.json")).json())
-    operations = [result.ok() for result in api.get_all_operations()]
+    operations = [result.ok() for result in api.get_all_operations()]  # type: ignore[union-attr]
     assert {op.label for op in operations} >= {"POST /api/search", "POST /api/images", "DELETE /api/images/{sha256}"}
     for operation in operations:
         strategy = st.one_of(
@@ -72,7 +73,7 @@ def test_no_server_errors(live: Live) -> None:
 
         @given(case=strategy)
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def run(case: schemathesis.Case) -> None:
+        def run(case: schemathesis.Case[Any]) -> None:
             check_case(case, live)
 
         run()

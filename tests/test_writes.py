@@ -6,6 +6,7 @@ import json
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,7 +154,7 @@ def test_add_refuses_bad_input_without_writing(
 ) -> None:
     before = sources(settings)
     html = image_server.add("page.jpg", b"<!DOCTYPE html><html><body>hi</body></html>")
-    cases = [
+    cases: list[tuple[dict[str, Any], int]] = [
         (dict(files={"file": ("a.jpg", b"not an image", "image/jpeg")}), 415),
         (dict(json={"url": html}), 415),
         (dict(json={"url": image_server.url("nothing.jpg")}), 502),
@@ -166,8 +167,8 @@ def test_add_refuses_bad_input_without_writing(
         (dict(content=b"raw", headers={"content-type": "text/plain"}), 400),
     ]
     for kwargs, status in cases:
-        headers = {**AUTH, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
-        response = client.post("/api/images", headers=headers, **kwargs)  # type: ignore[arg-type]
+        headers = {**AUTH, **kwargs.pop("headers", {})}
+        response = client.post("/api/images", headers=headers, **kwargs)
         assert response.status_code == status, (kwargs, response.text)
         assert response.json()["detail"]
     assert sources(settings) == before
