@@ -24,7 +24,7 @@ from pictrace.config import Settings
 def settings(
     image_server: ImageServer, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
 ) -> Settings:
-    settings = make_settings(index_on_start=True, workers=1, queue_limit=1)
+    settings = make_settings(index_on_start=True, workers=1, queue_limit=1, api_token="t")
     names = ("coffee", "rocket", "astronaut")
     settings.db.write_text(
         json.dumps([{"id": n, "url": image_server.add(f"g/{n}.jpg", encode(photos[n]))} for n in names])
@@ -67,6 +67,12 @@ def test_full_queue_answers_503_at_once(settings: Settings, photos: dict[str, np
                     assert client.get("/api/health").status_code == 200
                     assert time.perf_counter() - started < 1.0
                 # writes go through the same pool: refused the same way
+                response = client.post(
+                    "/api/images",
+                    files={"file": ("a.jpg", query, "image/jpeg")},
+                    headers={"Authorization": "Bearer t"},
+                )
+                assert response.status_code == 503 and response.headers["retry-after"], response.text
                 assert pool.in_flight == 2
         finally:
             gate.set()

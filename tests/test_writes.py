@@ -238,6 +238,18 @@ def test_reindex_rebuilds_from_the_catalogue(client: TestClient, photos: dict[st
     assert ids_found(client, encode(crop(photos["camera"])))[0] == "camera"
 
 
+def test_reindex_is_refused_while_an_ingest_runs(client: TestClient) -> None:
+    lock = client.app.state.service.ingestor._lock  # type: ignore[attr-defined]
+    client.portal.call(lock.acquire)  # type: ignore[union-attr]
+    try:
+        response = client.post("/api/reindex", headers=AUTH)
+        assert response.status_code == 503 and int(response.headers["retry-after"]) > 0
+        assert "ingest" in response.json()["detail"]
+    finally:
+        client.portal.call(lock.release)  # type: ignore[union-attr]
+    assert client.post("/api/reindex", headers=AUTH).status_code == 200
+
+
 def test_cli_reindex_replaces_a_bad_index_file(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     ingest(settings)
     settings.index_path.write_bytes(b"PICTRACE-FAISS-1\n{}\ngarbage")
