@@ -18,7 +18,7 @@ import numpy as np
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
-from pictrace.errors import FetchError, OverloadedError, PicTraceError, TooLargeError
+from pictrace.errors import FetchError, NotFoundError, OverloadedError, PicTraceError, TooLargeError
 from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
@@ -334,8 +334,11 @@ class Ingestor:
         await self.pool.run(self._remove_one, sha256)
 
     def _remove_one(self, sha256: str) -> None:
-        vec_id = self.catalogue.remove_image(sha256)  # NotFoundError (404) when unknown
+        if not self.catalogue.has_image(sha256):
+            raise NotFoundError(f"no image with sha256 {sha256}")
+        # tombstone first: an ingest running now must not re-add the bytes between the two writes
         self.catalogue.set_meta(tombstone_key(sha256), "api")
+        vec_id = self.catalogue.remove_image(sha256)
         self.index.remove(np.array([vec_id], dtype=np.int64))
 
     async def reindex(self) -> int:
