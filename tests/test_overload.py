@@ -82,6 +82,15 @@ def test_full_queue_answers_503_at_once(settings: Settings, photos: dict[str, np
                 )
                 assert response.status_code == 503 and response.headers["retry-after"], response.text
                 assert pool.in_flight == 2
+            # refused before the upload is read: the server answers while most of the body is still unsent
+            with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /api/search HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 900000\r\n\r\n--b\r\n"
+                )
+                head = sock.recv(65536)
+                assert head.startswith(b"HTTP/1.1 503"), head[:200]
+                assert b"retry-after" in head.lower()
         finally:
             gate.set()
             for future in held:

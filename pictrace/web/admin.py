@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.schemas import AddedImage, AddImageRequest, DeletedImage, Reindexed
 from pictrace.web.auth import require_writer
-from pictrace.web.deps import ServiceDep, query_bytes
+from pictrace.web.deps import ServiceDep, admit, query_bytes
 
 router = APIRouter(dependencies=[Depends(require_writer)], tags=["writes"])
 
@@ -117,6 +117,7 @@ async def _read_add(request: Request, service: ServiceDep) -> tuple[bytes, str |
     "/api/images",
     response_model=AddedImage,
     status_code=201,
+    dependencies=[Depends(admit)],
     responses={200: {"model": AddedImage, "description": "Already stored: source linked"}, **WRITE_ERRORS},
     openapi_extra=ADD_BODY,
     summary="Add an image to the gallery (needs the API token)",

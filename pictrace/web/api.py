@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.schemas import Health, ImageCounts, LegacySimilarImages, SearchRequest, SearchResult
-from pictrace.web.deps import ServiceDep, parse_top_k, query_bytes, run_search
+from pictrace.web.deps import ServiceDep, admit, parse_top_k, query_bytes, run_search
 
 router = APIRouter()
 
@@ -90,6 +90,7 @@ async def _read_query(request: Request, service: ServiceDep) -> tuple[bytes, int
 @router.post(
     "/api/search",
     response_model=SearchResult,
+    dependencies=[Depends(admit)],
     responses=ERRORS,
     openapi_extra=SEARCH_BODY,
     summary="Find gallery images that show the same picture or thing",
@@ -141,6 +142,7 @@ async def original(sha256: str, service: ServiceDep) -> FileResponse:
     "/upload/",
     response_model=LegacySimilarImages,
     responses=ERRORS,
+    dependencies=[Depends(admit)],
     tags=["compatibility"],
     openapi_extra=form_body({"file": {"type": "string", "format": "binary"}}, ["file"], "multipart/form-data"),
     summary="Original PicTrace API: search by uploaded file",
@@ -159,6 +161,7 @@ async def legacy_upload(request: Request, service: ServiceDep) -> LegacySimilarI
     "/upload_from_url/",
     response_model=LegacySimilarImages,
     responses=ERRORS,
+    dependencies=[Depends(admit)],
     tags=["compatibility"],
     openapi_extra=form_body(
         {"image_url": {"type": "string"}}, ["image_url"], "application/x-www-form-urlencoded", "multipart/form-data"

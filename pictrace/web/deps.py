@@ -21,6 +21,12 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
+def admit(service: ServiceDep) -> None:
+    """Route dependency: 503 before the body is read when the CPU queue is already full (it would be
+    refused after the upload anyway; reading it first would only pile up bytes)."""
+    service.pool.check_capacity()
+
+
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     """Read an uploaded file into memory, refusing it as soon as it passes the byte cap."""
     chunks: list[bytes] = []
