@@ -1,4 +1,4 @@
-"""`python -m pictrace index|search|serve`: thin commands over the same pipeline as the web app."""
+"""`python -m pictrace index|search|reindex|serve`: thin commands over the same pipeline as the web app."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pictrace.errors import PicTraceError
 from pictrace.gallery import Shard, load_gallery
 from pictrace.ingest import IngestProgress, read_local_file
 from pictrace.schemas import IngestReport, SearchResult
-from pictrace.service import Service, reindex
+from pictrace.service import Service
 
 
 def _shard(text: str) -> Shard:
@@ -38,12 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         help="index only the entries whose URL hashes to I mod N (parallel workers on one PostgreSQL)",
     )
 
-    sub.add_parser("reindex", help="rebuild the vector index from the catalogue")
-
     search = sub.add_parser("search", help="search the index with an image file or URL")
     search.add_argument("image", help="path or http(s) URL of the query image")
     search.add_argument("--top-k", type=int, default=None, help="number of results (1..50, default 5)")
     search.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    sub.add_parser("reindex", help="rebuild the vector index from the catalogue (ignores the index file)")
 
     serve = sub.add_parser("serve", help="run the web service")
     serve.add_argument("--host", help="override PICTRACE_HOST")
@@ -67,6 +67,15 @@ async def _index(settings: Settings, db: Path, quiet: bool, shard: Shard | None 
     finally:
         bar.close()
         await service.close()
+
+
+async def _reindex(settings: Settings) -> int:
+    """Build the index afresh from the catalogue's stored embeddings: nothing is downloaded or re-embedded."""
+    service = await Service.start(settings, rebuild_index=True)
+    try:
+        return len(service.index)
+    finally:
+        await service.close()  # saves the index atomically
 
 
 def _print_report(report: IngestReport) -> None:
@@ -135,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_report(report)
             return 0
         if args.command == "reindex":
-            count, where = reindex(settings)
-            print(f"reindexed {count} images into {where}")
+            count = asyncio.run(_reindex(settings))
+            print(f"rebuilt {settings.milvus_uri or settings.index_path} from the catalogue: {count} vectors")
             return 0
         if args.command == "search":
             result = asyncio.run(_search(settings, args.image, args.top_k))

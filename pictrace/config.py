@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     api_token: str | None = Field(
         None, description="Bearer token for write endpoints; unset disables writes."
     )
+    keep_queries: bool = Field(
+        False, description="Keep query images (named by SHA-256) under DATA_DIR/queries; off: never stored."
+    )
+    max_metadata_bytes: int = Field(
+        16 * 1024, ge=2, description="Largest metadata JSON accepted with an image added through the API."
+    )
 
     # --- scale: index structure, shared catalogue and vectors ---------------------------------------
     index_mode: Literal["auto", "exact", "hnsw", "hnsw-sq8"] = Field(
@@ -117,6 +123,10 @@ class Settings(BaseSettings):
     @property
     def index_path(self) -> Path:
         return self.data_dir / "vectors.faiss"
+
+    @property
+    def queries_dir(self) -> Path:
+        return self.data_dir / "queries"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -112,9 +112,8 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise DecodeError(f"image header declares an empty size {width}x{height}")
     if width * height > max_pixels:
-        raise TooLargeError(
-            f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
-        )
+        msg = f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
+        raise TooLargeError(msg)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

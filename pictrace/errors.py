@@ -64,6 +64,10 @@ class AuthError(PicTraceError):
     """A write was attempted without the right bearer token (or with writes disabled)."""
 
 
+class WritesDisabledError(AuthError):
+    """A write was attempted on a service that has no ``PICTRACE_API_TOKEN`` configured (writes are off)."""
+
+
 class IndexMismatchError(PicTraceError):
     """A persisted index was built by another backbone/dimension and must not be mixed with this one."""
 

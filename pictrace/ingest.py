@@ -12,12 +12,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
-from pictrace.errors import FetchError, PicTraceError, TooLargeError
+from pictrace.errors import FetchError, NotFoundError, OverloadedError, PicTraceError, TooLargeError
 from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
@@ -47,8 +48,37 @@ class IngestProgress:
 
 @dataclass
 class _Fetched:
-    item: LocatedEntry
+    """Downloaded bytes and where they came from (a db.json entry, or an API call)."""
+
+    source: Source
     data: bytes
+    position: int | None = None
+
+    @property
+    def shown_url(self) -> str:
+        return self.source.entry_url or self.source.url
+
+
+@dataclass(frozen=True)
+class AddedImage:
+    """What :meth:`Ingestor.add_image` did: the image's identity and whether its bytes were new."""
+
+    sha256: str
+    id: str
+    url: str
+    added: bool
+    width: int
+    height: int
+
+
+def upload_url(sha256: str) -> str:
+    """The catalogue key of an image uploaded through the API (it has no URL; never a client-named string)."""
+    return f"upload:{sha256}"
+
+
+def tombstone_key(sha256: str) -> str:
+    """Meta key remembering that an image was deleted through the API, so an ingest does not bring it back."""
+    return f"deleted:{sha256}"
 
 
 @dataclass
@@ -153,8 +183,8 @@ class Ingestor:
     ) -> _BatchOutcome:
         outcome = _BatchOutcome()
         entries: asyncio.Queue[LocatedEntry] = asyncio.Queue()
-        for item in todo:
-            entries.put_nowait(item)
+        for entry in todo:
+            entries.put_nowait(entry)
         fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.settings.embed_batch * 2)
         n_fetchers = max(1, min(self.settings.fetch_concurrency, len(todo)))
 
@@ -177,7 +207,7 @@ class Ingestor:
                     await self.pool.run_background(self.catalogue.record_failure, _source(item), str(exc))
                     advance(1, [FailedEntry(position=item.position, url=item.entry.url, reason=str(exc))])
                     continue
-                await fetched.put(_Fetched(item, data))
+                await fetched.put(_Fetched(_source(item), data, item.position))
 
         async def fetch_all() -> None:
             try:
@@ -214,50 +244,57 @@ class Ingestor:
             read_local_file, Path(item.location), self.settings.max_download_bytes
         )
 
+    def _prepare(self, data: bytes, sha: str) -> tuple[StoredImage, np.ndarray]:
+        """Decode and featurise one image (everything but the batched embedding). Raises on bad bytes."""
+        image = decode_image(data, max_pixels=self.settings.max_pixels)
+        local = local_features(image, self.settings)
+        stored = StoredImage(
+            sha256=sha,
+            pixel_sha256=local.pixel_sha256,
+            width=image.width,
+            height=image.height,
+            format=image.format,
+            nbytes=len(data),
+            dhash=local.dhash,
+            embedding=np.zeros(0, np.float32),
+            gray_png=local.gray_png,
+            orb=local.orb,
+            thumbnail=local.thumbnail,
+        )
+        return stored, image.rgb
+
     def _process_batch(self, batch: list[_Fetched]) -> _BatchOutcome:
         """Runs on a worker thread: decode and featurise, embed the batch at once, commit each image."""
         outcome = _BatchOutcome()
-        ready: list[tuple[_Fetched, str, StoredImage]] = []
+        ready: list[tuple[_Fetched, StoredImage]] = []
         pixels = []
         for fetched in batch:
-            source = _source(fetched.item)
+            source = fetched.source
             sha = sha256_hex(fetched.data)
             try:
+                if self.catalogue.get_meta(tombstone_key(sha)) is not None:
+                    raise PicTraceError(
+                        f"image {sha} was deleted through the API; POST it to /api/images to add it back"
+                    )
                 if self.catalogue.has_image(sha):
                     self.catalogue.link_source(source, sha)
                     outcome.duplicates += 1
                     continue
-                image = decode_image(fetched.data, max_pixels=self.settings.max_pixels)
-                local = local_features(image, self.settings)
+                stored, rgb = self._prepare(fetched.data, sha)
             except PicTraceError as exc:
                 self.catalogue.record_failure(source, str(exc))
-                outcome.failed.append(
-                    FailedEntry(position=fetched.item.position, url=fetched.item.entry.url, reason=str(exc))
-                )
+                outcome.failed.append(FailedEntry(position=fetched.position, url=fetched.shown_url, reason=str(exc)))
                 continue
-            stored = StoredImage(
-                sha256=sha,
-                pixel_sha256=local.pixel_sha256,
-                width=image.width,
-                height=image.height,
-                format=image.format,
-                nbytes=len(fetched.data),
-                dhash=local.dhash,
-                embedding=np.zeros(0, np.float32),
-                gray_png=local.gray_png,
-                orb=local.orb,
-                thumbnail=local.thumbnail,
-            )
-            ready.append((fetched, sha, stored))
-            pixels.append(image.rgb)
+            ready.append((fetched, stored))
+            pixels.append(rgb)
         if not ready:
             return outcome
         vectors = self.embedder.embed(pixels)
         new_ids: list[int] = []
         new_vectors: list[np.ndarray] = []
-        for (fetched, _, stored), vector in zip(ready, vectors, strict=True):
+        for (fetched, stored), vector in zip(ready, vectors, strict=True):
             stored = StoredImage(**{**stored.__dict__, "embedding": vector})
-            vec_id, is_new = self.catalogue.add_image(stored, _source(fetched.item))
+            vec_id, is_new = self.catalogue.add_image(stored, fetched.source)
             if is_new:
                 new_ids.append(vec_id)
                 new_vectors.append(vector)
@@ -267,6 +304,73 @@ class Ingestor:
         if new_ids:
             self.index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
         return outcome
+
+    # --- writes through the API ------------------------------------------------------------------------
+
+    async def add_image(
+        self,
+        data: bytes,
+        *,
+        url: str | None = None,
+        entry_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> AddedImage:
+        """Add one image (an upload, or bytes fetched from a user's URL) with origin 'api'.
+
+        Goes through the bounded pool like a search (503 when it is full). The index is not saved here: the
+        catalogue commit is what counts, and the index is reconciled with it at every start.
+        """
+        return await self.pool.run(self._add_one, data, url, entry_id, metadata)
+
+    def _add_one(
+        self, data: bytes, url: str | None, entry_id: str | None, metadata: dict[str, Any] | None
+    ) -> AddedImage:
+        sha = sha256_hex(data)
+        stored, rgb = self._prepare(data, sha)  # raises 413/415/422 errors before anything is written
+        key = url or upload_url(sha)
+        source = Source(url=key, origin="api", entry_url=key, entry_id=entry_id or (url or sha), metadata=metadata)
+        self.catalogue.delete_meta(tombstone_key(sha))  # an explicit add undoes an earlier delete
+        if self.catalogue.has_image(sha):
+            self.catalogue.link_source(source, sha)
+            added = False
+        else:
+            vector = self.embedder.embed([rgb])[0]
+            vec_id, added = self.catalogue.add_image(StoredImage(**{**stored.__dict__, "embedding": vector}), source)
+            if added:
+                self.index.add(np.array([vec_id], dtype=np.int64), vector[None, :])
+        return AddedImage(sha, source.entry_id or key, key, added, stored.width, stored.height)
+
+    async def remove_image(self, sha256: str) -> None:
+        """Delete an image and all its sources; an ingest of db.json will not bring it back (tombstone)."""
+        await self.pool.run(self._remove_one, sha256)
+
+    def _remove_one(self, sha256: str) -> None:
+        if not self.catalogue.has_image(sha256):
+            raise NotFoundError(f"no image with sha256 {sha256}")
+        # tombstone first: an ingest running now must not re-add the bytes between the two writes
+        self.catalogue.set_meta(tombstone_key(sha256), "api")
+        vec_id = self.catalogue.remove_image(sha256)
+        self.index.remove(np.array([vec_id], dtype=np.int64))
+
+    async def reindex(self) -> int:
+        """Rebuild the vector index from the catalogue and save it. Refused (503) while an ingest runs."""
+        if self._lock.locked():
+            raise OverloadedError("an ingest is running; reindex when it is done", retry_after_s=30)
+        async with self._lock:
+            count = await self.pool.run_background(rebuild, self.index, self.catalogue)
+            await self.pool.run_background(self.index.save)
+            return count
+
+
+def rebuild(index: VectorIndex, catalogue: Catalogue) -> int:
+    """Replace every vector of the index with the catalogue's (a fresh structure, chosen for their count).
+
+    The index keeps serving the old structure meanwhile and replays writes made during the build, so searches
+    and an API add keep working during a rebuild. Returns the vector count.
+    """
+    count = catalogue.counts()[0]
+    index.rebuild(catalogue.embeddings(), expected=count)
+    return count
 
 
 def reconcile(index: VectorIndex, catalogue: Catalogue) -> tuple[int, int]:

@@ -107,3 +107,35 @@ class IngestReport(BaseModel):
     removed: int = Field(0, description="Sources dropped because they left db.json.")
     failed: list[FailedEntry] = Field(default_factory=list)
     invalid: list[FailedEntry] = Field(default_factory=list, description="db.json entries refused.")
+
+
+# ------------------------------------------------------------------------------- writes through the API
+
+
+class AddImageRequest(BaseModel):
+    """JSON body of ``POST /api/images`` when adding by URL."""
+
+    url: str = Field(description="http(s) URL of the image (fetched SSRF-guarded).", min_length=1, max_length=4096)
+    id: str | None = Field(None, min_length=1, max_length=256, description="Your identifier (default: the URL).")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Returned with search results.")
+
+
+class AddedImage(BaseModel):
+    """Answer of ``POST /api/images`` (201 when the bytes were new, 200 when already stored)."""
+
+    sha256: str
+    id: str
+    url: str = Field(description="The URL given, or 'upload:<sha256>' for an uploaded file.")
+    added: bool = Field(description="False when the same bytes were already in the gallery (source linked).")
+    width: int
+    height: int
+    thumbnail_url: str
+
+
+class DeletedImage(BaseModel):
+    sha256: str
+    deleted: bool = True
+
+
+class Reindexed(BaseModel):
+    vectors: int = Field(description="Vectors in the rebuilt index.")

@@ -15,7 +15,7 @@ from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
 from pictrace.index import IndexInfo, VectorIndex
 from pictrace.index.factory import build_index, empty_index
-from pictrace.ingest import Ingestor, maintain, reconcile
+from pictrace.ingest import Ingestor, maintain, rebuild, reconcile
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.work import WorkPool
@@ -69,22 +69,29 @@ def _all_threads() -> Iterator[None]:
 
 def rebuild_index(index: VectorIndex, catalogue: Catalogue) -> int:
     """Load every vector of the catalogue into a fresh structure of ``index`` and save it. Returns the count."""
-    count = catalogue.counts()[0]
-    index.rebuild(catalogue.embeddings(), expected=count)
+    count = rebuild(index, catalogue)
     index.save()
     return count
 
 
-def open_index(settings: Settings, catalogue: Catalogue, embedder: Embedder) -> VectorIndex:
-    """Open the persisted index, rebuilding it from the catalogue when it is missing, stale or corrupt."""
+def open_index(
+    settings: Settings, catalogue: Catalogue, embedder: Embedder, *, rebuild: bool = False
+) -> VectorIndex:
+    """Open the persisted index, rebuilding it from the catalogue when it is missing, stale or corrupt.
+
+    ``rebuild`` ignores the file altogether (``pictrace reindex``: also the way out of a mismatched index).
+    """
     info = index_info(embedder)
-    try:
-        index = build_index(settings, info)
-    except IndexCorruptError as exc:
-        log.warning("%s; rebuilding it from the catalogue", exc)
+    if rebuild and not settings.milvus_uri:
         index = empty_index(settings, info)
+    else:
+        try:
+            index = build_index(settings, info)
+        except IndexCorruptError as exc:
+            log.warning("%s; rebuilding it from the catalogue", exc)
+            index = empty_index(settings, info)
     with _all_threads():
-        if len(index) == 0 and catalogue.counts()[0] > 0:
+        if rebuild or (len(index) == 0 and catalogue.counts()[0] > 0):
             log.info("building the vector index from the catalogue (%d images)", rebuild_index(index, catalogue))
             return index
         added, removed = reconcile(index, catalogue)
@@ -93,30 +100,6 @@ def open_index(settings: Settings, catalogue: Catalogue, embedder: Embedder) -> 
         if not maintain(index, catalogue) and (added or removed):
             index.save()
     return index
-
-
-def reindex(settings: Settings) -> tuple[int, str]:
-    """`pictrace reindex`: rebuild the vector index from the catalogue (a lost or corrupt index costs time only).
-
-    Returns (vectors indexed, where the index lives).
-    """
-    catalogue = open_catalogue(settings)
-    try:
-        embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
-        check_backbone(catalogue, embedder)
-        info = index_info(embedder)
-        try:
-            index = build_index(settings, info)
-        except IndexCorruptError:
-            index = empty_index(settings, info)
-        try:
-            with _all_threads():
-                count = rebuild_index(index, catalogue)
-        finally:
-            index.close()
-    finally:
-        catalogue.close()
-    return count, settings.milvus_uri or str(settings.index_path)
 
 
 @dataclass
@@ -132,7 +115,9 @@ class Service:
     sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
-    async def start(cls, settings: Settings, *, fetcher: Fetcher | None = None) -> Service:
+    async def start(
+        cls, settings: Settings, *, fetcher: Fetcher | None = None, rebuild_index: bool = False
+    ) -> Service:
         import faiss
 
         faiss.omp_set_num_threads(1)  # one query on 2 OpenMP threads was ~7x slower here than on 1
@@ -141,7 +126,7 @@ class Service:
         try:
             embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
             check_backbone(catalogue, embedder)
-            index = open_index(settings, catalogue, embedder)
+            index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
         except BaseException:
             catalogue.close()
             raise

@@ -28,10 +28,14 @@ class WorkPool:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn`` on a worker thread, or raise OverloadedError when the queue is full."""
+    def check_capacity(self) -> None:
+        """Raise OverloadedError when the queue is full: lets a route refuse before it reads a large body."""
         if self._in_flight >= self._capacity:
             raise OverloadedError()
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on a worker thread, or raise OverloadedError when the queue is full."""
+        self.check_capacity()
         return await self._submit(functools.partial(fn, *args, **kwargs))
 
     async def run_background(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

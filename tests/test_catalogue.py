@@ -115,6 +115,19 @@ class TestCatalogue:
         cat.link_source(source("http://h/1-again.jpg"), stored(1).sha256)  # no image added: no move
         assert cat.generation() == unchanged
 
+    def test_remove_image_and_meta_deletes_move_what_they_should(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        vec_id, _ = cat.add_image(stored(7), source("http://h/7.jpg"))
+        cat.link_source(source("http://h/7b.jpg"), stored(7).sha256)
+        before = cat.generation()
+        assert cat.remove_image(stored(7).sha256) == vec_id
+        assert cat.generation() > before and cat.counts() == (0, 0) and cat.source_states() == {}
+        with pytest.raises(NotFoundError):
+            cat.remove_image(stored(7).sha256)
+        cat.set_meta("deleted:x", "api")
+        cat.delete_meta("deleted:x")
+        assert cat.get_meta("deleted:x") is None
+
     def test_failures_are_recorded_and_retried(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()
         bad = source("http://h/missing.jpg", 3)

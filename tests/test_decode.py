@@ -20,6 +20,7 @@ from pictrace.errors import DecodeError, TooLargeError, UnsupportedFormatError
 MAX = 50_000_000
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
 def _save(im: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -53,12 +54,7 @@ def _png_bomb(side: int) -> bytes:
     chunks.append(comp.flush())
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     idat = b"".join(chunks)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
+    return PNG_SIG + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 def _gif_header_only(width: int, height: int) -> bytes:

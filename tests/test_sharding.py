@@ -154,7 +154,7 @@ def test_reindex_rebuilds_a_lost_index_from_postgres(
     index_file = tmp_path / "d" / "vectors.faiss"
     index_file.write_bytes(b"lost")
     out = finish(run_cli("--data-dir", str(tmp_path / "d"), "reindex", env=env, cwd=tmp_path))
-    assert "reindexed 3 images" in out
+    assert "from the catalogue: 3 vectors" in out
     assert index_file.read_bytes().startswith(b"PICTRACE-FAISS-2\n")
 
 

@@ -21,6 +21,9 @@ _DESC_BYTES = 32
 _MIN_DET = 1.0 / 100.0
 _MAX_DET = 100.0
 
+# 12 pyramid levels at scale 1.2 divide a side by 1.2**11 ~ 7.4: anything thinner cannot be analysed.
+MIN_SIDE = 8
+
 
 @dataclass(frozen=True, eq=False)
 class OrbFeatures:
@@ -92,6 +95,9 @@ def extract_orb(rgb: np.ndarray, *, n_features: int = 1000, max_side: int = 640)
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     wh, ww = gray.shape[:2]
     scale = max(wh, ww) / longest
+    if min(wh, ww) < MIN_SIDE:
+        # OpenCV's pyramid would shrink a side to 0 pixels and raise; such slivers have no usable corners
+        return _empty(ww, wh, scale)
     orb = cv2.ORB.create(
         nfeatures=int(n_features),
         scaleFactor=1.2,
@@ -172,9 +178,7 @@ def match_orb(
     src = query.points[qi].reshape(-1, 1, 2).astype(np.float32)
     dst = gallery.points[gi].reshape(-1, 1, 2).astype(np.float32)
     try:
-        hom, mask = cv2.findHomography(
-            src, dst, cv2.RANSAC, float(ransac_px), maxIters=2000, confidence=0.995
-        )
+        hom, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=2000, confidence=0.995)
     except cv2.error:  # e.g. all matched points coincide
         return rejected
     if hom is None or mask is None or not _plausible(hom, query.width, query.height):

@@ -410,6 +410,24 @@ class Catalogue:
             raise NotFoundError(f"no local file for image {sha256}")
         return Path(rows[0][0])
 
+    # ------------------------------------------------------------------------ writes through the API
+    # (issue 5) Kept apart at the end of the class, in plain portable SQL, so another catalogue backend
+    # can mirror them one for one.
+    def remove_image(self, sha256: str) -> int:
+        """Delete an image and every source naming it, in one transaction. Returns its vec_id."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT vec_id FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no image with sha256 {sha256}")
+            conn.execute("DELETE FROM sources WHERE sha256 = ?", (sha256,))
+            conn.execute("DELETE FROM images WHERE sha256 = ?", (sha256,))
+            conn.execute(BUMP_GENERATION)  # replicas drop it from their indexes
+        return int(row[0])
+
+    def delete_meta(self, key: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
 
 def _to_arrays(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([r[0] for r in rows], dtype=np.int64)

@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from pictrace.errors import InvalidInputError
+from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.schemas import Health, ImageCounts, LegacySimilarImages, SearchRequest, SearchResult
-from pictrace.web.deps import ServiceDep, parse_top_k, query_bytes, run_search
+from pictrace.web.deps import ServiceDep, admit, parse_top_k, query_bytes, run_search
 
 router = APIRouter()
+
+
+def form_body(properties: dict[str, Any], required: list[str], *content_types: str) -> dict[str, Any]:
+    """OpenAPI requestBody for routes that read their form themselves (to stream and cap it)."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"requestBody": {"required": True, "content": {t: {"schema": schema} for t in content_types}}}
+
 
 SEARCH_BODY: dict[str, Any] = {
     "requestBody": {
@@ -83,6 +90,7 @@ async def _read_query(request: Request, service: ServiceDep) -> tuple[bytes, int
 @router.post(
     "/api/search",
     response_model=SearchResult,
+    dependencies=[Depends(admit)],
     responses=ERRORS,
     openapi_extra=SEARCH_BODY,
     summary="Find gallery images that show the same picture or thing",
@@ -121,6 +129,9 @@ async def thumbnail(sha256: str, service: ServiceDep) -> Response:
 )
 async def original(sha256: str, service: ServiceDep) -> FileResponse:
     path = await asyncio.to_thread(service.catalogue.local_path, sha256.lower())
+    # a gallery file deleted from disk, or an image added through the API (no file): 404, not a 500
+    if not path.is_absolute() or not await asyncio.to_thread(path.is_file):
+        raise NotFoundError(f"no local file for image {sha256}")
     return FileResponse(path)
 
 
@@ -131,21 +142,9 @@ async def original(sha256: str, service: ServiceDep) -> FileResponse:
     "/upload/",
     response_model=LegacySimilarImages,
     responses=ERRORS,
+    dependencies=[Depends(admit)],
     tags=["compatibility"],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=form_body({"file": {"type": "string", "format": "binary"}}, ["file"], "multipart/form-data"),
     summary="Original PicTrace API: search by uploaded file",
 )
 async def legacy_upload(request: Request, service: ServiceDep) -> LegacySimilarImages:
@@ -162,28 +161,11 @@ async def legacy_upload(request: Request, service: ServiceDep) -> LegacySimilarI
     "/upload_from_url/",
     response_model=LegacySimilarImages,
     responses=ERRORS,
+    dependencies=[Depends(admit)],
     tags=["compatibility"],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/x-www-form-urlencoded": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image_url"],
-                        "properties": {"image_url": {"type": "string"}},
-                    }
-                },
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image_url"],
-                        "properties": {"image_url": {"type": "string"}},
-                    }
-                },
-            },
-        }
-    },
+    openapi_extra=form_body(
+        {"image_url": {"type": "string"}}, ["image_url"], "application/x-www-form-urlencoded", "multipart/form-data"
+    ),
     summary="Original PicTrace API: search by image URL",
 )
 async def legacy_upload_from_url(request: Request, service: ServiceDep) -> LegacySimilarImages:

@@ -18,7 +18,7 @@ from pictrace.errors import PicTraceError
 from pictrace.fetch import Fetcher
 from pictrace.gallery import load_gallery
 from pictrace.service import Service
-from pictrace.web import api, errors, pages
+from pictrace.web import admin, api, errors, pages
 from pictrace.web.limits import BodySizeLimit
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def create_app(settings: Settings, *, fetcher: Fetcher | None = None) -> FastAPI
     app.state.templates = Jinja2Templates(directory=PROJECT_ROOT / "templates")
     errors.install(app)
     app.include_router(api.router)
+    app.include_router(admin.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)

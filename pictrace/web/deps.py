@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, TooLargeError
+from pictrace.kept_queries import keep_query
 from pictrace.schemas import SearchResult
 from pictrace.service import Service
 
@@ -18,6 +19,12 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def admit(service: ServiceDep) -> None:
+    """Route dependency: 503 before the body is read when the CPU queue is already full (it would be
+    refused after the upload anyway; reading it first would only pile up bytes)."""
+    service.pool.check_capacity()
 
 
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
@@ -47,8 +54,14 @@ async def query_bytes(service: Service, *, upload: UploadFile | None, url: str |
 
 
 async def run_search(service: Service, data: bytes, top_k: int | None) -> SearchResult:
-    """Search on the bounded executor; OverloadedError (503) when its queue is full."""
-    return await service.pool.run(service.searcher.search_bytes, data, top_k)
+    """Search on the bounded executor; OverloadedError (503) when its queue is full.
+
+    The query's bytes are dropped with the request unless the operator set ``PICTRACE_KEEP_QUERIES``.
+    """
+    result = await service.pool.run(service.searcher.search_bytes, data, top_k)
+    if service.settings.keep_queries:
+        await service.pool.run_background(keep_query, service.settings, data, result.query.sha256)
+    return result
 
 
 def parse_top_k(raw: object) -> int | None:

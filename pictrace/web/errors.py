@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 # Most specific first: the first class an error is an instance of decides its status.
 STATUS_BY_ERROR: tuple[tuple[type[errors.PicTraceError], int], ...] = (
+    (errors.WritesDisabledError, 403),
     (errors.AuthError, 401),
     (errors.NotFoundError, 404),
     (errors.IndexMismatchError, 409),
@@ -38,7 +39,7 @@ def status_for(exc: errors.PicTraceError) -> int:
 def headers_for(exc: errors.PicTraceError) -> dict[str, str]:
     if isinstance(exc, errors.OverloadedError):
         return {"Retry-After": str(exc.retry_after_s)}
-    if isinstance(exc, errors.AuthError):
+    if isinstance(exc, errors.AuthError) and not isinstance(exc, errors.WritesDisabledError):
         return {"WWW-Authenticate": "Bearer"}
     return {}
 

@@ -53,9 +53,9 @@ async def search_page(request: Request, service: ServiceDep) -> HTMLResponse:
             data = await query_bytes(service, upload=upload, url=query_url or None)
         result = await run_search(service, data, None)
     except PicTraceError as exc:
-        context = {"status": status, "error": str(exc), "query_url": query_url}
+        failed: dict[str, object] = {"status": status, "error": str(exc), "query_url": query_url}
         return templates(request).TemplateResponse(
-            request, "index.html", context, status_code=status_for(exc), headers=headers_for(exc)
+            request, "index.html", failed, status_code=status_for(exc), headers=headers_for(exc)
         )
-    context = {"status": status, "result": result, "query_url": query_url}
-    return templates(request).TemplateResponse(request, "results.html", context)
+    answered: dict[str, object] = {"status": status, "result": result, "query_url": query_url}
+    return templates(request).TemplateResponse(request, "results.html", answered)

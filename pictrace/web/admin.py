@@ -1,0 +1,161 @@
+"""Writes through the API: add, delete, reindex. Each needs the bearer token (``auth.require_writer``).
+
+Handlers stay thin: they parse the request and call the :class:`~pictrace.ingest.Ingestor`, which does the
+work on the bounded pool (so a write that arrives while the pool is full gets 503 like a search).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from pictrace.errors import InvalidInputError, NotFoundError
+from pictrace.schemas import AddedImage, AddImageRequest, DeletedImage, Reindexed
+from pictrace.web.auth import require_writer
+from pictrace.web.deps import ServiceDep, admit, query_bytes
+
+router = APIRouter(dependencies=[Depends(require_writer)], tags=["writes"])
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Bad request or refused URL"},
+    401: {"description": "Missing or wrong bearer token"},
+    403: {"description": "Writes are disabled: no PICTRACE_API_TOKEN configured"},
+    413: {"description": "Body or image too large"},
+    415: {"description": "Not an image in an accepted format"},
+    422: {"description": "Corrupt image or invalid parameters"},
+    502: {"description": "The URL could not be fetched"},
+    503: {"description": "Busy: retry after the Retry-After header"},
+}
+
+_FIELDS = {
+    "url": {"type": "string", "description": "http(s) URL of the image, instead of a file."},
+    "id": {"type": "string", "maxLength": 256, "description": "Your identifier for the image."},
+    "metadata": {"type": "string", "description": "A JSON object, returned with search results."},
+}
+ADD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}, **_FIELDS},
+                }
+            },
+            "application/x-www-form-urlencoded": {
+                "schema": {"type": "object", "required": ["url"], "properties": _FIELDS}
+            },
+            "application/json": {"schema": AddImageRequest.model_json_schema()},
+        },
+    }
+}
+
+
+def _metadata(raw: object, max_bytes: int) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        if len(raw.encode()) > max_bytes:
+            raise InvalidInputError(f"metadata is larger than the {max_bytes}-byte limit")
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"metadata must be a JSON object: {exc.msg}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidInputError("metadata must be a JSON object")
+    if len(json.dumps(raw).encode()) > max_bytes:
+        raise InvalidInputError(f"metadata is larger than the {max_bytes}-byte limit")
+    return raw
+
+
+def _entry_id(raw: object) -> str | None:
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str) or len(raw) > 256:
+        raise InvalidInputError("id must be text of at most 256 characters")
+    return raw
+
+
+async def _read_add(request: Request, service: ServiceDep) -> tuple[bytes, str | None, str | None, dict[str, Any]]:
+    """(bytes, url, id, metadata) from a multipart file or url, a form url, or a JSON body."""
+    max_meta = service.settings.max_metadata_bytes
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            body = AddImageRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise InvalidInputError(f"invalid JSON body: {exc.errors()[0]['msg']}") from exc
+        metadata = _metadata(body.metadata, max_meta)
+        return await query_bytes(service, upload=None, url=body.url), body.url.strip(), body.id, metadata
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        async with request.form(max_files=1, max_fields=10) as form:
+            upload = form.get("file")
+            url = form.get("url")
+            if upload is not None and not isinstance(upload, UploadFile):
+                raise InvalidInputError("'file' must be a file upload")
+            if url is not None and not isinstance(url, str):
+                raise InvalidInputError("'url' must be a text field")
+            entry_id = _entry_id(form.get("id"))
+            metadata = _metadata(form.get("metadata"), max_meta)
+            data = await query_bytes(service, upload=upload, url=url)
+            is_upload = upload is not None and bool(upload.filename or upload.size)
+            return data, None if is_upload else (url or "").strip(), entry_id, metadata
+    raise InvalidInputError(
+        "send multipart/form-data (file or url), application/x-www-form-urlencoded (url) or application/json"
+    )
+
+
+@router.post(
+    "/api/images",
+    response_model=AddedImage,
+    status_code=201,
+    dependencies=[Depends(admit)],
+    responses={200: {"model": AddedImage, "description": "Already stored: source linked"}, **WRITE_ERRORS},
+    openapi_extra=ADD_BODY,
+    summary="Add an image to the gallery (needs the API token)",
+)
+async def add_image(request: Request, service: ServiceDep) -> JSONResponse:
+    data, url, entry_id, metadata = await _read_add(request, service)
+    added = await service.ingestor.add_image(data, url=url, entry_id=entry_id, metadata=metadata)
+    body = AddedImage(
+        sha256=added.sha256,
+        id=added.id,
+        url=added.url,
+        added=added.added,
+        width=added.width,
+        height=added.height,
+        thumbnail_url=f"/api/images/{added.sha256}/thumbnail",
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=201 if added.added else 200)
+
+
+@router.delete(
+    "/api/images/{sha256}",
+    response_model=DeletedImage,
+    responses={404: {"description": "No such image"}, **WRITE_ERRORS},
+    summary="Remove an image from the gallery and the index (needs the API token)",
+)
+async def delete_image(sha256: str, service: ServiceDep) -> DeletedImage:
+    sha = sha256.strip().lower()
+    if not SHA256.fullmatch(sha):
+        raise NotFoundError(f"no image with sha256 {sha256!r} (expected 64 hex digits)")
+    await service.ingestor.remove_image(sha)
+    return DeletedImage(sha256=sha)
+
+
+@router.post(
+    "/api/reindex",
+    response_model=Reindexed,
+    responses=WRITE_ERRORS,
+    summary="Rebuild the vector index from the catalogue (needs the API token)",
+)
+async def reindex(service: ServiceDep) -> Reindexed:
+    return Reindexed(vectors=await service.ingestor.reindex())

@@ -1,0 +1,52 @@
+"""`python -m pictrace index|search` as a user runs them: a real subprocess, a summary, the API's JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import ImageServer, crop, encode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICTRACE_")}
+    env["PICTRACE_DATA_DIR"] = str(cwd / "data")
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pictrace", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_index_then_search(tmp_path: Path, image_server: ImageServer, photos: dict[str, np.ndarray]) -> None:
+    entries = [{"id": n, "url": image_server.add(f"{n}.jpg", encode(photos[n]))} for n in ("coffee", "rocket")]
+    entries.append({"id": "gone", "url": image_server.url("gone.jpg")})
+    entries.append({"no": "url"})
+    (tmp_path / "db.json").write_text(json.dumps(entries))
+
+    first = run_cli("index", "db.json", "--quiet", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "added 2" in first.stdout and "failed 1" in first.stdout and "invalid 1" in first.stdout
+    assert "failed entry 2" in first.stdout and "404" in first.stdout
+    assert "invalid entry 3" in first.stdout
+
+    again = run_cli("index", "db.json", "--quiet", cwd=tmp_path)
+    assert "added 0" in again.stdout and "unchanged 2" in again.stdout
+
+    (tmp_path / "q.jpg").write_bytes(encode(crop(photos["rocket"], 0.6, 0.2)))
+    found = run_cli("search", "q.jpg", "--top-k", "2", "--json", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    body = json.loads(found.stdout)
+    assert [r["id"] for r in body["results"]] == ["rocket", "coffee"]
+    assert set(body["results"][0]["scores"]) >= {"embedding", "ssim", "orb"}
+
+    text = run_cli("search", "q.jpg", cwd=tmp_path)
+    assert text.returncode == 0 and "rocket" in text.stdout.splitlines()[1]
+
+    bad = run_cli("search", "missing.jpg", cwd=tmp_path)
+    assert bad.returncode == 2 and "not found" in bad.stderr

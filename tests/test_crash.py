@@ -1,0 +1,277 @@
+"""Crashes and faults: `kill -9` mid-ingest then a restart, gallery hosts that are down, slow or send garbage,
+and a corrupt index file. Each leaves a consistent catalogue and index, and what failed is retried later."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ImageServer, encode
+
+from pictrace.config import Settings
+from pictrace.decode import decode_image
+from pictrace.gallery import load_gallery
+from pictrace.schemas import IngestReport
+from pictrace.service import Service
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def picture(seed: int, size: int = 96) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+    return encode(np.ascontiguousarray(np.kron(small, np.ones((8, 8, 1), np.uint8))))
+
+
+def catalogue_rows(path: Path) -> dict[str, object]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return {
+            "integrity": conn.execute("PRAGMA integrity_check").fetchone()[0],
+            "images": conn.execute("SELECT COUNT(*) FROM images").fetchone()[0],
+            "ok": {r[0] for r in conn.execute("SELECT url FROM sources WHERE status = 'ok'")},
+            "orphans": conn.execute(
+                "SELECT COUNT(*) FROM images i WHERE NOT EXISTS (SELECT 1 FROM sources s WHERE s.sha256 = i.sha256)"
+            ).fetchone()[0],
+            "vec_ids": sorted(r[0] for r in conn.execute("SELECT vec_id FROM images")),
+        }
+
+
+def count_images(path: Path) -> int:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+    except sqlite3.OperationalError:  # not created yet, or busy
+        return 0
+
+
+# --- kill -9 in the middle of `python -m pictrace index` -------------------------------------------------
+
+
+def test_kill_9_mid_ingest_then_restart_resumes_consistently(tmp_path: Path, image_server: ImageServer) -> None:
+    n = 24
+    image_server.slow_seconds = 0.4  # every image is slow, so the kill lands half way
+    entries = [{"id": f"img-{i}", "url": image_server.add(f"slow/{i}.jpg", picture(i))} for i in range(n)]
+    (tmp_path / "db.json").write_text(json.dumps(entries))
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICTRACE_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        PICTRACE_DATA_DIR=str(data_dir),
+        PICTRACE_FETCH_PER_HOST="2",
+        PICTRACE_EMBED_BATCH="2",
+    )
+    command = [sys.executable, "-m", "pictrace", "index", "db.json", "--quiet"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while count_images(data_dir / "catalogue.sqlite3") < 4:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "ingest made no progress"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    # what the kill left: whole images only, each with its source; an index file is whole or absent
+    after_kill = catalogue_rows(data_dir / "catalogue.sqlite3")
+    assert after_kill["integrity"] == "ok"
+    assert after_kill["orphans"] == 0
+    killed_at = int(after_kill["images"])  # type: ignore[call-overload]
+    assert 4 <= killed_at < n, "the kill did not land mid-run"
+    committed = set(after_kill["ok"])  # type: ignore[call-overload]
+    hits_at_kill = Counter(image_server.hits)
+
+    restart = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    assert f"added {n - killed_at}," in restart.stdout, restart.stdout
+    assert "failed 0" in restart.stdout
+
+    final = catalogue_rows(data_dir / "catalogue.sqlite3")
+    assert final["integrity"] == "ok" and final["orphans"] == 0
+    assert final["images"] == n and len(final["ok"]) == n  # type: ignore[arg-type]
+    # what was committed before the kill was not downloaded again
+    for url in committed:
+        path = "/" + url.split("/", 3)[3]
+        assert image_server.hits[path] == hits_at_kill[path], url
+    # the index holds exactly the catalogue's vectors, once each; every image is found by its bytes
+    from pictrace.features.embed import build_embedder
+    from pictrace.index import FaissIndex, IndexInfo
+
+    embedder = build_embedder("efficientnet-lite2", Settings(_env_file=None).model_path, threads=1)
+    index = FaissIndex.open(data_dir / "vectors.faiss", IndexInfo(embedder.name, embedder.fingerprint, embedder.dim))
+    assert sorted(index.ids().tolist()) == final["vec_ids"]
+    assert len(index) == n
+    vectors = embedder.embed([decode_image(picture(i), max_pixels=10**6).rgb for i in (0, n - 1)])
+    scores, ids = index.search(np.asarray(vectors), 1)
+    assert (scores[:, 0] > 0.999).all() and len(set(ids[:, 0].tolist())) == 2
+
+
+# --- gallery hosts that are down, slow or send garbage -------------------------------------------------
+
+
+class FaultyGallery:
+    """/good/* serves images; /slowloris/* sends a byte every 0.2 s; /garbage/* sends noise as image/jpeg.
+    ``fixed`` turns every path into a good image (the host recovered)."""
+
+    def __init__(self) -> None:
+        self.fixed = False
+        self.hits: Counter[str] = Counter()
+        self.images: dict[str, bytes] = {}
+        gallery = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                gallery.hits[self.path] += 1
+                body = gallery.images.get(self.path, b"")
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    if self.path.startswith("/slowloris/") and not gallery.fixed:
+                        self.send_header("Content-Length", "100000")
+                        self.end_headers()
+                        for _ in range(100):
+                            self.wfile.write(b"\xff")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                        return
+                    if self.path.startswith("/garbage/") and not gallery.fixed:
+                        body = np.random.default_rng(5).bytes(3000)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, path: str, data: bytes) -> str:
+        self.images[path] = data
+        return self.base + path
+
+
+@pytest.fixture
+def faulty() -> Iterator[FaultyGallery]:
+    server = FaultyGallery()
+    thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@contextlib.contextmanager
+def down_host() -> Iterator[int]:
+    """A port that refuses connections: bound, never listening (so nobody else takes it meanwhile)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+async def ingest(settings: Settings) -> IngestReport:
+    service = await Service.start(settings)
+    try:
+        return await service.ingestor.ingest_gallery(load_gallery(settings.db))
+    finally:
+        await service.close()
+
+
+async def test_faulty_hosts_cost_only_their_entries_and_are_retried(
+    faulty: FaultyGallery, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(fetch_timeout_s=1.0, fetch_retries=0)
+    with down_host() as port:
+        down_url = f"http://127.0.0.1:{port}/down/a.jpg"
+        entries = [{"id": f"good-{i}", "url": faulty.add(f"/good/{i}.jpg", picture(100 + i))} for i in range(4)]
+        entries += [
+            {"id": "down", "url": down_url},
+            {"id": "slowloris", "url": faulty.add("/slowloris/s.jpg", picture(200))},
+            {"id": "garbage", "url": faulty.add("/garbage/g.jpg", picture(201))},
+        ]
+        settings.db.write_text(json.dumps(entries))
+        started = time.monotonic()
+        report = await ingest(settings)
+        assert time.monotonic() - started < 30
+        assert report.added == 4
+        reasons = {f.url: f.reason.lower() for f in report.failed}
+        assert set(reasons) == {down_url, entries[5]["url"], entries[6]["url"]}
+        assert "connect" in reasons[down_url]
+        assert "timed out" in reasons[str(entries[5]["url"])]
+        assert "not a supported image" in reasons[str(entries[6]["url"])]
+        rows = catalogue_rows(settings.catalogue_path)
+        assert rows["images"] == 4 and rows["orphans"] == 0
+        with contextlib.closing(sqlite3.connect(settings.catalogue_path)) as conn:
+            recorded = dict(conn.execute("SELECT url, error FROM sources WHERE status = 'failed'").fetchall())
+        assert {k: v.lower() for k, v in recorded.items()} == reasons
+
+    # the hosts recover: the next ingest retries exactly those entries, and only those
+    faulty.fixed = True
+    faulty.add("/down/a.jpg", picture(202))
+    server = ThreadingHTTPServer(("127.0.0.1", port), faulty.httpd.RequestHandlerClass)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hits_before = Counter(faulty.hits)
+        second = await ingest(settings)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert second.added == 3 and second.unchanged == 4 and second.failed == []
+    for i in range(4):
+        assert faulty.hits[f"/good/{i}.jpg"] == hits_before[f"/good/{i}.jpg"] == 1
+    assert faulty.hits["/down/a.jpg"] == 1 and faulty.hits["/garbage/g.jpg"] == 2
+    assert catalogue_rows(settings.catalogue_path)["images"] == 7
+
+
+# --- a corrupt index file ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "header only"])
+async def test_corrupt_index_is_detected_and_rebuilt(
+    damage: str, tmp_path: Path, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings()
+    (tmp_path / "pics").mkdir()
+    for i in range(3):
+        (tmp_path / "pics" / f"{i}.jpg").write_bytes(picture(300 + i))
+    settings.db.write_text(json.dumps([{"url": f"pics/{i}.jpg"} for i in range(3)]))
+    assert (await ingest(settings)).added == 3
+    raw = bytearray(settings.index_path.read_bytes())
+    if damage == "flip a byte":
+        raw[-100] ^= 0xFF
+    else:
+        raw = raw[: raw.index(b"\n", 20) + 1]
+    settings.index_path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="pictrace.service"):
+        service = await Service.start(settings)
+    try:
+        assert any("rebuilding it from the catalogue" in r.getMessage() for r in caplog.records)
+        assert len(service.index) == 3
+        assert service.searcher.search_bytes(picture(301)).results[0].exact
+    finally:
+        await service.close()
