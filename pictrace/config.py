@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         20_000, ge=1, description="auto: images from which FAISS switches from exact search to HNSW."
     )
     index_sq8_from: int = Field(
-        500_000, ge=1, description="auto: images from which FAISS uses HNSW with 8-bit scalar quantisation."
+        100_000, ge=1, description="auto: images from which FAISS uses HNSW with 8-bit scalar quantisation."
     )
     index_ef_search: int = Field(128, ge=8, le=4096, description="HNSW candidates explored per query (efSearch).")
     database_url: str | None = Field(
