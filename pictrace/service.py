@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pictrace.config import Settings
 from pictrace.errors import IndexCorruptError, IndexMismatchError
+from pictrace.explain import QueryMemory
 from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
 from pictrace.index import FaissIndex, IndexInfo, VectorIndex
@@ -69,6 +70,7 @@ class Service:
     fetcher: Fetcher
     searcher: Searcher
     ingestor: Ingestor
+    queries: QueryMemory  # recent queries, in memory only, for the evidence pictures (bounded, TTL)
 
     @classmethod
     async def start(
@@ -98,9 +100,11 @@ class Service:
             fetcher=fetcher,
             searcher=Searcher(catalogue, index, embedder, settings),
             ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings),
+            queries=QueryMemory.from_settings(settings),
         )
 
     async def close(self) -> None:
+        self.queries.clear()
         await self.fetcher.close()
         self.pool.shutdown()
         self.index.save()
