@@ -38,6 +38,7 @@ from pictrace.store import Catalogue
 PANEL_HEIGHT = 320
 GAP = 8
 CAPTION = 26
+MAX_LINES = 60  # more lines hide the pictures; the footer gives the full count
 _INLIER = (46, 204, 113)  # RGB: the canvas is converted to BGR only when encoded
 _POINT = (255, 196, 0)
 
@@ -253,16 +254,21 @@ def render_evidence(
         canvas[:, x : x + panel.shape[1]] = panel
         offsets.append(x)
         x += panel.shape[1] + GAP
-    if transform is not None:
-        for (qx, qy), (gx, gy) in zip(qpts, gpts, strict=True):
+    shown = np.linspace(0, count - 1, min(count, MAX_LINES)).round().astype(int) if count else []
+    if transform is not None and count:
+        lines = canvas.copy()
+        for i in shown:
+            (qx, qy), (gx, gy) = qpts[i], gpts[i]
             a = (round(qx * q_factor), round(qy * q_factor) + CAPTION)
             b = (round(gx * g_factor) + offsets[1], round(gy * g_factor) + CAPTION)
-            cv2.line(canvas, a, b, _INLIER, 1, cv2.LINE_AA)
-            cv2.circle(canvas, a, 3, _POINT, 1, cv2.LINE_AA)
-            cv2.circle(canvas, b, 3, _POINT, 1, cv2.LINE_AA)
+            cv2.line(lines, a, b, _INLIER, 1, cv2.LINE_AA)
+            cv2.circle(lines, a, 3, _POINT, 1, cv2.LINE_AA)
+            cv2.circle(lines, b, 3, _POINT, 1, cv2.LINE_AA)
+        canvas = cv2.addWeighted(lines, 0.75, canvas, 0.25, 0)
     footer = np.full((CAPTION, canvas_w, 3), 255, np.uint8)
     note = (
         f"{count} matched keypoints agree on one homography"
+        + (f" ({len(shown)} drawn)" if count > len(shown) else "")
         if transform is not None
         else "no geometric agreement: similar by the embedding only"
     )
