@@ -57,7 +57,7 @@ def prepare(dataset: Path, work: Path) -> tuple[dict[str, Any], Path]:
 
 async def measure(dataset: Path, work: Path) -> list[dict[str, Any]]:
     gt, db = await asyncio.to_thread(prepare, dataset, work)
-    settings = Settings(_env_file=None, data_dir=work / "data", db=db, index_on_start=False)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, data_dir=work / "data", db=db, index_on_start=False)
     service = await Service.start(settings)
     try:
         started = time.perf_counter()
@@ -110,7 +110,8 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
                 "mirror_perspective": None,
             }
             rec = records[c.vec_id]
-            for key, hom in (("perspective", c.homography), ("mirror_perspective", m and m.homography)):
+            fits = (("perspective", c.homography), ("mirror_perspective", None if m is None else m.homography))
+            for key, hom in fits:
                 if hom is not None:
                     out = read_transform(hom, (image.width, image.height), (rec.width, rec.height))
                     row[key] = out.perspective

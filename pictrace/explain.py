@@ -211,7 +211,7 @@ def difference_map(query_rgb: np.ndarray, gallery_rgb: np.ndarray, to_gallery: n
     diff = np.clip(1.0 - ssim_map, 0.0, 1.0)
     heat = cv2.applyColorMap((diff * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    blended = (0.65 * heat + 0.35 * np.stack([qg] * 3, axis=-1)).astype(np.uint8)
+    blended: np.ndarray = (0.65 * heat + 0.35 * np.stack([qg] * 3, axis=-1)).astype(np.uint8)
     blended[inside < 128] = (90, 90, 90)
     return blended
 
@@ -254,7 +254,7 @@ def render_evidence(
         canvas[:, x : x + panel.shape[1]] = panel
         offsets.append(x)
         x += panel.shape[1] + GAP
-    shown = np.linspace(0, count - 1, min(count, MAX_LINES)).round().astype(int) if count else []
+    shown: list[int] = np.linspace(0, count - 1, min(count, MAX_LINES)).round().astype(int).tolist() if count else []
     if transform is not None and count:
         lines = canvas.copy()
         for i in shown:

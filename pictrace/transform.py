@@ -47,8 +47,8 @@ def to_pixel_homography(hom_working: np.ndarray, query_scale: float, gallery_sca
     """
     to_query_working = np.diag([query_scale, query_scale, 1.0])
     from_gallery_working = np.diag([1.0 / gallery_scale, 1.0 / gallery_scale, 1.0])
-    hom = from_gallery_working @ np.asarray(hom_working, dtype=np.float64) @ to_query_working
-    return hom / hom[2, 2]
+    hom: np.ndarray = from_gallery_working @ np.asarray(hom_working, dtype=np.float64) @ to_query_working
+    return np.asarray(hom / hom[2, 2], dtype=np.float64)
 
 
 def mirror_matrix(width: float) -> np.ndarray:
@@ -58,8 +58,8 @@ def mirror_matrix(width: float) -> np.ndarray:
 
 def _project(hom: np.ndarray, points: np.ndarray) -> np.ndarray:
     ones = np.ones((points.shape[0], 1))
-    proj = np.hstack([points, ones]) @ hom.T
-    return proj[:, :2] / proj[:, 2:3]
+    proj: np.ndarray = np.hstack([points, ones]) @ hom.T
+    return np.asarray(proj[:, :2] / proj[:, 2:3], dtype=np.float64)
 
 
 def _box(points: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:

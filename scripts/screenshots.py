@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(_env_file=None, data_dir=Path(tmp), db=ROOT / "db.json")  # type: ignore[call-arg]
+        settings = Settings(_env_file=None, data_dir=Path(tmp), db=ROOT / "db.json")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

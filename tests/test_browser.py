@@ -105,8 +105,8 @@ def query_server() -> Iterator[ImageServer]:
 def photographed(rgb: np.ndarray) -> np.ndarray:
     """The picture as a phone would see a print of it at an angle: a strong perspective."""
     h, w = rgb.shape[:2]
-    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
-    dst = np.float32([[w * 0.2, h * 0.12], [w * 0.94, 0], [w, h], [0, h * 0.9]])
+    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float32)
+    dst = np.array([[w * 0.2, h * 0.12], [w * 0.94, 0], [w, h], [0, h * 0.9]], dtype=np.float32)
     return cv2.warpPerspective(rgb, cv2.getPerspectiveTransform(src, dst), (w, h), borderValue=(255, 255, 255))
 
 
@@ -135,7 +135,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, np.ndarray
 
 @pytest.fixture(scope="module")
 def live(files: Path) -> Iterator[LiveServer]:
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None,
         data_dir=files / "data",
         db=files / "db.json",
