@@ -91,7 +91,7 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
         stored = service.catalogue.rerank_features(cosines)
         direct = [verify(query, v, cosines[v], stored[v], settings) for v in cosines]
         t0 = time.perf_counter()
-        no_fit = [c for c in direct if c.homography is None]
+        no_fit = [c for c in direct if c.homography is None or c.orb_inliers < settings.copy_min_inliers]
         mirrored = {c.vec_id: c for c in mirror_pass(image.rgb, no_fit, stored, settings)}
         mirror_ms.append((time.perf_counter() - t0) * 1000 / max(1, len(no_fit)))
         records = service.catalogue.records(cosines)
@@ -106,22 +106,33 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
                 "cosine": round(c.embedding, 4),
                 "inliers": c.orb_inliers if c.homography is not None else 0,
                 "perspective": None,
-                "mirror_inliers": m.orb_inliers if m is not None and m.homography is not None else 0,
+                "mirror_inliers": m.orb_inliers if m is not None and mirrored_fit(m.homography) else 0,
                 "mirror_perspective": None,
             }
             rec = records[c.vec_id]
-            fits = (("perspective", c.homography), ("mirror_perspective", None if m is None else m.homography))
-            for key, hom in fits:
-                if hom is not None:
-                    out = read_transform(hom, (image.width, image.height), (rec.width, rec.height))
-                    row[key] = out.perspective
-                    if key == "perspective" or row["inliers"] == 0:
-                        row.update(crop=out.crop, scale=out.scale, rotation=out.rotation, flip=out.flip)
+            row["gallery_size"] = [rec.width, rec.height]
+            m_hom = m.homography if m is not None and mirrored_fit(m.homography) else None
+            readouts = {
+                key: read_transform(hom, (image.width, image.height), (rec.width, rec.height))
+                for key, hom in (("perspective", c.homography), ("mirror_perspective", m_hom))
+                if hom is not None
+            }
+            for key, out in readouts.items():
+                row[key] = out.perspective
+            best = "mirror_perspective" if row["mirror_inliers"] > row["inliers"] else "perspective"
+            if best in readouts:
+                out = readouts[best]
+                row.update(crop=out.crop, scale=out.scale, rotation=out.rotation, flip=out.flip)
             rows.append(row)
         if n % 50 == 0:
             print(f"  {n}/{len(gt['queries'])} queries", flush=True)
     print(f"  mirror check: {np.mean(mirror_ms):.1f} ms per candidate without a fit (incl. one extraction)")
     return rows
+
+
+def mirrored_fit(hom: np.ndarray | None) -> bool:
+    """A fit made against the mirrored query (its linear part has a negative determinant)."""
+    return hom is not None and float(np.linalg.det(hom[:2, :2])) < 0
 
 
 def best_geom(row: dict[str, Any]) -> tuple[int, float | None]:
@@ -159,21 +170,95 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     print(f"  distractors with a fit: {sum(1 for v in di if v > 0)}/{len(di)}; "
           f"max {max(di)}, q99.9 {np.quantile(di, 0.999):.1f}")
 
-    print("\ncopy rule sweep (inliers >= n, perspective <= p, cosine >= c):")
-    print(f"  {'n':>3} {'p':>5} {'c':>4} | {'copy recall':>11} | {'distractor FP':>13} | {'other-shot as copy':>18}")
+    print("\ncopy rule sweep (inliers >= n, perspective <= p, cosine >= 0.3); FP: false copies in top-20 look-alikes")
+    head = f"{'copy recall':>11} | {'copy-public FP':>14} | {'smvs FP':>7} | {'other shot as copy':>18}"
+    print(f"  {'n':>3} {'p':>5} | {head}")
     sweep = []
-    for n in (8, 10, 12, 15, 20):
-        for p in (0.05, 0.1, 0.2, 1e9):
-            for c in (0.0, 0.3, 0.5):
-                rec = sum(is_copy(r, n, p, c) for r in copies) / len(copies)
-                fp = sum(is_copy(r, n, p, c) for r in distract)
-                shot = sum(is_copy(r, n, p, c) for r in shots) / max(1, len(shots))
-                sweep.append({"n": n, "p": p, "c": c, "recall": rec, "fp": fp, "shots_as_copy": shot})
-                print(f"  {n:3d} {p if p < 1e9 else 'inf':>5} {c:4.1f} | {rec:11.3f} | {fp:13d} | {shot:18.3f}")
+    cp_distract = [r for r in distract if r["dataset"] == "copy-public"]
+    smvs_distract = [r for r in distract if r["dataset"] == "smvs-dvd-a"]
+    for n in (8, 12, 20, 25, 30, 40):
+        for p in (0.1, 0.15, 0.2, 0.3, 1e9):
+            c = 0.3
+            rec = sum(is_copy(r, n, p, c) for r in copies) / len(copies)
+            fp_cp = sum(is_copy(r, n, p, c) for r in cp_distract)
+            fp_smvs = sum(is_copy(r, n, p, c) for r in smvs_distract)
+            shot = sum(is_copy(r, n, p, c) for r in shots) / max(1, len(shots))
+            sweep.append({"n": n, "p": p, "c": c, "recall": rec, "fp_copy_public": fp_cp, "fp_smvs": fp_smvs,
+                          "shots_as_copy": shot})
+            print(f"  {n:3d} {p if p < 1e9 else 'inf':>5} | {rec:11.3f} | {fp_cp:14d} | {fp_smvs:7d} | {shot:18.3f}")
     out["copy_sweep"] = sweep
 
-    print("\nPer edit type, copy recall at the chosen rule:")
+    print("\nPer edit type (copy-public edited copy vs its original), verdict at the chosen thresholds:")
     out["per_edit"] = {}
+    return out
+
+
+def edit_type(detail: str) -> str:
+    return "combo" if detail.startswith("combo") else detail.split()[0]
+
+
+def verdict(row: dict[str, Any], rule: tuple[int, float, float], similar: float) -> str | None:
+    """pictrace.verdict.classify, on a measured row (kept in step with it by test_verdict's cases)."""
+    inliers, persp = best_geom(row)
+    if is_copy(row, *rule):
+        return "copy"
+    if row["cosine"] >= similar or (persp is not None and inliers >= 8):
+        return "similar"
+    return None
+
+
+def outcomes(rows: list[dict[str, Any]], rule: tuple[int, float, float], similar: float) -> dict[str, Any]:
+    """Share of each kind of pair shown as copy / similar / not at all, at the chosen thresholds."""
+    groups = {
+        "copy-public: edited copy vs its original": lambda r: r["dataset"] == "copy-public" and r["relevant"],
+        "copy-public: vs top-20 look-alikes": lambda r: r["dataset"] == "copy-public" and not r["relevant"],
+        "smvs: same DVD, other shot": lambda r: r["dataset"] == "smvs-dvd-a" and r["relevant"],
+        "smvs: vs top-20 other DVDs": lambda r: r["dataset"] == "smvs-dvd-a" and not r["relevant"],
+    }
+    print(f"\nOutcomes at copy rule {rule}, similar_min_embedding {similar}:")
+    print(f"  {'pairs':42s} {'n':>6} {'copy':>6} {'similar':>8} {'hidden':>7}")
+    out = {}
+    for label, keep in groups.items():
+        got = [verdict(r, rule, similar) for r in rows if keep(r)]
+        shares = {str(v): got.count(v) / len(got) for v in ("copy", "similar", None)}
+        out[label] = {"n": len(got), **shares}
+        print(f"  {label:42s} {len(got):6d} {shares['copy']:6.3f} {shares['similar']:8.3f} {shares['None']:7.3f}")
+    return out
+
+
+def readout_accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The transform read-out against what copy-public's gt.json says was done (copies with a fit only)."""
+    found = [r for r in rows if r["dataset"] == "copy-public" and r["relevant"] and "crop" in r]
+    out: dict[str, Any] = {}
+    crop_err = []
+    for r in found:
+        if r["edit"].startswith("crop "):
+            x, y, w, h = (int(v) for v in r["edit"].split("box=(")[1].rstrip(")").split(","))
+            side = max(r["gallery_size"])
+            crop_err.append(max(abs(a - b) for a, b in zip(r["crop"], (x, y, x + w, y + h), strict=True)) / side)
+    rot_err = []
+    for r in found:
+        if r["edit"].startswith(("rot90", "rotsmall")):
+            angle = float(r["edit"].split("angle=")[1].split()[0])
+            rot_err.append(abs((r["rotation"] - angle + 180) % 360 - 180))
+    scale_err = []
+    for r in found:
+        if r["edit"].startswith("lowres"):
+            factor = float(r["edit"].split("scale=")[1].split()[0])
+            scale_err.append(abs(r["scale"] - factor) / factor)
+    flips = [r["flip"] for r in found if r["edit"].startswith("hflip")]
+    not_flips = [r["flip"] for r in found if "hflip" not in r["edit"]]
+    print("\nTransform read-out vs copy-public's recorded edits (copies with an accepted fit):")
+    for label, errs, unit in (("crop box, max corner error / image side", crop_err, ""),
+                              ("rotation error (rot90, rotsmall)", rot_err, " deg"),
+                              ("relative scale error (lowres)", scale_err, "")):
+        if errs:
+            q = np.quantile(errs, [0.5, 0.9])
+            print(f"  {label:42s} n={len(errs):3d}  median {q[0]:.3f}{unit}  p90 {q[1]:.3f}{unit}")
+            out[label] = {"n": len(errs), "median": float(q[0]), "p90": float(q[1])}
+    print(f"  flip reported: {sum(flips)}/{len(flips)} mirrored copies, {sum(not_flips)}/{len(not_flips)} others")
+    out["flip"] = {"mirrored_detected": sum(flips), "mirrored": len(flips), "false_flips": sum(not_flips),
+                   "others": len(not_flips)}
     return out
 
 
@@ -203,7 +288,8 @@ def main() -> None:
     parser.add_argument("--eval", type=Path, default=found[0] if found else Path("../shared/eval"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/pictrace-thresholds"))
     parser.add_argument("--reuse", action="store_true", help="analyse the rows of the last run again")
-    parser.add_argument("--copy-rule", default="12,0.1,0.3", help="n,p,c of the chosen copy rule")
+    parser.add_argument("--copy-rule", default="25,0.15,0.3", help="n,p,c of the chosen copy rule")
+    parser.add_argument("--similar", type=float, default=0.8, help="the chosen similar_min_embedding")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows_path = RESULTS / "thresholds_rows.json"
@@ -220,15 +306,20 @@ def main() -> None:
     summary = summarise(rows)
     n, p, c = (float(v) for v in args.copy_rule.split(","))
     rule = (int(n), p, c)
-    per_edit: dict[str, list[bool]] = defaultdict(list)
+    per_edit: dict[str, list[str]] = defaultdict(list)
     for r in rows:
         if r["dataset"] == "copy-public" and r["relevant"]:
-            per_edit[r["edit"]].append(is_copy(r, *rule))
-    for edit, hits in sorted(per_edit.items()):
-        print(f"  {edit:12s} {sum(hits):3d}/{len(hits):3d}")
-        summary["per_edit"][edit] = sum(hits) / len(hits)
+            per_edit[edit_type(r["edit"])].append(str(verdict(r, rule, args.similar)))
+    print(f"  {'edit':12s} {'copy':>6} {'similar':>8} {'hidden':>7}")
+    for edit, got in sorted(per_edit.items()):
+        shares = {v: got.count(v) / len(got) for v in ("copy", "similar", "None")}
+        print(f"  {edit:12s} {shares['copy']:6.2f} {shares['similar']:8.2f} {shares['None']:7.2f}   (n={len(got)})")
+        summary["per_edit"][edit] = shares
     summary["copy_rule"] = rule
     summary["similar_sweep"] = similar_sweep(rows, rule)
+    summary["similar_min_embedding"] = args.similar
+    summary["outcomes"] = outcomes(rows, rule, args.similar)
+    summary["readout"] = readout_accuracy(rows)
     (RESULTS / "thresholds.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -54,16 +54,16 @@ class Settings(BaseSettings):
 
     # --- verdicts and evidence (issue 7; thresholds measured by bench/thresholds.py, see docs/verdicts.md) ---
     copy_min_inliers: int = Field(
-        12, ge=4, description="Distinct RANSAC inliers from which a geometric match counts as a copy."
+        25, ge=4, description="Distinct RANSAC inliers from which a geometric match counts as a copy."
     )
     copy_min_embedding: float = Field(
         0.3, ge=0, le=1, description="Embedding cosine a copy needs at least (guards against geometric accidents)."
     )
     copy_max_perspective: float = Field(
-        0.1, ge=0, description="Largest perspective of a copy's homography; above it the match is 'similar'."
+        0.15, ge=0, description="Largest perspective of a copy's homography; above it the match is 'similar'."
     )
     similar_min_embedding: float = Field(
-        0.7, ge=0, le=1, description="Embedding cosine from which a non-copy is shown as similar."
+        0.8, ge=0, le=1, description="Embedding cosine from which a non-copy is shown as similar."
     )
     mirror_check: bool = Field(
         True, description="Also match a mirrored query against the shortlist (ORB is not mirror-invariant)."

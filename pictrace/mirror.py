@@ -1,9 +1,10 @@
 """Mirrored copies: ORB descriptors are not mirror-invariant, so a left-right flipped copy finds no geometric
-match. The shortlist's candidates without a fit are matched once more against a mirrored query; a fit found
-that way includes the mirror (negative determinant), which the transform read-out reports as ``flip``.
+match. The shortlist's candidates without a fit (or with a fit too weak for a copy) are matched once more
+against a mirrored query; the better fit wins, and one found that way includes the mirror (negative
+determinant), which the transform read-out reports as ``flip``.
 
-One extra ORB extraction per query (only when some shortlisted candidate lacks a fit) and one match per such
-candidate: bench/thresholds.py measures what it costs and what it finds.
+One extra ORB extraction per query (only when some shortlisted candidate lacks a strong fit) and one match per
+such candidate: bench/thresholds.py measures what it costs and what it finds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ def mirror_pass(
     settings: Settings,
 ) -> list[CandidateScore]:
     """The candidates, with those that had no fit re-verified against the mirrored query."""
-    todo = [c for c in candidates if c.homography is None and c.vec_id in stored]
+    # A mirrored copy sometimes has a weak spurious direct fit (8-10 inliers): re-check those too.
+    todo = [
+        c
+        for c in candidates
+        if (c.homography is None or c.orb_inliers < settings.copy_min_inliers) and c.vec_id in stored
+    ]
     if not settings.mirror_check or not todo:
         return candidates
     mirrored = extract_orb(
@@ -44,7 +50,8 @@ def mirror_pass(
             min_inliers=settings.orb_min_inliers,
             full_inliers=settings.orb_full_inliers,
         )
-        if match.homography is None:
+        current = candidate.orb_inliers if candidate.homography is not None else 0
+        if match.homography is None or match.inliers <= current:
             continue
         homography = to_pixel_homography(match.homography @ unmirror, mirrored.scale, gallery.scale)
         found[candidate.vec_id] = replace(
