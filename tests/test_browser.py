@@ -181,7 +181,7 @@ def test_upload_shows_three_sections_and_evidence(page: Any, live: LiveServer, f
         assert other not in page.inner_text("main")
     assert page.locator("#query-preview").is_visible()
     copy = page.locator("#section-copy .match").first
-    assert "Shows only part of your image" in copy.inner_text()  # the gallery copy is a crop of the query
+    assert "It fills 36% of yours" in copy.inner_text()  # the gallery copy is a crop of the query
     with page.context.expect_page() as opened:
         copy.locator("a.evidence").click()
     evidence = opened.value

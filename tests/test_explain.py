@@ -177,7 +177,7 @@ def test_results_page_has_three_sections(client: TestClient, photos: dict[str, n
         assert f'id="section-{key}"' in page.text and f">{title} " in page.text
     copies = page.text.split('id="section-copy"')[1].split("</section>")[0]
     assert 'data-verdict="copy"' in copies and "Astronaut" in copies and "/api/explain/" in copies
-    assert "Cropped: shows" in copies
+    assert "Yours shows 36% of it" in copies
     assert "Chelsea" not in page.text  # unrelated: not shown at all
 
 
