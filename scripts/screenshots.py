@@ -34,7 +34,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--query", type=Path, default=ROOT / "demo" / "gallery" / "coins.jpg")
+    parser.add_argument("--query", type=Path, default=ROOT / "demo" / "queries" / "coffee-screenshot.jpg")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +60,7 @@ def main() -> None:
                 page.click("#search-button")
                 page.wait_for_selector("#results-title")
                 page.screenshot(path=str(args.out / "screenshot-results.png"), full_page=True)
-                evidence = page.locator("a.evidence").first.get_attribute("href")
+                evidence = page.locator("#section-copy a.evidence, a.evidence").first.get_attribute("href")
                 png = httpx.get(f"{base}{evidence}")
                 (args.out / "screenshot-evidence.png").write_bytes(png.content)
                 browser.close()
