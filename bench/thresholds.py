@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +210,7 @@ def verdict(row: dict[str, Any], rule: tuple[int, float, float], similar: float)
 
 def outcomes(rows: list[dict[str, Any]], rule: tuple[int, float, float], similar: float) -> dict[str, Any]:
     """Share of each kind of pair shown as copy / similar / not at all, at the chosen thresholds."""
-    groups = {
+    groups: dict[str, Callable[[dict[str, Any]], bool]] = {
         "copy-public: edited copy vs its original": lambda r: r["dataset"] == "copy-public" and r["relevant"],
         "copy-public: vs top-20 look-alikes": lambda r: r["dataset"] == "copy-public" and not r["relevant"],
         "smvs: same DVD, other shot": lambda r: r["dataset"] == "smvs-dvd-a" and r["relevant"],
@@ -217,7 +218,7 @@ def outcomes(rows: list[dict[str, Any]], rule: tuple[int, float, float], similar
     }
     print(f"\nOutcomes at copy rule {rule}, similar_min_embedding {similar}:")
     print(f"  {'pairs':42s} {'n':>6} {'copy':>6} {'similar':>8} {'hidden':>7}")
-    out = {}
+    out: dict[str, Any] = {}
     for label, keep in groups.items():
         got = [verdict(r, rule, similar) for r in rows if keep(r)]
         shares = {str(v): got.count(v) / len(got) for v in ("copy", "similar", None)}
