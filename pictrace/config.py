@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     mirror_check: bool = Field(
         True, description="Also match a mirrored query against the shortlist (ORB is not mirror-invariant)."
     )
+    mirror_min_embedding: float = Field(
+        0.7, ge=0, le=1, description="Embedding cosine a candidate needs for the mirror check (mirrored: >= 0.74)."
+    )
     explain_ttl_s: int = Field(
         600, ge=0, description="Seconds a query image is kept in memory for /api/explain; 0 keeps none."
     )

@@ -3,8 +3,9 @@ match. The shortlist's candidates without a fit (or with a fit too weak for a co
 against a mirrored query; the better fit wins, and one found that way includes the mirror (negative
 determinant), which the transform read-out reports as ``flip``.
 
-One extra ORB extraction per query (only when some shortlisted candidate lacks a strong fit) and one match per
-such candidate: bench/thresholds.py measures what it costs and what it finds.
+One extra ORB extraction per query (only when some shortlisted candidate lacks a strong fit but has an embedding
+cosine of at least ``PICTRACE_MIRROR_MIN_EMBEDDING``: mirrored copies measured 0.74-0.99) and one match per such
+candidate: bench/thresholds.py measures what it costs and what it finds.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def mirror_pass(
     todo = [
         c
         for c in candidates
-        if (c.homography is None or c.orb_inliers < settings.copy_min_inliers) and c.vec_id in stored
+        if (c.homography is None or c.orb_inliers < settings.copy_min_inliers)
+        and c.embedding >= settings.mirror_min_embedding  # the embedding barely notices a mirror
+        and c.vec_id in stored
     ]
     if not settings.mirror_check or not todo:
         return candidates

@@ -192,3 +192,20 @@ def test_gallery_page_lists_pages_and_failures(client: TestClient, monkeypatch: 
     assert first.text.count('class="tile"') == 4 and 'rel="next"' in first.text
     assert second.text.count('class="tile"') == 2 and "Page 2 of 2" in second.text and 'rel="prev"' in second.text
     assert client.get("/gallery?page=99").text.count('class="tile"') == 2  # clamped to the last page
+
+
+def test_similar_without_geometry_is_drawn_side_by_side(photos: dict[str, np.ndarray], make_settings) -> None:  # type: ignore[no-untyped-def]
+    from pictrace.explain import render_evidence
+    from pictrace.schemas import ComponentScores, Match
+
+    gallery = photos["chelsea"]
+    match = Match(
+        id="cat", url="g/cat.jpg", original_url="/x", sha256="1" * 64, score=0.5,
+        scores=ComponentScores(embedding=0.85, ssim=0.2, orb=0.0), verdict="similar", thumbnail_url="/t",
+    )
+    png = render_evidence(photos["coffee"], gallery, (gallery.shape[1], gallery.shape[0]), extract_orb(gallery),
+                          match, make_settings())
+    width, height = png_size(png)
+    q_w = round(photos["coffee"].shape[1] * 320 / photos["coffee"].shape[0])
+    g_w = round(gallery.shape[1] * 320 / gallery.shape[0])
+    assert width == q_w + g_w + 8 and height == 320 + 2 * 26  # two panels, no difference map
