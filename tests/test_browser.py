@@ -249,3 +249,31 @@ def test_phone_sized_screen_and_gallery_page(browser: Any, live: LiveServer) -> 
             assert images.nth(i).get_attribute("alt"), "every image has an alt text"
     finally:
         context.close()
+
+
+def test_paste_an_image_searches(page: Any, live: LiveServer, files: Path) -> None:
+    page.goto(live.url)
+    data = base64.b64encode((files / "query.jpg").read_bytes()).decode()
+    with page.expect_navigation():
+        page.evaluate(
+            """(b64) => {
+                const bin = atob(b64); const bytes = new Uint8Array(bin.length);
+                for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "clipboard.jpg", {type: "image/jpeg"}));
+                document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt, bubbles: true}));
+            }""",
+            data,
+        )
+    page.wait_for_selector("#results-title")
+    assert section_ids(page, "exact") == ["Chelsea"]
+
+
+def test_keyboard_reaches_every_control(page: Any, live: LiveServer) -> None:
+    page.goto(live.url)
+    seen = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        seen.append(page.evaluate("() => document.activeElement.id || document.activeElement.textContent.trim()"))
+    assert seen.index("file") < seen.index("url") < seen.index("search-button"), seen
+    assert "Skip to content" in seen and "Gallery" in seen
