@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,18 @@ def test_preprocessing_is_fed_rgb(model: keras.Model, reference: KerasResNet50Em
     bgr_vector = model.predict_on_batch(bgr_fed[None])[0]
     np.testing.assert_allclose(rgb_vector, by_hand_vector / np.linalg.norm(by_hand_vector), atol=1e-5)
     assert np.abs(rgb_vector - bgr_vector / np.linalg.norm(bgr_vector)).max() > 1e-3
+
+
+def test_threads_of_the_work_pool_can_embed_at_once(
+    reference: KerasResNet50Embedder, photos: dict[str, np.ndarray]
+) -> None:
+    """The service embeds from several executor threads; each must get its own images' vectors back."""
+    batches = [[photos["coffee"]], [photos["rocket"], photos["chelsea"]], [photos["brick"]] * 3, [photos["coins"]]]
+    serial = [reference.embed(batch) for batch in batches]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parallel = list(pool.map(reference.embed, batches * 2))
+    for got, expected in zip(parallel, serial * 2, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 def assert_names_both_options(message: str) -> None:
