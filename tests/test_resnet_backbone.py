@@ -7,6 +7,8 @@ the plumbing (loading, channel order, provenance), which does not depend on what
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +80,17 @@ def two_colour_image() -> np.ndarray:
     rgb[:, 112:, 2] = 255
     rgb[100:124, :, 1] = 200
     return rgb
+
+
+def test_importing_pictrace_does_not_import_tensorflow() -> None:
+    """TensorFlow (seconds to import, ~1 GB) loads only when the resnet50 backbone is built in the lifespan."""
+    code = (
+        "import sys, pictrace.cli, pictrace.service, pictrace.web.app, pictrace.features.keras_resnet; "
+        "sys.exit(' '.join(sorted({'tensorflow', 'keras'} & set(sys.modules))) or 0)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_model_builds_without_weights(model: keras.Model, reference: KerasResNet50Embedder) -> None:

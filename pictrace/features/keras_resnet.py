@@ -46,6 +46,7 @@ def keras_cache_dir() -> Path:
 def _import_keras() -> Any:
     try:
         import keras
+        import tensorflow  # noqa: F401  (Keras' backend here; also what configure_threads tunes)
     except ImportError as exc:
         raise ModelWeightsError(
             "PICTRACE_BACKBONE=resnet50 needs TensorFlow: pip install -r requirements-tensorflow.txt "
