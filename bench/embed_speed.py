@@ -59,10 +59,11 @@ def resnet50_weights(tmp: Path, threads: int) -> tuple[Path, str]:
     return path, "random (no imagenet file here)"
 
 
-def time_per_image(embedder: Embedder, batch: list[np.ndarray]) -> float:
-    start = time.perf_counter()
+def time_per_image(embedder: Embedder, batch: list[np.ndarray]) -> tuple[float, float]:
+    """(wall ms, CPU ms) per image; CPU time (all threads) hardly changes when other processes share the cores."""
+    start, cpu = time.perf_counter(), time.process_time()
     embedder.embed(batch)
-    return (time.perf_counter() - start) * 1000 / len(batch)
+    return (time.perf_counter() - start) * 1000 / len(batch), (time.process_time() - cpu) * 1000 / len(batch)
 
 
 def build(backbone: str, threads: int, tmp: Path) -> tuple[Embedder, str, float]:
@@ -72,10 +73,12 @@ def build(backbone: str, threads: int, tmp: Path) -> tuple[Embedder, str, float]
     return embedder, source, time.perf_counter() - start
 
 
-def bench(embedders: dict[str, Embedder], images: list[np.ndarray], repeats: int) -> dict[str, dict[str, list[float]]]:
+def bench(
+    embedders: dict[str, Embedder], images: list[np.ndarray], repeats: int
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Rounds that alternate the backbones, so a busy machine slows them alike and their ratio holds."""
     batches = {1: [[img] for img in images[:4]], 16: [[images[i % len(images)] for i in range(16)]]}
-    samples: dict[str, dict[str, list[float]]] = {name: {"1": [], "16": []} for name in embedders}
+    samples: dict[str, dict[str, list[tuple[float, float]]]] = {name: {"1": [], "16": []} for name in embedders}
     for embedder in embedders.values():  # warm-up: first calls trace graphs and fill caches
         for size in batches:
             embedder.embed(batches[size][0])
@@ -99,7 +102,8 @@ def main() -> None:
         built = {name: build(name, args.threads, Path(tmp)) for name in args.backbones}
         samples = bench({name: b[0] for name, b in built.items()}, images, args.repeats)
     for name, (embedder, source, start_s) in built.items():
-        b1, b16 = samples[name]["1"], samples[name]["16"]
+        b1, b16 = [w for w, _ in samples[name]["1"]], [w for w, _ in samples[name]["16"]]
+        cpu1, cpu16 = [c for _, c in samples[name]["1"]], [c for _, c in samples[name]["16"]]
         rows.append(
             {
                 "backbone": name,
@@ -111,6 +115,8 @@ def main() -> None:
                 "ms_per_img_b16_median": round(statistics.median(b16), 1),
                 "ms_per_img_b16_best": round(min(b16), 1),
                 "img_per_s_b16_best": round(1000 / min(b16), 1),
+                "cpu_ms_per_img_b1": round(statistics.median(cpu1), 1),
+                "cpu_ms_per_img_b16": round(statistics.median(cpu16), 1),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
