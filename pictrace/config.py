@@ -31,9 +31,16 @@ class Settings(BaseSettings):
     index_on_start: bool = Field(True, description="Index the gallery file in the background at start.")
 
     # --- model ---------------------------------------------------------------------------------------
-    backbone: str = Field("efficientnet-lite2", description="Embedding backbone name.")
+    backbone: str = Field(
+        "efficientnet-lite2",
+        description="Embedding backbone: efficientnet-lite2 (bundled ONNX) or resnet50 (needs TensorFlow).",
+    )
     model_path: Path = Field(DEFAULT_MODEL, description="ONNX model file for the default backbone.")
-    embed_threads: int = Field(2, ge=1, description="onnxruntime intra-op threads.")
+    resnet50_weights: Path | None = Field(
+        None,
+        description="ResNet50 weights file (.h5 or .weights.h5); unset: Keras' cache, else its download.",
+    )
+    embed_threads: int = Field(2, ge=1, description="Embedding threads (onnxruntime, or TensorFlow for resnet50).")
     embed_batch: int = Field(16, ge=1, le=256, description="Images per embedding batch at ingest.")
 
     # --- search --------------------------------------------------------------------------------------
