@@ -11,6 +11,7 @@ from pictrace.features.orb import OrbFeatures, extract_orb, match_orb
 from pictrace.features.ssim import gray256, ssim_score
 from pictrace.features.thumbnail import decode_gray_png
 from pictrace.store import RerankFeatures
+from pictrace.transform import to_pixel_homography
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class CandidateScore:
     orb: float
     orb_inliers: int
     fused: float
+    homography: np.ndarray | None = None  # accepted ORB fit, query pixels -> gallery pixels (transform read-out)
 
 
 def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float:
@@ -52,16 +54,22 @@ def verify(
     ``fused`` is provisional here (SSIM counted as 0); ``with_ssim`` completes it for the shortlist.
     """
     embedding = float(np.clip(cosine, 0.0, 1.0))
+    gallery_orb = OrbFeatures.from_bytes(stored.orb)
     match = match_orb(
         query.orb,
-        OrbFeatures.from_bytes(stored.orb),
+        gallery_orb,
         ratio=settings.orb_ratio,
         ransac_px=settings.orb_ransac_px,
         min_inliers=settings.orb_min_inliers,
         full_inliers=settings.orb_full_inliers,
     )
+    homography = (
+        None
+        if match.homography is None
+        else to_pixel_homography(match.homography, query.orb.scale, gallery_orb.scale)
+    )
     return CandidateScore(
-        vec_id, embedding, 0.0, match.score, match.inliers, fuse(embedding, 0.0, match.score, settings)
+        vec_id, embedding, 0.0, match.score, match.inliers, fuse(embedding, 0.0, match.score, settings), homography
     )
 
 

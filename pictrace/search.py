@@ -14,9 +14,12 @@ from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
 from pictrace.index import VectorIndex
+from pictrace.mirror import mirror_pass
 from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim
 from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
+from pictrace.transform import read_transform, transform_info
+from pictrace.verdict import VerdictThresholds, classify
 
 
 class Searcher:
@@ -48,11 +51,12 @@ class Searcher:
         exact_set = set(exact)
         verified.sort(key=lambda c: (c.vec_id in exact_set, c.fused), reverse=True)
         shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in verified[: 2 * top_k]]
+        shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
         ranked = sorted(shortlist, key=lambda c: (c.vec_id in exact_set, c.fused), reverse=True)
-        kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score][:top_k]
+        kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]
         return SearchResult(
             query=QueryInfo(sha256=sha256, width=image.width, height=image.height),
-            results=self._describe(kept, exact_set),
+            results=self._describe(kept, exact_set, (image.width, image.height))[:top_k],
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
@@ -65,14 +69,30 @@ class Searcher:
             return float(vectors[0] @ embedding)
         return 0.0
 
-    def _describe(self, kept: list[CandidateScore], exact: set[int]) -> list[Match]:
+    def _describe(self, kept: list[CandidateScore], exact: set[int], query_size: tuple[int, int]) -> list[Match]:
+        """Matches with their verdict and transform read-out; unrelated candidates are left out."""
         records = self.catalogue.records(c.vec_id for c in kept)
+        thresholds = VerdictThresholds.from_settings(self.settings)
         matches = []
         for c in kept:
             record = records.get(c.vec_id)
             if record is None:  # removed while we were ranking
                 continue
             is_exact = c.vec_id in exact
+            readout = (
+                None
+                if c.homography is None
+                else read_transform(c.homography, query_size, (record.width, record.height))
+            )
+            verdict = classify(
+                exact=is_exact,
+                embedding=c.embedding,
+                inliers=c.orb_inliers if readout is not None else 0,
+                perspective=readout.perspective if readout is not None else None,
+                thresholds=thresholds,
+            )
+            if verdict is None:
+                continue
             matches.append(
                 Match(
                     id=record.entry_id,
@@ -87,6 +107,8 @@ class Searcher:
                         orb_inliers=c.orb_inliers,
                     ),
                     exact=is_exact,
+                    verdict=verdict,
+                    transform=None if readout is None else transform_info(readout),
                     thumbnail_url=f"/api/images/{record.sha256}/thumbnail",
                     metadata=record.metadata,
                 )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from pictrace.config import Settings
 from pictrace.errors import IndexCorruptError, IndexMismatchError
+from pictrace.explain import QueryMemory
 from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
 from pictrace.index import IndexInfo, VectorIndex
@@ -35,7 +36,9 @@ def check_backbone(catalogue: Catalogue, embedder: Embedder) -> None:
         raise IndexMismatchError(
             f"the catalogue {catalogue.location} was built with backbone {stored[0]} "
             f"(weights {str(stored[1])[:12]}); this service uses {embedder.name} "
-            f"(weights {embedder.fingerprint[:12]}). Re-index into a new PICTRACE_DATA_DIR, or switch back."
+            f"(weights {embedder.fingerprint[:12]}); vectors of two models cannot be mixed. To reindex, point "
+            "PICTRACE_DATA_DIR at a new directory and run `python -m pictrace index`; or switch "
+            "PICTRACE_BACKBONE (and PICTRACE_RESNET50_WEIGHTS) back."
         )
     catalogue.set_meta("backbone", embedder.name)
     catalogue.set_meta("fingerprint", embedder.fingerprint)
@@ -112,6 +115,7 @@ class Service:
     fetcher: Fetcher
     searcher: Searcher
     ingestor: Ingestor
+    queries: QueryMemory  # recent queries, in memory only, for the evidence pictures (bounded, TTL)
     sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -124,7 +128,12 @@ class Service:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         catalogue = open_catalogue(settings)
         try:
-            embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
+            embedder = build_embedder(
+                settings.backbone,
+                settings.model_path,
+                threads=settings.embed_threads,
+                resnet50_weights=settings.resnet50_weights,
+            )
             check_backbone(catalogue, embedder)
             index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
         except BaseException:
@@ -142,6 +151,7 @@ class Service:
             fetcher=fetcher,
             searcher=Searcher(catalogue, index, embedder, settings),
             ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings),
+            queries=QueryMemory.from_settings(settings),
         )
         if settings.sync_interval_s > 0 and not settings.milvus_uri:
             service.sync_task = asyncio.create_task(service._follow_catalogue(catalogue.generation()))
@@ -176,6 +186,7 @@ class Service:
         if self.sync_task is not None:
             self.sync_task.cancel()
             await asyncio.gather(self.sync_task, return_exceptions=True)
+        self.queries.clear()
         await self.fetcher.close()
         self.pool.shutdown()
         self.index.save()

@@ -128,6 +128,21 @@ class TestCatalogue:
         cat.delete_meta("deleted:x")
         assert cat.get_meta("deleted:x") is None
 
+    def test_gallery_pages_and_evidence_reads(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        for n in range(5):
+            cat.add_image(stored(n), source(f"http://h/{n}.jpg", 10 + n, entry_id=f"e{n}"))
+        cat.link_source(source("http://h/first-of-2.jpg", 1, entry_id="first"), stored(2).sha256)
+        page = cat.list_images(offset=1, limit=2)
+        assert [(g.sha256, g.entry_id, g.sources) for g in page] == [
+            (stored(1).sha256, "e1", 1),
+            (stored(2).sha256, "first", 2),  # named by its first source, counting both
+        ]
+        assert cat.list_images(offset=5, limit=10) == []
+        assert cat.orb_by_sha256(stored(3).sha256) == (stored(3).orb, 103, 53)
+        with pytest.raises(NotFoundError):
+            cat.orb_by_sha256("e" * 64)
+
     def test_failures_are_recorded_and_retried(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()
         bad = source("http://h/missing.jpg", 3)

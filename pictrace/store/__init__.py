@@ -5,6 +5,6 @@ when ``PICTRACE_DATABASE_URL`` is set. ``open_catalogue`` is the one place that 
 """
 
 from pictrace.store.base import CatalogueStore
-from pictrace.store.catalogue import Catalogue, ImageRecord, RerankFeatures, Source, StoredImage
+from pictrace.store.catalogue import Catalogue, GalleryImage, ImageRecord, RerankFeatures, Source, StoredImage
 
-__all__ = ["Catalogue", "CatalogueStore", "ImageRecord", "RerankFeatures", "Source", "StoredImage"]
+__all__ = ["Catalogue", "CatalogueStore", "GalleryImage", "ImageRecord", "RerankFeatures", "Source", "StoredImage"]

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from pictrace.store.catalogue import (
         FailedSource,
+        GalleryImage,
         ImageRecord,
         RerankFeatures,
         Source,
@@ -76,3 +77,7 @@ class CatalogueStore(Protocol):
     def remove_image(self, sha256: str) -> int: ...
 
     def delete_meta(self, key: str) -> None: ...
+
+    def list_images(self, offset: int, limit: int) -> list[GalleryImage]: ...
+
+    def orb_by_sha256(self, sha256: str) -> tuple[bytes, int, int]: ...
