@@ -38,7 +38,27 @@ class Settings(BaseSettings):
 
     # --- search --------------------------------------------------------------------------------------
     top_k: int = Field(5, ge=1, le=50, description="Results returned when the client does not say.")
-    candidates: int = Field(50, ge=1, le=1000, description="Nearest vectors re-ranked by SSIM and ORB.")
+    candidates: int = Field(
+        10, ge=1, le=1000, description="Nearest embedding vectors verified by ORB+RANSAC (with the local ones)."
+    )
+    local_candidates: int = Field(
+        20, ge=0, le=1000, description="Images with most local-descriptor votes verified by ORB+RANSAC (0: off)."
+    )
+    local_min_votes: int = Field(3, ge=1, description="Fewer local-descriptor votes than this make no candidate.")
+    local_per_image: int = Field(
+        500, ge=16, le=10000, description="Strongest ORB descriptors per gallery image kept in the local index."
+    )
+    local_code_bytes: int = Field(
+        16, ge=4, le=32, description="Bytes of each 32-byte ORB descriptor kept in the local index."
+    )
+    local_knn: int = Field(10, ge=1, le=100, description="Nearest gallery descriptors looked up per query one.")
+    local_max_distance: int = Field(
+        24, ge=0, le=256, description="Hamming distance (on the kept bytes) beyond which a neighbour casts no vote."
+    )
+    local_nprobe: int = Field(16, ge=1, description="Inverted lists searched per query descriptor.")
+    ssim_shortlist: int = Field(
+        5, ge=0, le=1000, description="Best verified candidates that also get SSIM (the costliest signal)."
+    )
     weight_embedding: float = Field(0.5, ge=0, description="Fusion weight of the embedding cosine.")
     weight_ssim: float = Field(0.15, ge=0, description="Fusion weight of SSIM (256x256 gray).")
     weight_orb: float = Field(0.35, ge=0, description="Fusion weight of ORB+RANSAC geometric agreement.")

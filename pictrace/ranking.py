@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class CandidateScore:
     orb: float
     orb_inliers: int
     fused: float
+    votes: int = 0  # local-descriptor votes that made (or backed) this candidate
+    # 3x3 query -> gallery in ORB working coordinates, when the candidate was verified
+    homography: np.ndarray | None = field(default=None, compare=False)
 
 
 def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float:
@@ -45,7 +48,12 @@ def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float
 
 
 def verify(
-    query: QueryFeatures, vec_id: int, cosine: float, stored: RerankFeatures, settings: Settings
+    query: QueryFeatures,
+    vec_id: int,
+    cosine: float,
+    stored: RerankFeatures,
+    settings: Settings,
+    votes: int = 0,
 ) -> CandidateScore:
     """Embedding and ORB+RANSAC for one candidate: the cheap-enough signals every candidate gets.
 
@@ -61,7 +69,14 @@ def verify(
         full_inliers=settings.orb_full_inliers,
     )
     return CandidateScore(
-        vec_id, embedding, 0.0, match.score, match.inliers, fuse(embedding, 0.0, match.score, settings)
+        vec_id,
+        embedding,
+        0.0,
+        match.score,
+        match.inliers,
+        fuse(embedding, 0.0, match.score, settings),
+        votes=votes,
+        homography=match.homography,
     )
 
 

@@ -44,6 +44,7 @@ class ComponentScores(BaseModel):
     ssim: float = Field(description="SSIM of the 256x256 grayscale images (clipped to [0, 1]).")
     orb: float = Field(description="ORB matches that agree on one homography (RANSAC inliers), scaled.")
     orb_inliers: int = Field(0, description="Number of geometrically consistent ORB matches.")
+    votes: int = Field(0, description="Query ORB descriptors whose nearest gallery descriptors include this image's.")
 
 
 class Match(BaseModel):

@@ -11,6 +11,7 @@ from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
 from pictrace.index import FaissIndex, IndexInfo, VectorIndex
 from pictrace.ingest import Ingestor, reconcile
+from pictrace.local_index import LocalIndex, LocalIndexParams
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.work import WorkPool
@@ -59,12 +60,30 @@ def open_index(
     return index
 
 
+def local_index_params(settings: Settings) -> LocalIndexParams:
+    return LocalIndexParams(
+        per_image=settings.local_per_image,
+        code_bytes=settings.local_code_bytes,
+        knn=settings.local_knn,
+        max_distance=settings.local_max_distance,
+        nprobe=settings.local_nprobe,
+    )
+
+
+def open_local_index(settings: Settings, catalogue: Catalogue) -> LocalIndex:
+    """Rebuilt from the ORB blobs in the catalogue (the system of record) at every start."""
+    local = LocalIndex.build(local_index_params(settings), catalogue.orb_blobs())
+    log.info("local-feature index: %d descriptors, ~%d bytes per image", len(local), local.bytes_per_image)
+    return local
+
+
 @dataclass
 class Service:
     settings: Settings
     catalogue: Catalogue
     embedder: Embedder
     index: VectorIndex
+    local: LocalIndex
     pool: WorkPool
     fetcher: Fetcher
     searcher: Searcher
@@ -83,6 +102,7 @@ class Service:
             embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
             check_backbone(catalogue, embedder)
             index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
+            local = open_local_index(settings, catalogue)
         except BaseException:
             catalogue.close()
             raise
@@ -94,10 +114,11 @@ class Service:
             catalogue=catalogue,
             embedder=embedder,
             index=index,
+            local=local,
             pool=pool,
             fetcher=fetcher,
-            searcher=Searcher(catalogue, index, embedder, settings),
-            ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings),
+            searcher=Searcher(catalogue, index, embedder, settings, local),
+            ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings, local),
         )
 
     async def close(self) -> None:
