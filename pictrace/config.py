@@ -59,9 +59,9 @@ class Settings(BaseSettings):
     ssim_shortlist: int = Field(
         5, ge=0, le=1000, description="Best verified candidates that also get SSIM (the costliest signal)."
     )
-    weight_embedding: float = Field(0.5, ge=0, description="Fusion weight of the embedding cosine.")
-    weight_ssim: float = Field(0.15, ge=0, description="Fusion weight of SSIM (256x256 gray).")
-    weight_orb: float = Field(0.35, ge=0, description="Fusion weight of ORB+RANSAC geometric agreement.")
+    weight_embedding: float = Field(0.15, ge=0, description="Fusion weight of the embedding cosine.")
+    weight_ssim: float = Field(0.05, ge=0, description="Fusion weight of SSIM (256x256 gray).")
+    weight_orb: float = Field(0.8, ge=0, description="Fusion weight of ORB+RANSAC geometric agreement.")
     orb_features: int = Field(1000, ge=50, le=10000, description="ORB keypoints per image.")
     orb_max_side: int = Field(
         640, ge=128, le=4096, description="Longest side an image is resized to for ORB."
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     orb_ratio: float = Field(0.75, gt=0, lt=1, description="Lowe ratio test threshold for ORB matches.")
     orb_ransac_px: float = Field(5.0, gt=0, description="RANSAC reprojection threshold (pixels).")
     orb_min_inliers: int = Field(8, ge=4, description="Fewer inliers than this count as no geometric match.")
-    orb_full_inliers: int = Field(40, ge=5, description="Inliers at which the ORB score reaches 1.0.")
+    orb_full_inliers: int = Field(80, ge=5, description="Inliers at which the ORB score reaches 1.0.")
     min_score: float = Field(0.0, ge=0, le=1, description="Matches scoring below this are not returned.")
 
     # --- limits --------------------------------------------------------------------------------------

@@ -15,7 +15,16 @@ from pictrace.config import Settings
 from pictrace.errors import EvalError
 from pictrace.eval import GroundTruth, Query, average_precision, run_eval, score
 
-SHARED_SMVS = Path(__file__).resolve().parents[2] / "shared" / "eval" / "smvs-dvd-a" / "gt.json"
+# The shared evaluation data sits next to the checkout (or next to the worktrees folder); never in the repo.
+_ROOT = Path(__file__).resolve().parents[1]
+SHARED_SMVS = next(
+    (
+        p
+        for p in (r / "shared" / "eval" / "smvs-dvd-a" / "gt.json" for r in (_ROOT.parent, _ROOT.parent.parent))
+        if p.is_file()
+    ),
+    _ROOT / "missing",
+)
 
 
 def _toy_gt() -> GroundTruth:
