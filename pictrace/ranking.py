@@ -23,7 +23,9 @@ class QueryFeatures:
 
     @classmethod
     def compute(cls, rgb: np.ndarray, embedding: np.ndarray, settings: Settings) -> QueryFeatures:
-        orb = extract_orb(rgb, n_features=settings.orb_features, max_side=settings.orb_max_side)
+        orb = extract_orb(
+            rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+        )
         return cls(embedding=embedding, gray=gray256(rgb), orb=orb)
 
 

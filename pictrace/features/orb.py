@@ -78,8 +78,12 @@ def _empty(width: int, height: int, scale: float) -> OrbFeatures:
     )
 
 
-def extract_orb(rgb: np.ndarray, *, n_features: int = 1000, max_side: int = 640) -> OrbFeatures:
-    """ORB on a grayscale copy whose longest side is at most ``max_side`` (never upscaled).
+def extract_orb(rgb: np.ndarray, *, n_features: int = 1000, max_side: int = 640, min_side: int = 0) -> OrbFeatures:
+    """ORB on a grayscale copy whose longest side is at most ``max_side`` and at least ``min_side``.
+
+    Small images are upscaled (bicubic, at most 4x) to ``min_side``: FAST finds few corners on a ~100 px
+    thumbnail, and the pyramid only goes down, so a shrunken copy otherwise has to meet its original at a
+    coarse level where both have almost no keypoints left.
 
     A low FAST threshold and a small border keep small or low-contrast images from coming out empty; twelve
     pyramid levels (1.2**11 ~ 7x) let a heavily downscaled copy still meet its original at some level. An
@@ -93,6 +97,10 @@ def extract_orb(rgb: np.ndarray, *, n_features: int = 1000, max_side: int = 640)
         factor = max_side / longest
         size = (max(1, round(w * factor)), max(1, round(h * factor)))
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    elif 0 < longest < min_side:
+        factor = min(4.0, min_side / longest)
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC)
     wh, ww = gray.shape[:2]
     scale = max(wh, ww) / longest
     if min(wh, ww) < MIN_SIDE:
