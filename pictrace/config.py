@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     orb_min_side: int = Field(
         480, ge=0, le=4096, description="Smaller images are upscaled to this longest side for ORB (4x at most, 0: off)."
     )
+    orb_verify_features: int = Field(
+        10000, ge=8, le=10000, description="Strongest keypoints of a candidate matched at verification."
+    )
     orb_ratio: float = Field(0.75, gt=0, lt=1, description="Lowe ratio test threshold for ORB matches.")
     orb_ransac_px: float = Field(5.0, gt=0, description="RANSAC reprojection threshold (pixels).")
     orb_min_inliers: int = Field(8, ge=4, description="Fewer inliers than this count as no geometric match.")

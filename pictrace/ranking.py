@@ -64,7 +64,7 @@ def verify(
     embedding = float(np.clip(cosine, 0.0, 1.0))
     match = match_orb(
         query.orb,
-        OrbFeatures.from_bytes(stored.orb),
+        OrbFeatures.from_bytes(stored.orb).strongest(settings.orb_verify_features),
         ratio=settings.orb_ratio,
         ransac_px=settings.orb_ransac_px,
         min_inliers=settings.orb_min_inliers,

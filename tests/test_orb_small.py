@@ -23,3 +23,23 @@ def test_shrunken_copy_verifies_against_its_original(photos: dict[str, np.ndarra
     other = extract_orb(photos["coffee"], min_side=480)
     assert match_orb(copy, original).inliers >= 8
     assert match_orb(copy, other).homography is None
+
+
+def test_keypoints_are_stored_strongest_first(photos: dict[str, np.ndarray]) -> None:
+    import cv2
+
+    features = extract_orb(photos["astronaut"])
+    top = features.strongest(100)
+    assert len(top) == 100 and features.strongest(10**6) is features
+    # The strongest 100 by the detector's own response are exactly the first 100 stored.
+    orb = cv2.ORB.create(nfeatures=1000, scaleFactor=1.2, nlevels=12, edgeThreshold=15, patchSize=31, fastThreshold=10)
+    gray = cv2.cvtColor(photos["astronaut"], cv2.COLOR_RGB2GRAY)  # 512 px: no resize at max_side 640
+    keypoints, _ = orb.detectAndCompute(gray, None)
+    strongest = sorted(keypoints, key=lambda k: -k.response)[:100]
+    assert len(keypoints) == len(features)
+
+    def key(x: float, y: float) -> tuple[int, int]:
+        return round(float(x) * 10), round(float(y) * 10)
+
+    overlap = {key(*k.pt) for k in strongest} & {key(*p) for p in top.points}
+    assert len(overlap) >= 95  # ties in response may swap a few at the cut

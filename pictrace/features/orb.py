@@ -38,6 +38,12 @@ class OrbFeatures:
     def __len__(self) -> int:
         return int(self.points.shape[0])
 
+    def strongest(self, n: int) -> OrbFeatures:
+        """The first ``n`` keypoints (strongest first since extraction sorts them by response)."""
+        if n >= len(self):
+            return self
+        return OrbFeatures(self.points[:n], self.descriptors[:n], self.width, self.height, self.scale)
+
     def to_bytes(self) -> bytes:
         """Compact little-endian blob: fixed header, then raw points and descriptors (no pickle)."""
         n = len(self)
