@@ -31,9 +31,16 @@ class Settings(BaseSettings):
     index_on_start: bool = Field(True, description="Index the gallery file in the background at start.")
 
     # --- model ---------------------------------------------------------------------------------------
-    backbone: str = Field("efficientnet-lite2", description="Embedding backbone name.")
+    backbone: str = Field(
+        "efficientnet-lite2",
+        description="Embedding backbone: efficientnet-lite2 (bundled ONNX) or resnet50 (needs TensorFlow).",
+    )
     model_path: Path = Field(DEFAULT_MODEL, description="ONNX model file for the default backbone.")
-    embed_threads: int = Field(2, ge=1, description="onnxruntime intra-op threads.")
+    resnet50_weights: Path | None = Field(
+        None,
+        description="ResNet50 weights file (.h5 or .weights.h5); unset: Keras' cache, else its download.",
+    )
+    embed_threads: int = Field(2, ge=1, description="Embedding threads (onnxruntime, or TensorFlow for resnet50).")
     embed_batch: int = Field(16, ge=1, le=256, description="Images per embedding batch at ingest.")
 
     # --- search --------------------------------------------------------------------------------------
@@ -77,6 +84,33 @@ class Settings(BaseSettings):
     orb_min_inliers: int = Field(8, ge=4, description="Fewer inliers than this count as no geometric match.")
     orb_full_inliers: int = Field(80, ge=5, description="Inliers at which the ORB score reaches 1.0.")
     min_score: float = Field(0.0, ge=0, le=1, description="Matches scoring below this are not returned.")
+
+    # --- verdicts and evidence (issue 7; thresholds measured by bench/thresholds.py, see docs/verdicts.md) ---
+    copy_min_inliers: int = Field(
+        25, ge=4, description="Distinct RANSAC inliers from which a geometric match counts as a copy."
+    )
+    copy_min_embedding: float = Field(
+        0.3, ge=0, le=1, description="Embedding cosine a copy needs at least (guards against geometric accidents)."
+    )
+    copy_max_perspective: float = Field(
+        0.15, ge=0, description="Largest perspective of a copy's homography; above it the match is 'similar'."
+    )
+    similar_min_embedding: float = Field(
+        0.8, ge=0, le=1, description="Embedding cosine from which a non-copy is shown as similar."
+    )
+    mirror_check: bool = Field(
+        True, description="Also match a mirrored query against the shortlist (ORB is not mirror-invariant)."
+    )
+    mirror_min_embedding: float = Field(
+        0.7, ge=0, le=1, description="Embedding cosine a candidate needs for the mirror check (mirrored: >= 0.74)."
+    )
+    explain_ttl_s: int = Field(
+        600, ge=0, description="Seconds a query image is kept in memory for /api/explain; 0 keeps none."
+    )
+    explain_max_entries: int = Field(64, ge=1, description="Query images kept in memory for /api/explain at most.")
+    explain_max_bytes: int = Field(
+        64 * MiB, ge=MiB, description="Memory the kept query images may take at most (oldest dropped first)."
+    )
 
     # --- limits --------------------------------------------------------------------------------------
     max_upload_bytes: int = Field(20 * MiB, ge=1024, description="Largest accepted request body.")

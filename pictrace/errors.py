@@ -60,6 +60,13 @@ class NotReadyError(PicTraceError):
     """The service cannot answer yet (model or index still loading)."""
 
 
+class ModelWeightsError(NotReadyError):
+    """A backbone cannot be built: its weights file (or its library) is missing or does not fit.
+
+    Raised at start so the service refuses to run, rather than embed with random weights.
+    """
+
+
 class AuthError(PicTraceError):
     """A write was attempted without the right bearer token (or with writes disabled)."""
 

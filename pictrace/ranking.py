@@ -11,6 +11,7 @@ from pictrace.features.orb import OrbFeatures, extract_orb, match_orb
 from pictrace.features.ssim import gray256, ssim_score
 from pictrace.features.thumbnail import decode_gray_png
 from pictrace.store import RerankFeatures
+from pictrace.transform import to_pixel_homography
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ class CandidateScore:
     orb: float
     orb_inliers: int
     fused: float
-    votes: int = 0  # local-descriptor votes that made (or backed) this candidate
-    # 3x3 query -> gallery in ORB working coordinates, when the candidate was verified
+    # accepted ORB fit, query pixels -> gallery pixels (transform read-out)
     homography: np.ndarray | None = field(default=None, compare=False)
+    votes: int = 0  # local-descriptor votes that made (or backed) this candidate
 
 
 def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float:
@@ -62,13 +63,19 @@ def verify(
     ``fused`` is provisional here (SSIM counted as 0); ``with_ssim`` completes it for the shortlist.
     """
     embedding = float(np.clip(cosine, 0.0, 1.0))
+    gallery_orb = OrbFeatures.from_bytes(stored.orb).strongest(settings.orb_verify_features)
     match = match_orb(
         query.orb,
-        OrbFeatures.from_bytes(stored.orb).strongest(settings.orb_verify_features),
+        gallery_orb,
         ratio=settings.orb_ratio,
         ransac_px=settings.orb_ransac_px,
         min_inliers=settings.orb_min_inliers,
         full_inliers=settings.orb_full_inliers,
+    )
+    homography = (
+        None
+        if match.homography is None
+        else to_pixel_homography(match.homography, query.orb.scale, gallery_orb.scale)
     )
     return CandidateScore(
         vec_id,
@@ -77,8 +84,8 @@ def verify(
         match.score,
         match.inliers,
         fuse(embedding, 0.0, match.score, settings),
+        homography,
         votes=votes,
-        homography=match.homography,
     )
 
 

@@ -5,7 +5,7 @@ Input models (what a client or db.json sends) are kept apart from output models 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +50,23 @@ class ComponentScores(BaseModel):
     votes: int = Field(0, description="Query ORB descriptors whose nearest gallery descriptors include this image's.")
 
 
+class TransformInfo(BaseModel):
+    """What was done to a copy, read off the fitted homography (see pictrace/transform.py)."""
+
+    crop: tuple[int, int, int, int] = Field(
+        description="Box (x0, y0, x1, y1) of the gallery image the query shows, in gallery pixels."
+    )
+    crop_fraction: float = Field(description="Area of the crop box over the gallery image's area.")
+    query_box: tuple[int, int, int, int] = Field(
+        description="Box (x0, y0, x1, y1) of the query that shows the gallery image, in query pixels."
+    )
+    scale: float = Field(description="Query pixels per gallery pixel (0.5: the copy is half the size).")
+    rotation: float = Field(description="Degrees the copy is turned counter-clockwise, in (-180, 180].")
+    flip: bool = Field(description="The copy is mirrored left-right (mirror first, then rotation).")
+    perspective: float = Field(description="Departure from an affine map: 0 for edits, > 0 for another shot.")
+    homography: list[list[float]] = Field(description="3x3 map from query pixels to gallery pixels.")
+
+
 class Match(BaseModel):
     """One gallery image that matches the query."""
 
@@ -60,11 +77,22 @@ class Match(BaseModel):
     score: float = Field(description="Fused score in [0, 1]; higher is more similar.")
     scores: ComponentScores
     exact: bool = Field(False, description="True when the query has the same bytes as this image.")
+    verdict: Literal["exact", "copy", "similar"] = Field(
+        "similar",
+        description="exact: same bytes or pixels; copy: the same picture edited; similar: same thing, other shot.",
+    )
+    transform: TransformInfo | None = Field(None, description="For a geometric match: what was done to it.")
+    evidence_url: str | None = Field(
+        None, description="PNG with the matched keypoints and an SSIM difference map (while the query is kept)."
+    )
     thumbnail_url: str = Field(description="Thumbnail served by PicTrace itself.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Other keys of the db.json entry.")
 
 
 class QueryInfo(BaseModel):
+    id: str | None = Field(
+        None, description="Handle for /api/explain while the query is kept in memory (None when disabled)."
+    )
     sha256: str
     width: int
     height: int

@@ -16,9 +16,12 @@ from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex, Votes
+from pictrace.mirror import mirror_pass
 from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim
 from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
+from pictrace.transform import read_transform, transform_info
+from pictrace.verdict import VerdictThresholds, classify
 
 
 class Searcher:
@@ -67,13 +70,16 @@ class Searcher:
             return (c.vec_id in exact_set, c.fused)
 
         verified.sort(key=order, reverse=True)
-        n_ssim = self.settings.ssim_shortlist
+        # The results shown (and their verdicts) get SSIM and the mirror check, as before; the other verified
+        # candidates keep their provisional score and stay in the list.
+        n_ssim = max(self.settings.ssim_shortlist, 2 * top_k)
         shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in verified[:n_ssim]]
+        shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
         ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)
-        kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score][:top_k]
+        kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]
         return SearchResult(
             query=QueryInfo(sha256=sha256, width=image.width, height=image.height),
-            results=self._describe(kept, exact_set),
+            results=self._describe(kept, exact_set, (image.width, image.height))[:top_k],
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
@@ -93,14 +99,30 @@ class Searcher:
             for vec_id, score in zip(ids.tolist(), (vectors @ embedding).tolist(), strict=True):
                 cosines[int(vec_id)] = float(score)
 
-    def _describe(self, kept: list[CandidateScore], exact: set[int]) -> list[Match]:
+    def _describe(self, kept: list[CandidateScore], exact: set[int], query_size: tuple[int, int]) -> list[Match]:
+        """Matches with their verdict and transform read-out; unrelated candidates are left out."""
         records = self.catalogue.records(c.vec_id for c in kept)
+        thresholds = VerdictThresholds.from_settings(self.settings)
         matches = []
         for c in kept:
             record = records.get(c.vec_id)
             if record is None:  # removed while we were ranking
                 continue
             is_exact = c.vec_id in exact
+            readout = (
+                None
+                if c.homography is None
+                else read_transform(c.homography, query_size, (record.width, record.height))
+            )
+            verdict = classify(
+                exact=is_exact,
+                embedding=c.embedding,
+                inliers=c.orb_inliers if readout is not None else 0,
+                perspective=readout.perspective if readout is not None else None,
+                thresholds=thresholds,
+            )
+            if verdict is None:
+                continue
             matches.append(
                 Match(
                     id=record.entry_id,
@@ -116,6 +138,8 @@ class Searcher:
                         votes=c.votes,
                     ),
                     exact=is_exact,
+                    verdict=verdict,
+                    transform=None if readout is None else transform_info(readout),
                     thumbnail_url=f"/api/images/{record.sha256}/thumbnail",
                     metadata=record.metadata,
                 )

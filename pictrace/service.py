@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pictrace.config import Settings
 from pictrace.errors import IndexCorruptError, IndexMismatchError
+from pictrace.explain import QueryMemory
 from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
 from pictrace.index import FaissIndex, IndexInfo, VectorIndex
@@ -31,7 +32,9 @@ def check_backbone(catalogue: Catalogue, embedder: Embedder) -> None:
         raise IndexMismatchError(
             f"the catalogue in {catalogue.path.parent} was built with backbone {stored[0]} "
             f"(weights {str(stored[1])[:12]}); this service uses {embedder.name} "
-            f"(weights {embedder.fingerprint[:12]}). Re-index into a new PICTRACE_DATA_DIR, or switch back."
+            f"(weights {embedder.fingerprint[:12]}); vectors of two models cannot be mixed. To reindex, point "
+            "PICTRACE_DATA_DIR at a new directory and run `python -m pictrace index`; or switch "
+            "PICTRACE_BACKBONE (and PICTRACE_RESNET50_WEIGHTS) back."
         )
     catalogue.set_meta("backbone", embedder.name)
     catalogue.set_meta("fingerprint", embedder.fingerprint)
@@ -88,6 +91,7 @@ class Service:
     fetcher: Fetcher
     searcher: Searcher
     ingestor: Ingestor
+    queries: QueryMemory  # recent queries, in memory only, for the evidence pictures (bounded, TTL)
 
     @classmethod
     async def start(
@@ -99,7 +103,12 @@ class Service:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         catalogue = Catalogue(settings.catalogue_path)
         try:
-            embedder = build_embedder(settings.backbone, settings.model_path, threads=settings.embed_threads)
+            embedder = build_embedder(
+                settings.backbone,
+                settings.model_path,
+                threads=settings.embed_threads,
+                resnet50_weights=settings.resnet50_weights,
+            )
             check_backbone(catalogue, embedder)
             index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
             local = open_local_index(settings, catalogue)
@@ -119,9 +128,11 @@ class Service:
             fetcher=fetcher,
             searcher=Searcher(catalogue, index, embedder, settings, local),
             ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings, local),
+            queries=QueryMemory.from_settings(settings),
         )
 
     async def close(self) -> None:
+        self.queries.clear()
         await self.fetcher.close()
         self.pool.shutdown()
         self.index.save()

@@ -59,9 +59,10 @@ def test_api_search_multipart(client: TestClient, photos: dict[str, np.ndarray])
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"query", "results", "took_ms"}
-    assert set(body["query"]) == {"sha256", "width", "height"}
-    assert len(body["results"]) == 3
+    assert set(body["query"]) == {"id", "sha256", "width", "height"}
+    assert 1 <= len(body["results"]) <= 3  # the unrelated photos are not shown
     best = body["results"][0]
+    assert best["verdict"] == "copy" and best["transform"]["crop_fraction"] < 0.5
     assert best["id"] == "rocket" and best["metadata"] == {"title": "Rocket"}
     assert set(best["scores"]) >= {"embedding", "ssim", "orb"}
     thumb = client.get(best["thumbnail_url"])
@@ -76,7 +77,7 @@ def test_api_search_json_url(
     response = client.post("/api/search", json={"url": url, "top_k": 2})
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert len(results) == 2 and results[0]["id"] == "chelsea"
+    assert 1 <= len(results) <= 2 and results[0]["id"] == "chelsea"
 
 
 def test_api_search_form_url_and_default_top_k(
@@ -86,7 +87,7 @@ def test_api_search_form_url_and_default_top_k(
     response = client.post("/api/search", data={"url": url})
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert len(results) == 5 and results[0]["id"] == "coffee"
+    assert 1 <= len(results) <= 5 and results[0]["id"] == "coffee"
 
 
 def test_page_upload_shows_results(client: TestClient, photos: dict[str, np.ndarray]) -> None:
@@ -150,7 +151,7 @@ def test_legacy_routes(client: TestClient, image_server: ImageServer, photos: di
     response = client.post("/upload/", files={"file": ("q.jpg", encode(photos["coffee"]), "image/jpeg")})
     assert response.status_code == 200, response.text
     urls = response.json()["similar_images"]
-    assert len(urls) == 5 and urls[0] == image_server.url("g/coffee.jpg")
+    assert 1 <= len(urls) <= 5 and urls[0] == image_server.url("g/coffee.jpg")
     url = image_server.add("q/rocket.jpg", encode(rotate90(photos["rocket"])))
     response = client.post("/upload_from_url/", data={"image_url": url})
     assert response.status_code == 200, response.text

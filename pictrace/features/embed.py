@@ -101,8 +101,17 @@ class OnnxEmbedder:
         return l2_normalise(np.asarray(vectors, dtype=np.float32))
 
 
-def build_embedder(backbone: str, model_path: Path, *, threads: int) -> Embedder:
+def build_embedder(
+    backbone: str, model_path: Path, *, threads: int, resnet50_weights: Path | None = None
+) -> Embedder:
     """The one place a backbone name becomes an Embedder."""
     if backbone == "efficientnet-lite2":
         return OnnxEmbedder(model_path, name=backbone, threads=threads)
-    raise NotReadyError(f"unknown backbone {backbone!r} (PICTRACE_BACKBONE); known: efficientnet-lite2")
+    if backbone == "resnet50":
+        # Imported here: the module needs nothing heavy, but TensorFlow must only load for this backbone.
+        from pictrace.features.keras_resnet import KerasResNet50Embedder
+
+        return KerasResNet50Embedder.from_weights(resnet50_weights, threads=threads)
+    raise NotReadyError(
+        f"unknown backbone {backbone!r} (PICTRACE_BACKBONE); known: efficientnet-lite2, resnet50"
+    )

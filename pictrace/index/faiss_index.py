@@ -61,8 +61,10 @@ class FaissIndex:
             raise IndexCorruptError(f"vector index {path} is unreadable ({exc})") from exc
         if stored != info:
             raise IndexMismatchError(
-                f"vector index {path} was built with {stored.backbone} (dim {stored.dim}); "
-                f"this service uses {info.backbone} (dim {info.dim}). Run `python -m pictrace reindex`."
+                f"vector index {path} was built with {stored.backbone} (dim {stored.dim}, weights "
+                f"{stored.fingerprint[:12]}); this service uses {info.backbone} (dim {info.dim}, weights "
+                f"{info.fingerprint[:12]}). To reindex, point PICTRACE_DATA_DIR at a new directory and run "
+                "`python -m pictrace index`."
             )
         return cls(info, path, index)
 

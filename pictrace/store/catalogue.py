@@ -401,6 +401,54 @@ class Catalogue:
         with self._transaction() as conn:
             conn.execute("DELETE FROM meta WHERE key = ?", (key,))
 
+    # ---------------------------------------------------------------------- pages and evidence (issue 7)
+    # Plain, portable SQL (no SQLite-only syntax), so another catalogue backend can copy these as they are.
+
+    def list_images(self, offset: int, limit: int) -> list[GalleryImage]:
+        """One page of indexed images, oldest first, each named by its first source (as in results)."""
+        rows = self._query(
+            """SELECT i.sha256, i.width, i.height, i.format, i.nbytes, s.entry_id, s.entry_url, s.url,
+                      (SELECT COUNT(*) FROM sources c WHERE c.sha256 = i.sha256 AND c.status = 'ok')
+               FROM images i
+               JOIN sources s ON s.url = (
+                   SELECT f.url FROM sources f WHERE f.sha256 = i.sha256 AND f.status = 'ok'
+                   ORDER BY CASE WHEN f.position IS NULL THEN 1 ELSE 0 END, f.position, f.url
+                   LIMIT 1)
+               ORDER BY i.vec_id
+               LIMIT ? OFFSET ?""",
+            (int(limit), int(offset)),
+        )
+        return [
+            GalleryImage(sha, w, h, fmt, nbytes, entry_id or (entry_url or url), entry_url or url, url, int(n))
+            for sha, w, h, fmt, nbytes, entry_id, entry_url, url, n in rows
+        ]
+
+    def orb_by_sha256(self, sha256: str) -> tuple[bytes, int, int]:
+        """(stored ORB blob, original width, original height) of one image, for drawing its evidence."""
+        rows = self._query("SELECT orb, width, height FROM images WHERE sha256 = ?", (sha256,))
+        if not rows:
+            raise NotFoundError(f"no image with sha256 {sha256}")
+        return bytes(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    """A row of the gallery page."""
+
+    sha256: str
+    width: int
+    height: int
+    format: str
+    nbytes: int
+    entry_id: str
+    url: str  # as written in db.json
+    location: str  # the URL, or the resolved local path
+    sources: int  # URLs with these same bytes
+
+    @property
+    def is_remote(self) -> bool:
+        return self.location.startswith(("http://", "https://"))
+
 
 def _to_arrays(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([r[0] for r in rows], dtype=np.int64)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, NotFoundError
+from pictrace.explain import explain_match
 from pictrace.schemas import Health, ImageCounts, LegacySimilarImages, SearchRequest, SearchResult
 from pictrace.web.deps import ServiceDep, admit, parse_top_k, query_bytes, run_search
 
@@ -176,3 +177,22 @@ async def legacy_upload_from_url(request: Request, service: ServiceDep) -> Legac
     data = await query_bytes(service, upload=None, url=url)
     result = await run_search(service, data, 5)
     return LegacySimilarImages(similar_images=[m.url for m in result.results])
+
+
+# --- evidence (issue 7) ---------------------------------------------------------------------------------
+
+
+@router.get(
+    "/api/explain/{query_id}/{sha256}",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "Query | gallery with matched keypoints | SSIM map"},
+        404: {"description": "The query is no longer kept, or the image is not among its results"},
+        503: {"description": "Busy: retry after the Retry-After header"},
+    },
+    summary="The evidence picture of one match of a recent query",
+)
+async def explain(query_id: str, sha256: str, service: ServiceDep) -> Response:
+    kept = service.queries.get(query_id)
+    png = await service.pool.run(explain_match, service.catalogue, kept, sha256.lower(), service.settings)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, TooLargeError
+from pictrace.explain import with_evidence
 from pictrace.kept_queries import keep_query
 from pictrace.schemas import SearchResult
 from pictrace.service import Service
@@ -56,12 +57,14 @@ async def query_bytes(service: Service, *, upload: UploadFile | None, url: str |
 async def run_search(service: Service, data: bytes, top_k: int | None) -> SearchResult:
     """Search on the bounded executor; OverloadedError (503) when its queue is full.
 
-    The query's bytes are dropped with the request unless the operator set ``PICTRACE_KEEP_QUERIES``.
+    The query's bytes are dropped with the request unless the operator set ``PICTRACE_KEEP_QUERIES``; apart
+    from that, they are held in memory for a few minutes (bounded; ``PICTRACE_EXPLAIN_TTL_S=0`` keeps nothing)
+    so the evidence pictures can be drawn.
     """
     result = await service.pool.run(service.searcher.search_bytes, data, top_k)
     if service.settings.keep_queries:
         await service.pool.run_background(keep_query, service.settings, data, result.query.sha256)
-    return result
+    return with_evidence(result, service.queries.keep(data, result) if result.results else None)
 
 
 def parse_top_k(raw: object) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
@@ -10,10 +11,14 @@ from starlette.datastructures import UploadFile
 from starlette.templating import Jinja2Templates
 
 from pictrace.errors import InvalidInputError, PicTraceError
+from pictrace.schemas import SearchResult
+from pictrace.verdict import Verdict
 from pictrace.web.deps import ServiceDep, query_bytes, run_search
 from pictrace.web.errors import headers_for, status_for
 
 router = APIRouter(include_in_schema=False)
+
+GALLERY_PAGE_SIZE = 48
 
 
 def templates(request: Request) -> Jinja2Templates:
@@ -57,5 +62,48 @@ async def search_page(request: Request, service: ServiceDep) -> HTMLResponse:
         return templates(request).TemplateResponse(
             request, "index.html", failed, status_code=status_for(exc), headers=headers_for(exc)
         )
-    answered: dict[str, object] = {"status": status, "result": result, "query_url": query_url}
+    answered: dict[str, object] = {"status": status, "result": result, "query_url": query_url, **sections(result)}
     return templates(request).TemplateResponse(request, "results.html", answered)
+
+
+SECTIONS: tuple[tuple[Verdict, str, str], ...] = (
+    ("exact", "Exact", "The same file, or the same pixels."),
+    ("copy", "Copies", "The same picture, edited: cropped, resized, rotated, mirrored, recoloured, captioned."),
+    ("similar", "Similar", "The same thing or scene in another picture."),
+)
+
+
+def sections(result: SearchResult) -> dict[str, object]:
+    """Results grouped into the three sections the page shows, each best first."""
+    grouped = {key: [m for m in result.results if m.verdict == key] for key, _, _ in SECTIONS}
+    return {
+        "sections": [(key, title, help_text, grouped[key]) for key, title, help_text in SECTIONS],
+        "counts": {key: len(matches) for key, matches in grouped.items()},
+    }
+
+
+@router.get("/gallery", response_class=HTMLResponse)
+async def gallery_page(request: Request, service: ServiceDep, page: int = 1) -> HTMLResponse:
+    """Indexed images, a page at a time, with the ingest's progress and its failures."""
+    status = await _status(service)
+    size = GALLERY_PAGE_SIZE
+    pages = max(1, math.ceil(int(str(status["indexed"])) / size))
+    page = min(max(1, page), pages)
+    offset = (page - 1) * size
+    images = await asyncio.to_thread(service.catalogue.list_images, offset, size)
+    failures = await asyncio.to_thread(service.catalogue.failures)
+    context: dict[str, object] = {
+        "status": status,
+        "images": [
+            {
+                **im.__dict__,
+                "original_url": im.location if im.is_remote else f"/api/images/{im.sha256}/original",
+            }
+            for im in images
+        ],
+        "failures": failures,
+        "page": page,
+        "pages": pages,
+        "offset": offset,
+    }
+    return templates(request).TemplateResponse(request, "gallery.html", context)

@@ -1,0 +1,74 @@
+"""Exact / copy / similar / unrelated: answering in the user's terms instead of with a bare score.
+
+Pure functions over the evidence a candidate already has. The thresholds live in the settings
+(``PICTRACE_COPY_*``, ``PICTRACE_SIMILAR_*``) and were set by ``bench/thresholds.py`` on the shared evaluation
+data; docs/verdicts.md has the measurement.
+
+* **exact**: the same bytes, or the same decoded pixels (the searcher knows this from the hashes).
+* **copy**: the same picture edited. Many distinct ORB keypoints agree on one near-affine homography (crop,
+  rescale, rotation, mirror, border, caption, recompression all keep the map affine), and the embeddings agree
+  at least a little (a floor that stops a geometric accident on a flat background).
+* **similar**: the same object or scene, another shot: a high embedding cosine, or a geometric match whose
+  homography has a clear perspective (a photo of the same print taken at an angle).
+* anything else is unrelated and not shown at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pictrace.config import Settings
+
+Verdict = Literal["exact", "copy", "similar"]
+VERDICTS: tuple[Verdict, ...] = ("exact", "copy", "similar")
+
+
+@dataclass(frozen=True)
+class VerdictThresholds:
+    copy_min_inliers: int
+    copy_min_embedding: float
+    copy_max_perspective: float
+    similar_min_embedding: float
+    similar_min_inliers: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VerdictThresholds:
+        return cls(
+            copy_min_inliers=settings.copy_min_inliers,
+            copy_min_embedding=settings.copy_min_embedding,
+            copy_max_perspective=settings.copy_max_perspective,
+            similar_min_embedding=settings.similar_min_embedding,
+            similar_min_inliers=settings.orb_min_inliers,
+        )
+
+
+def classify(
+    *,
+    exact: bool,
+    embedding: float,
+    inliers: int,
+    perspective: float | None,
+    thresholds: VerdictThresholds,
+) -> Verdict | None:
+    """The verdict for one candidate, or None when it is unrelated and must not be shown.
+
+    ``inliers`` are distinct-keypoint RANSAC inliers of an *accepted* homography (0 when none was accepted);
+    ``perspective`` is :func:`pictrace.transform.perspective_strength` of that homography (None without one).
+    """
+    if exact:
+        return "exact"
+    geometric = perspective is not None and inliers > 0
+    if (
+        geometric
+        and inliers >= thresholds.copy_min_inliers
+        and embedding >= thresholds.copy_min_embedding
+        and perspective is not None
+        and perspective <= thresholds.copy_max_perspective
+    ):
+        return "copy"
+    if embedding >= thresholds.similar_min_embedding:
+        return "similar"
+    if geometric and inliers >= thresholds.similar_min_inliers:
+        return "similar"
+    return None
