@@ -1,4 +1,4 @@
-"""`python -m pictrace index|search|reindex|serve`: thin commands over the same pipeline as the web app."""
+"""`python -m pictrace index|search|reindex|eval|serve`: thin commands over the same pipeline as the web app."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the API's JSON")
 
     sub.add_parser("reindex", help="rebuild the vector index from the catalogue (ignores the index file)")
+    evaluate = sub.add_parser("eval", help="measure retrieval quality on a labelled set (throw-away index)")
+    evaluate.add_argument("gt", type=Path, help='ground truth: {"gallery": [...], "queries": [...]}')
+    evaluate.add_argument("--images", type=Path, help="folder holding the images (default: GT's images/)")
+    evaluate.add_argument("--out", type=Path, help="write the ranked results here (score.py's format)")
+    evaluate.add_argument("--details", type=Path, help="write every match's component scores here (for fitting)")
+    evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     serve = sub.add_parser("serve", help="run the web service")
     serve.add_argument("--host", help="override PICTRACE_HOST")
@@ -116,6 +122,29 @@ def _print_results(result: SearchResult) -> None:
         )
 
 
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pictrace.eval import run_eval
+
+    bar = tqdm(unit="query", desc="searching", disable=args.json)
+
+    def on_query(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = asyncio.run(run_eval(args.gt, settings, args.images, on_query))
+    finally:
+        bar.close()
+    if args.out:
+        args.out.write_text(json.dumps(report.results))
+    if args.details:
+        args.details.write_text(json.dumps(report.details))
+    print(json.dumps(report.summary(), indent=2) if args.json else report.text())
+    return 0
+
+
 def _serve(settings: Settings) -> None:
     import uvicorn
 
@@ -154,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 _print_results(result)
             return 0
+        if args.command == "eval":
+            return _eval(settings, args)
     except PicTraceError as exc:
         print(f"pictrace: {exc}", file=sys.stderr)
         return 2

@@ -45,18 +45,44 @@ class Settings(BaseSettings):
 
     # --- search --------------------------------------------------------------------------------------
     top_k: int = Field(5, ge=1, le=50, description="Results returned when the client does not say.")
-    candidates: int = Field(50, ge=1, le=1000, description="Nearest vectors re-ranked by SSIM and ORB.")
-    weight_embedding: float = Field(0.5, ge=0, description="Fusion weight of the embedding cosine.")
-    weight_ssim: float = Field(0.15, ge=0, description="Fusion weight of SSIM (256x256 gray).")
-    weight_orb: float = Field(0.35, ge=0, description="Fusion weight of ORB+RANSAC geometric agreement.")
+    candidates: int = Field(
+        10, ge=1, le=1000, description="Nearest embedding vectors verified by ORB+RANSAC (with the local ones)."
+    )
+    local_candidates: int = Field(
+        20, ge=0, le=1000, description="Images with most local-descriptor votes verified by ORB+RANSAC (0: off)."
+    )
+    local_min_votes: int = Field(3, ge=1, description="Fewer local-descriptor votes than this make no candidate.")
+    local_per_image: int = Field(
+        500, ge=16, le=10000, description="Strongest ORB descriptors per gallery image kept in the local index."
+    )
+    local_code_bytes: int = Field(
+        16, ge=4, le=32, description="Bytes of each 32-byte ORB descriptor kept in the local index."
+    )
+    local_knn: int = Field(10, ge=1, le=100, description="Nearest gallery descriptors looked up per query one.")
+    local_max_distance: int = Field(
+        24, ge=0, le=256, description="Hamming distance (on the kept bytes) beyond which a neighbour casts no vote."
+    )
+    local_nprobe: int = Field(16, ge=1, description="Inverted lists searched per query descriptor.")
+    ssim_shortlist: int = Field(
+        5, ge=0, le=1000, description="Best verified candidates that also get SSIM (the costliest signal)."
+    )
+    weight_embedding: float = Field(0.15, ge=0, description="Fusion weight of the embedding cosine.")
+    weight_ssim: float = Field(0.05, ge=0, description="Fusion weight of SSIM (256x256 gray).")
+    weight_orb: float = Field(0.8, ge=0, description="Fusion weight of ORB+RANSAC geometric agreement.")
     orb_features: int = Field(1000, ge=50, le=10000, description="ORB keypoints per image.")
     orb_max_side: int = Field(
         640, ge=128, le=4096, description="Longest side an image is resized to for ORB."
     )
+    orb_min_side: int = Field(
+        480, ge=0, le=4096, description="Smaller images are upscaled to this longest side for ORB (4x at most, 0: off)."
+    )
+    orb_verify_features: int = Field(
+        10000, ge=8, le=10000, description="Strongest keypoints of a candidate matched at verification."
+    )
     orb_ratio: float = Field(0.75, gt=0, lt=1, description="Lowe ratio test threshold for ORB matches.")
     orb_ransac_px: float = Field(5.0, gt=0, description="RANSAC reprojection threshold (pixels).")
     orb_min_inliers: int = Field(8, ge=4, description="Fewer inliers than this count as no geometric match.")
-    orb_full_inliers: int = Field(40, ge=5, description="Inliers at which the ORB score reaches 1.0.")
+    orb_full_inliers: int = Field(80, ge=5, description="Inliers at which the ORB score reaches 1.0.")
     min_score: float = Field(0.0, ge=0, le=1, description="Matches scoring below this are not returned.")
 
     # --- verdicts and evidence (issue 7; thresholds measured by bench/thresholds.py, see docs/verdicts.md) ---

@@ -81,3 +81,7 @@ class IndexMismatchError(PicTraceError):
 
 class IndexCorruptError(PicTraceError):
     """A persisted vector index file cannot be read back."""
+
+
+class EvalError(InvalidInputError):
+    """An evaluation's ground-truth file or gallery is unusable (wrong format, images that fail)."""

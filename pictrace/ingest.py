@@ -22,9 +22,11 @@ from pictrace.errors import FetchError, NotFoundError, OverloadedError, PicTrace
 from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
+from pictrace.features.orb import OrbFeatures
 from pictrace.fetch import Fetcher
 from pictrace.gallery import Gallery, LocatedEntry, Shard
 from pictrace.index import VectorIndex
+from pictrace.local_index import LocalIndex
 from pictrace.schemas import FailedEntry, IngestReport
 from pictrace.store import Catalogue, Source, StoredImage
 from pictrace.work import WorkPool
@@ -123,9 +125,11 @@ class Ingestor:
         fetcher: Fetcher,
         pool: WorkPool,
         settings: Settings,
+        local: LocalIndex | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.index = index
+        self.local = local
         self.embedder = embedder
         self.fetcher = fetcher
         self.pool = pool
@@ -163,6 +167,8 @@ class Ingestor:
             if gone:
                 removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
                 await self.pool.run_background(self.index.remove, np.array(removed, dtype=np.int64))
+                if self.local is not None:
+                    await self.pool.run_background(self.local.remove, removed)
                 report.removed = len(gone)
             self.progress = IngestProgress(total=len(todo), running=True)
             try:
@@ -171,9 +177,15 @@ class Ingestor:
                 self.progress.running = False
                 await self.pool.run_background(self.index.save)
                 await self.pool.run_background(maintain, self.index, self.catalogue)
+                await self.pool.run_background(self._retrain_local)
             report.added, report.duplicates = outcome.added, outcome.duplicates
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
+
+    def _retrain_local(self) -> None:
+        """Relearn the local index's inverted lists from the catalogue once the gallery has doubled."""
+        if self.local is not None and self.local.needs_training:
+            self.local.replace_with(LocalIndex.build(self.local.params, self.catalogue.orb_blobs()))
 
     def _refresh_details(self, entries: list[LocatedEntry]) -> None:
         self.catalogue.update_sources_details([_source(e) for e in entries])
@@ -240,9 +252,7 @@ class Ingestor:
     async def _fetch(self, item: LocatedEntry) -> bytes:
         if item.is_remote:
             return await self.fetcher.fetch_gallery(item.location)
-        return await self.pool.run_background(
-            read_local_file, Path(item.location), self.settings.max_download_bytes
-        )
+        return await self.pool.run_background(read_local_file, Path(item.location), self.settings.max_download_bytes)
 
     def _prepare(self, data: bytes, sha: str) -> tuple[StoredImage, np.ndarray]:
         """Decode and featurise one image (everything but the batched embedding). Raises on bad bytes."""
@@ -296,6 +306,8 @@ class Ingestor:
             stored = StoredImage(**{**stored.__dict__, "embedding": vector})
             vec_id, is_new = self.catalogue.add_image(stored, fetched.source)
             if is_new:
+                if self.local is not None:
+                    self.local.add(vec_id, OrbFeatures.from_bytes(stored.orb))
                 new_ids.append(vec_id)
                 new_vectors.append(vector)
                 outcome.added += 1
@@ -338,6 +350,8 @@ class Ingestor:
             vec_id, added = self.catalogue.add_image(StoredImage(**{**stored.__dict__, "embedding": vector}), source)
             if added:
                 self.index.add(np.array([vec_id], dtype=np.int64), vector[None, :])
+                if self.local is not None:
+                    self.local.add(vec_id, OrbFeatures.from_bytes(stored.orb))
         return AddedImage(sha, source.entry_id or key, key, added, stored.width, stored.height)
 
     async def remove_image(self, sha256: str) -> None:
@@ -351,6 +365,8 @@ class Ingestor:
         self.catalogue.set_meta(tombstone_key(sha256), "api")
         vec_id = self.catalogue.remove_image(sha256)
         self.index.remove(np.array([vec_id], dtype=np.int64))
+        if self.local is not None:
+            self.local.remove([vec_id])
 
     async def reindex(self) -> int:
         """Rebuild the vector index from the catalogue and save it. Refused (503) while an ingest runs."""
@@ -359,6 +375,9 @@ class Ingestor:
         async with self._lock:
             count = await self.pool.run_background(rebuild, self.index, self.catalogue)
             await self.pool.run_background(self.index.save)
+            if self.local is not None:
+                fresh = await self.pool.run_background(LocalIndex.build, self.local.params, self.catalogue.orb_blobs())
+                self.local.replace_with(fresh)
             return count
 
 

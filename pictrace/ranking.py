@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -24,7 +24,9 @@ class QueryFeatures:
 
     @classmethod
     def compute(cls, rgb: np.ndarray, embedding: np.ndarray, settings: Settings) -> QueryFeatures:
-        orb = extract_orb(rgb, n_features=settings.orb_features, max_side=settings.orb_max_side)
+        orb = extract_orb(
+            rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+        )
         return cls(embedding=embedding, gray=gray256(rgb), orb=orb)
 
 
@@ -36,7 +38,9 @@ class CandidateScore:
     orb: float
     orb_inliers: int
     fused: float
-    homography: np.ndarray | None = None  # accepted ORB fit, query pixels -> gallery pixels (transform read-out)
+    # accepted ORB fit, query pixels -> gallery pixels (transform read-out)
+    homography: np.ndarray | None = field(default=None, compare=False)
+    votes: int = 0  # local-descriptor votes that made (or backed) this candidate
 
 
 def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float:
@@ -47,14 +51,19 @@ def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float
 
 
 def verify(
-    query: QueryFeatures, vec_id: int, cosine: float, stored: RerankFeatures, settings: Settings
+    query: QueryFeatures,
+    vec_id: int,
+    cosine: float,
+    stored: RerankFeatures,
+    settings: Settings,
+    votes: int = 0,
 ) -> CandidateScore:
     """Embedding and ORB+RANSAC for one candidate: the cheap-enough signals every candidate gets.
 
     ``fused`` is provisional here (SSIM counted as 0); ``with_ssim`` completes it for the shortlist.
     """
     embedding = float(np.clip(cosine, 0.0, 1.0))
-    gallery_orb = OrbFeatures.from_bytes(stored.orb)
+    gallery_orb = OrbFeatures.from_bytes(stored.orb).strongest(settings.orb_verify_features)
     match = match_orb(
         query.orb,
         gallery_orb,
@@ -69,7 +78,14 @@ def verify(
         else to_pixel_homography(match.homography, query.orb.scale, gallery_orb.scale)
     )
     return CandidateScore(
-        vec_id, embedding, 0.0, match.score, match.inliers, fuse(embedding, 0.0, match.score, settings), homography
+        vec_id,
+        embedding,
+        0.0,
+        match.score,
+        match.inliers,
+        fuse(embedding, 0.0, match.score, settings),
+        homography,
+        votes=votes,
     )
 
 

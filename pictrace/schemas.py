@@ -41,9 +41,13 @@ class ComponentScores(BaseModel):
     """The evidence behind a fused score, each in [0, 1]."""
 
     embedding: float = Field(description="Cosine similarity of the CNN embeddings (clipped to [0, 1]).")
-    ssim: float = Field(description="SSIM of the 256x256 grayscale images (clipped to [0, 1]).")
+    ssim: float = Field(
+        description="SSIM of the 256x256 grayscale images (clipped to [0, 1]); 0 when not computed: only the "
+        "best PICTRACE_SSIM_SHORTLIST candidates get it."
+    )
     orb: float = Field(description="ORB matches that agree on one homography (RANSAC inliers), scaled.")
     orb_inliers: int = Field(0, description="Number of geometrically consistent ORB matches.")
+    votes: int = Field(0, description="Query ORB descriptors whose nearest gallery descriptors include this image's.")
 
 
 class TransformInfo(BaseModel):

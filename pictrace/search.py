@@ -1,6 +1,7 @@
 """The search pipeline, plain Python shared by the web app, the CLI, the eval command and the tests.
 
-decode → sha256 (exact hit?) → embed → K nearest vectors → re-rank (SSIM, ORB+RANSAC) → fuse → top-k.
+decode → sha256 (exact hit?) → embed + ORB → candidates (K nearest vectors ∪ images with most local-descriptor
+votes) → verify every candidate (ORB+RANSAC) → SSIM on the best few → fuse → top-k.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
 from pictrace.index import VectorIndex
+from pictrace.local_index import LocalIndex, Votes
 from pictrace.mirror import mirror_pass
 from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim
 from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
@@ -23,11 +25,19 @@ from pictrace.verdict import VerdictThresholds, classify
 
 
 class Searcher:
-    def __init__(self, catalogue: Catalogue, index: VectorIndex, embedder: Embedder, settings: Settings) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        index: VectorIndex,
+        embedder: Embedder,
+        settings: Settings,
+        local: LocalIndex | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self.index = index
         self.embedder = embedder
         self.settings = settings
+        self.local = local
 
     def search_bytes(self, data: bytes, top_k: int | None = None) -> SearchResult:
         """Search with an encoded image (upload, download or file). Raises the decode errors on bad input."""
@@ -43,16 +53,29 @@ class Searcher:
         embedding = self.embedder.embed([image.rgb])[0]
         cosines = self._nearest(embedding)
         exact = self.catalogue.vec_ids_by_hash(sha256, pixel_sha256(image.rgb))
-        for vec_id in exact:
-            cosines.setdefault(vec_id, self._cosine(embedding, vec_id))
         query = QueryFeatures.compute(image.rgb, embedding, self.settings)
+        votes = self._votes(query)
+        self._add_cosines(
+            cosines, embedding, [*exact, *votes.top(self.settings.local_candidates, self.settings.local_min_votes)]
+        )
         stored = self.catalogue.rerank_features(cosines)
-        verified = [verify(query, v, cosines[v], stored[v], self.settings) for v in cosines if v in stored]
+        verified = [
+            verify(query, v, cosines[v], stored[v], self.settings, votes.counts.get(v, 0))
+            for v in cosines
+            if v in stored
+        ]
         exact_set = set(exact)
-        verified.sort(key=lambda c: (c.vec_id in exact_set, c.fused), reverse=True)
-        shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in verified[: 2 * top_k]]
+
+        def order(c: CandidateScore) -> tuple[bool, float]:
+            return (c.vec_id in exact_set, c.fused)
+
+        verified.sort(key=order, reverse=True)
+        # The results shown (and their verdicts) get SSIM and the mirror check, as before; the other verified
+        # candidates keep their provisional score and stay in the list.
+        n_ssim = max(self.settings.ssim_shortlist, 2 * top_k)
+        shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in verified[:n_ssim]]
         shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
-        ranked = sorted(shortlist, key=lambda c: (c.vec_id in exact_set, c.fused), reverse=True)
+        ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)
         kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]
         return SearchResult(
             query=QueryInfo(sha256=sha256, width=image.width, height=image.height),
@@ -64,10 +87,17 @@ class Searcher:
         scores, ids = self.index.search(embedding[None, :], self.settings.candidates)
         return {int(i): float(s) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0}
 
-    def _cosine(self, embedding: np.ndarray, vec_id: int) -> float:
-        for _, vectors in self.catalogue.embeddings([vec_id]):
-            return float(vectors[0] @ embedding)
-        return 0.0
+    def _votes(self, query: QueryFeatures) -> Votes:
+        """Which images the query's local descriptors point to (candidates the embedding alone misses)."""
+        if self.local is None or self.settings.local_candidates == 0:
+            return Votes({})
+        return self.local.vote(query.orb)
+
+    def _add_cosines(self, cosines: dict[int, float], embedding: np.ndarray, vec_ids: list[int]) -> None:
+        missing = [v for v in vec_ids if v not in cosines]
+        for ids, vectors in self.catalogue.embeddings(missing):
+            for vec_id, score in zip(ids.tolist(), (vectors @ embedding).tolist(), strict=True):
+                cosines[int(vec_id)] = float(score)
 
     def _describe(self, kept: list[CandidateScore], exact: set[int], query_size: tuple[int, int]) -> list[Match]:
         """Matches with their verdict and transform read-out; unrelated candidates are left out."""
@@ -105,6 +135,7 @@ class Searcher:
                         ssim=round(c.ssim, 4),
                         orb=round(c.orb, 4),
                         orb_inliers=c.orb_inliers,
+                        votes=c.votes,
                     ),
                     exact=is_exact,
                     verdict=verdict,

@@ -17,6 +17,7 @@ from pictrace.fetch import Fetcher
 from pictrace.index import IndexInfo, VectorIndex
 from pictrace.index.factory import build_index, empty_index
 from pictrace.ingest import Ingestor, maintain, rebuild, reconcile
+from pictrace.local_index import LocalIndex, LocalIndexParams
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.work import WorkPool
@@ -105,12 +106,30 @@ def open_index(
     return index
 
 
+def local_index_params(settings: Settings) -> LocalIndexParams:
+    return LocalIndexParams(
+        per_image=settings.local_per_image,
+        code_bytes=settings.local_code_bytes,
+        knn=settings.local_knn,
+        max_distance=settings.local_max_distance,
+        nprobe=settings.local_nprobe,
+    )
+
+
+def open_local_index(settings: Settings, catalogue: Catalogue) -> LocalIndex:
+    """Rebuilt from the ORB blobs in the catalogue (the system of record) at every start."""
+    local = LocalIndex.build(local_index_params(settings), catalogue.orb_blobs())
+    log.info("local-feature index: %d descriptors, ~%d bytes per image", len(local), local.bytes_per_image)
+    return local
+
+
 @dataclass
 class Service:
     settings: Settings
     catalogue: Catalogue
     embedder: Embedder
     index: VectorIndex
+    local: LocalIndex
     pool: WorkPool
     fetcher: Fetcher
     searcher: Searcher
@@ -136,6 +155,7 @@ class Service:
             )
             check_backbone(catalogue, embedder)
             index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
+            local = open_local_index(settings, catalogue)
         except BaseException:
             catalogue.close()
             raise
@@ -147,10 +167,11 @@ class Service:
             catalogue=catalogue,
             embedder=embedder,
             index=index,
+            local=local,
             pool=pool,
             fetcher=fetcher,
-            searcher=Searcher(catalogue, index, embedder, settings),
-            ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings),
+            searcher=Searcher(catalogue, index, embedder, settings, local),
+            ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings, local),
             queries=QueryMemory.from_settings(settings),
         )
         if settings.sync_interval_s > 0 and not settings.milvus_uri:
@@ -168,7 +189,7 @@ class Service:
             try:
                 current = await self.pool.run_background(self.catalogue.generation)
                 if current != seen:
-                    added, removed = await self.pool.run_background(reconcile, self.index, self.catalogue)
+                    added, removed = await self.sync_now()
                     if added or removed:
                         log.info("followed the catalogue: +%d -%d vectors", added, removed)
                     await self.pool.run_background(maintain, self.index, self.catalogue)
@@ -179,8 +200,16 @@ class Service:
                 log.exception("could not follow the catalogue; retrying in %.0f s", self.settings.sync_interval_s)
 
     async def sync_now(self) -> tuple[int, int]:
-        """Reconcile at once (tests, and a replica that wants to be current before answering)."""
-        return await self.pool.run_background(reconcile, self.index, self.catalogue)
+        """Reconcile at once (tests, and a replica that wants to be current before answering).
+
+        The local-feature index has no cheap diff against the catalogue, so a replica that saw other
+        processes write rebuilds it from the stored ORB blobs (O(gallery); only when something changed).
+        """
+        added, removed = await self.pool.run_background(reconcile, self.index, self.catalogue)
+        if added or removed:
+            rebuilt = await self.pool.run_background(open_local_index, self.settings, self.catalogue)
+            self.local.replace_with(rebuilt)
+        return added, removed
 
     async def close(self) -> None:
         if self.sync_task is not None:

@@ -229,6 +229,7 @@ def test_delete_is_final_also_after_restart_and_reingest(
 
 def test_reindex_rebuilds_from_the_catalogue(client: TestClient, photos: dict[str, np.ndarray]) -> None:
     service = client.app.state.service  # type: ignore[attr-defined]
+    service.local.remove(service.index.ids().tolist())  # the local-feature index too (it finds crops alone)
     service.index.remove(service.index.ids())  # the in-memory index loses everything
     assert "camera" not in ids_found(client, encode(crop(photos["camera"])))
     response = client.post("/api/reindex", headers=AUTH)

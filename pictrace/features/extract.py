@@ -22,7 +22,9 @@ class LocalFeatures:
 
 
 def local_features(image: DecodedImage, settings: Settings) -> LocalFeatures:
-    orb = extract_orb(image.rgb, n_features=settings.orb_features, max_side=settings.orb_max_side)
+    orb = extract_orb(
+        image.rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+    )
     return LocalFeatures(
         pixel_sha256=pixel_sha256(image.rgb),
         dhash=dhash64(image.rgb),

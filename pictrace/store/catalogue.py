@@ -354,6 +354,19 @@ class Catalogue:
                 if rows:
                     yield _to_arrays(rows)
 
+    def orb_blobs(self, batch: int = 1024) -> Iterator[tuple[int, bytes]]:
+        """Every image's stored ORB blob, for rebuilding the local-feature index at start."""
+        last = 0
+        while True:
+            rows = self._query(
+                "SELECT vec_id, orb FROM images WHERE vec_id > ? ORDER BY vec_id LIMIT ?", (last, batch)
+            )
+            if not rows:
+                return
+            for vec_id, blob in rows:
+                yield int(vec_id), bytes(blob)
+            last = int(rows[-1][0])
+
     def records(self, vec_ids: Iterable[int]) -> dict[int, ImageRecord]:
         """Describe images for results: the first source (by db.json position, then URL) names each one."""
         wanted = [int(v) for v in vec_ids]
