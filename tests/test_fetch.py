@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
+from resolvers import MapResolver
 
 from pictrace.config import Settings
 from pictrace.errors import FetchError, TooLargeError, UnsafeURLError
@@ -23,36 +23,6 @@ IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40  # opaque bytes: fetch.py 
 CAP = 64 * 1024
 ENDLESS_CHUNK = 64 * 1024
 ENDLESS_LIMIT = 512 * 1024 * 1024  # what /endless would send to a client that never stops reading
-
-
-class MapResolver(AbstractResolver):
-    """A real resolver over a fixed table: lets a test say that a name points at 127.0.0.1."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.lookups: Counter[str] = Counter()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        self.lookups[host] += 1
-        addresses = self.table.get(host.rstrip(".").lower())
-        if addresses is None:
-            raise socket.gaierror(socket.EAI_NONAME, f"unknown host {host}")
-        return [
-            ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-            )
-            for address in addresses
-        ]
-
-    async def close(self) -> None:
-        pass
 
 
 def resolver() -> MapResolver:

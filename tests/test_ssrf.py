@@ -7,40 +7,10 @@ import socket
 
 import pytest
 import yarl
-from aiohttp.abc import AbstractResolver, ResolveResult
+from resolvers import MapResolver
 
 from pictrace.errors import UnsafeURLError
 from pictrace.ssrf import GuardedResolver, check_url, is_forbidden_address, parse_allow, parse_ip_host
-
-
-class MapResolver(AbstractResolver):
-    """A real resolver over a fixed table, so tests decide what a name resolves to."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.closed = False
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        addresses = self.table.get(host.rstrip(".").lower())
-        if addresses is None:
-            raise socket.gaierror(socket.EAI_NONAME, f"unknown host {host}")
-        return [
-            ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-            )
-            for address in addresses
-        ]
-
-    async def close(self) -> None:
-        self.closed = True
-
 
 # --- check_url -----------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.schemas import AddedImage, AddImageRequest, DeletedImage, Reindexed
+from pictrace.web.api import ERRORS
 from pictrace.web.auth import require_writer
 from pictrace.web.deps import ServiceDep, admit, query_bytes
 
@@ -25,14 +26,9 @@ router = APIRouter(dependencies=[Depends(require_writer)], tags=["writes"])
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Bad request or refused URL"},
+    **ERRORS,
     401: {"description": "Missing or wrong bearer token"},
     403: {"description": "Writes are disabled: no PICTRACE_API_TOKEN configured"},
-    413: {"description": "Body or image too large"},
-    415: {"description": "Not an image in an accepted format"},
-    422: {"description": "Corrupt image or invalid parameters"},
-    502: {"description": "The URL could not be fetched"},
-    503: {"description": "Busy: retry after the Retry-After header"},
 }
 
 _FIELDS = {
