@@ -174,15 +174,15 @@ class Service:
             ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings, local),
             queries=QueryMemory.from_settings(settings),
         )
-        if settings.sync_interval_s > 0 and not settings.milvus_uri:
+        if settings.sync_interval_s > 0:
             service.sync_task = asyncio.create_task(service._follow_catalogue(catalogue.generation()))
         return service
 
     async def _follow_catalogue(self, seen: int) -> None:
         """Keep this process's FAISS index in step with a catalogue other processes write to (replicas).
 
-        A cheap counter read every ``sync_interval_s``; a reconcile only when it moved. (Shared Milvus needs
-        none: every writer updates the one collection.)
+        A cheap counter read every ``sync_interval_s``; a reconcile only when it moved. (Shared Milvus needs no
+        vector reconcile, every writer updates the one collection, but the in-process local-feature index does.)
         """
         while True:
             await asyncio.sleep(self.settings.sync_interval_s)
@@ -205,8 +205,10 @@ class Service:
         The local-feature index has no cheap diff against the catalogue, so a replica that saw other
         processes write rebuilds it from the stored ORB blobs (O(gallery); only when something changed).
         """
-        added, removed = await self.pool.run_background(reconcile, self.index, self.catalogue)
-        if added or removed:
+        added, removed = 0, 0
+        if not self.settings.milvus_uri:
+            added, removed = await self.pool.run_background(reconcile, self.index, self.catalogue)
+        if added or removed or self.settings.milvus_uri:
             rebuilt = await self.pool.run_background(open_local_index, self.settings, self.catalogue)
             self.local.replace_with(rebuilt)
         return added, removed
