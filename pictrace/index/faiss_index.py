@@ -96,7 +96,7 @@ def _new_structure(mode: str, dim: int, params: FaissParams) -> faiss.Index:
     if mode == "hnsw":
         index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     elif mode == "hnsw-sq8":
-        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)  # type: ignore[assignment,arg-type]  # faiss stubs lag the SWIG API
     else:
         raise ValueError(f"unknown FAISS index mode {mode!r} (expected auto or one of {', '.join(MODES)})")
     index.hnsw.efConstruction = params.ef_construction
@@ -164,7 +164,7 @@ class _Structure:
             return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
         held = self._alive_selector()  # hold the bitmap for the whole search
         if isinstance(self.index, faiss.IndexHNSW):
-            params: faiss.SearchParameters = faiss.SearchParametersHNSW(efSearch=max(ef_search, k))
+            params: faiss.SearchParameters = faiss.SearchParametersHNSW(efSearch=max(ef_search, k))  # type: ignore[attr-defined]
         else:
             params = faiss.SearchParameters()
         if held is not None:
@@ -363,7 +363,7 @@ def _write(handle: BinaryIO, header: dict[str, object], labels: np.ndarray, inde
     handle.write(MAGIC)
     put(json.dumps(header).encode() + b"\n")
     put(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    faiss.write_index(index, faiss.PyCallbackIOWriter(put))
+    faiss.write_index(index, faiss.PyCallbackIOWriter(put))  # type: ignore[attr-defined]
     handle.write(struct.pack("<I", crc) + END)
 
 
@@ -387,7 +387,7 @@ def _read(handle: BinaryIO) -> tuple[dict[str, Any], np.ndarray, faiss.Index]:
         crc = zlib.crc32(chunk, crc)
         return chunk
 
-    index = faiss.read_index(faiss.PyCallbackIOReader(get))
+    index = faiss.read_index(faiss.PyCallbackIOReader(get))  # type: ignore[attr-defined]
     if handle.read() != struct.pack("<I", crc) + END:
         raise ValueError("checksum mismatch or trailing data")
     if index.ntotal != n_labels:

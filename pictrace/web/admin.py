@@ -12,14 +12,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.schemas import AddedImage, AddImageRequest, DeletedImage, Reindexed
 from pictrace.web.api import ERRORS
 from pictrace.web.auth import require_writer
-from pictrace.web.deps import ServiceDep, admit, query_bytes
+from pictrace.web.deps import FORM_TYPES, ServiceDep, admit, content_type, image_fields, json_body, query_bytes
 
 router = APIRouter(dependencies=[Depends(require_writer)], tags=["writes"])
 
@@ -83,22 +81,14 @@ def _entry_id(raw: object) -> str | None:
 async def _read_add(request: Request, service: ServiceDep) -> tuple[bytes, str | None, str | None, dict[str, Any]]:
     """(bytes, url, id, metadata) from a multipart file or url, a form url, or a JSON body."""
     max_meta = service.settings.max_metadata_bytes
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json":
-        try:
-            body = AddImageRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise InvalidInputError(f"invalid JSON body: {exc.errors()[0]['msg']}") from exc
+    kind = content_type(request)
+    if kind == "application/json":
+        body = await json_body(request, AddImageRequest)
         metadata = _metadata(body.metadata, max_meta)
         return await query_bytes(service, upload=None, url=body.url), body.url.strip(), body.id, metadata
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    if kind in FORM_TYPES:
         async with request.form(max_files=1, max_fields=10) as form:
-            upload = form.get("file")
-            url = form.get("url")
-            if upload is not None and not isinstance(upload, UploadFile):
-                raise InvalidInputError("'file' must be a file upload")
-            if url is not None and not isinstance(url, str):
-                raise InvalidInputError("'url' must be a text field")
+            upload, url = image_fields(form)
             entry_id = _entry_id(form.get("id"))
             metadata = _metadata(form.get("metadata"), max_meta)
             data = await query_bytes(service, upload=upload, url=url)

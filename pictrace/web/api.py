@@ -7,13 +7,22 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.explain import explain_match
 from pictrace.schemas import Health, ImageCounts, LegacySimilarImages, SearchRequest, SearchResult
-from pictrace.web.deps import ServiceDep, admit, parse_top_k, query_bytes, run_search
+from pictrace.web.deps import (
+    FORM_TYPES,
+    ServiceDep,
+    admit,
+    content_type,
+    image_fields,
+    json_body,
+    parse_top_k,
+    query_bytes,
+    run_search,
+)
 
 router = APIRouter()
 
@@ -65,22 +74,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 async def _read_query(request: Request, service: ServiceDep) -> tuple[bytes, int | None]:
     """Accept a multipart `file`, a form `url`, or a JSON body `{"url", "top_k"}`."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json":
-        try:
-            body = SearchRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise InvalidInputError(f"invalid JSON body: {exc.errors()[0]['msg']}") from exc
-        data = await query_bytes(service, upload=None, url=body.url)
-        return data, body.top_k
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    kind = content_type(request)
+    if kind == "application/json":
+        body = await json_body(request, SearchRequest)
+        return await query_bytes(service, upload=None, url=body.url), body.top_k
+    if kind in FORM_TYPES:
         async with request.form(max_files=1, max_fields=10) as form:
-            upload = form.get("file")
-            url = form.get("url")
-            if upload is not None and not isinstance(upload, UploadFile):
-                raise InvalidInputError("'file' must be a file upload")
-            if url is not None and not isinstance(url, str):
-                raise InvalidInputError("'url' must be a text field")
+            upload, url = image_fields(form)
             top_k = parse_top_k(form.get("top_k") or request.query_params.get("top_k"))
             return await query_bytes(service, upload=upload, url=url), top_k
     raise InvalidInputError(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
-from starlette.datastructures import UploadFile
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData, UploadFile
 
 from pictrace.errors import InvalidInputError, TooLargeError
 from pictrace.explain import with_evidence
@@ -77,3 +78,30 @@ def parse_top_k(raw: object) -> int | None:
     if not 1 <= value <= 50:
         raise InvalidInputError(f"top_k must be between 1 and 50, got {value}")
     return value
+
+
+M = TypeVar("M", bound=BaseModel)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def json_body(request: Request, model: type[M]) -> M:
+    """Validate a JSON body into ``model``; a bad body is the client's error (400), named plainly."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid JSON body: {exc.errors()[0]['msg']}") from exc
+
+
+def image_fields(form: FormData) -> tuple[UploadFile | None, str | None]:
+    """The ``file`` and ``url`` fields of a form, each of the right kind or absent."""
+    upload = form.get("file")
+    url = form.get("url")
+    if upload is not None and not isinstance(upload, UploadFile):
+        raise InvalidInputError("'file' must be a file upload")
+    if url is not None and not isinstance(url, str):
+        raise InvalidInputError("'url' must be a text field")
+    return upload, url
