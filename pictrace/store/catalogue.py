@@ -21,28 +21,30 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import numpy as np
 
 from pictrace.errors import NotFoundError
 
-SCHEMA = """
+# One schema for both catalogues; only the column types differ (see ``schema``).
+SCHEMA_TEMPLATE = Template("""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS images (
-    vec_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    vec_id       $identity,
     sha256       TEXT NOT NULL UNIQUE,
     pixel_sha256 TEXT NOT NULL,
     width        INTEGER NOT NULL,
     height       INTEGER NOT NULL,
     format       TEXT NOT NULL,
-    nbytes       INTEGER NOT NULL,
-    dhash        INTEGER NOT NULL,
-    embedding    BLOB NOT NULL,
-    gray         BLOB NOT NULL,
-    orb          BLOB NOT NULL,
-    thumbnail    BLOB NOT NULL,
-    added_at     REAL NOT NULL
+    nbytes       $int64 NOT NULL,
+    dhash        $int64 NOT NULL,
+    embedding    $blob NOT NULL,
+    gray         $blob NOT NULL,
+    orb          $blob NOT NULL,
+    thumbnail    $blob NOT NULL,
+    added_at     $real NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_pixel ON images(pixel_sha256);
 CREATE TABLE IF NOT EXISTS sources (
@@ -56,12 +58,19 @@ CREATE TABLE IF NOT EXISTS sources (
     status     TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
     error      TEXT,
     attempts   INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
+    updated_at $real NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sources_sha ON sources(sha256);
-CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), generation $int64 NOT NULL);
 INSERT INTO changes (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
-"""
+""")
+
+
+def schema(identity: str, int64: str, blob: str, real: str) -> str:
+    return SCHEMA_TEMPLATE.substitute(identity=identity, int64=int64, blob=blob, real=real)
+
+
+SCHEMA = schema(identity="INTEGER PRIMARY KEY AUTOINCREMENT", int64="INTEGER", blob="BLOB", real="REAL")
 
 # Bumped in the transaction that adds or deletes an image: replicas compare it to know their index is stale.
 BUMP_GENERATION = "UPDATE changes SET generation = generation + 1 WHERE id = 1"
