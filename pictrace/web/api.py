@@ -136,6 +136,12 @@ async def original(sha256: str, service: ServiceDep) -> FileResponse:
     return FileResponse(path)
 
 
+async def legacy_answer(service: ServiceDep, data: bytes) -> LegacySimilarImages:
+    """The original's answer: the URLs of the top 5 matches, best first."""
+    result = await run_search(service, data, 5)
+    return LegacySimilarImages(similar_images=[m.url for m in result.results])
+
+
 # --- compatibility with the original PicTrace ----------------------------------------------------------
 
 
@@ -154,8 +160,7 @@ async def legacy_upload(request: Request, service: ServiceDep) -> LegacySimilarI
         if not isinstance(upload, UploadFile):
             raise InvalidInputError("missing multipart field 'file'")
         data = await query_bytes(service, upload=upload, url=None)
-    result = await run_search(service, data, 5)
-    return LegacySimilarImages(similar_images=[m.url for m in result.results])
+    return await legacy_answer(service, data)
 
 
 @router.post(
@@ -175,8 +180,7 @@ async def legacy_upload_from_url(request: Request, service: ServiceDep) -> Legac
         if not isinstance(url, str) or not url.strip():
             raise InvalidInputError("missing form field 'image_url'")
     data = await query_bytes(service, upload=None, url=url)
-    result = await run_search(service, data, 5)
-    return LegacySimilarImages(similar_images=[m.url for m in result.results])
+    return await legacy_answer(service, data)
 
 
 # --- evidence (issue 7) ---------------------------------------------------------------------------------
