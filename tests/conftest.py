@@ -20,6 +20,7 @@ from pgserver import postgres_server, postgres_url  # noqa: F401  (fixtures)
 from PIL import Image
 
 from pictrace.config import Settings
+from pictrace.schemas import IngestReport
 
 
 def encode(rgb: np.ndarray, fmt: str = "JPEG", **options: object) -> bytes:
@@ -147,3 +148,15 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
     return make
+
+
+async def ingest(settings: Settings) -> IngestReport:
+    """Index ``settings.db`` once with a service of its own (what `pictrace index` does)."""
+    from pictrace.gallery import load_gallery
+    from pictrace.service import Service
+
+    service = await Service.start(settings)
+    try:
+        return await service.ingestor.ingest_gallery(load_gallery(settings.db))
+    finally:
+        await service.close()

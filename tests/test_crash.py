@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ImageServer, encode
+from conftest import ImageServer, encode, ingest
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
-from pictrace.gallery import load_gallery
-from pictrace.schemas import IngestReport
 from pictrace.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,14 +190,6 @@ def down_host() -> Iterator[int]:
         yield sock.getsockname()[1]
     finally:
         sock.close()
-
-
-async def ingest(settings: Settings) -> IngestReport:
-    service = await Service.start(settings)
-    try:
-        return await service.ingestor.ingest_gallery(load_gallery(settings.db))
-    finally:
-        await service.close()
 
 
 async def test_faulty_hosts_cost_only_their_entries_and_are_retried(

@@ -8,25 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ImageServer, encode
+from conftest import ImageServer, encode, ingest
 
 from pictrace.config import Settings
-from pictrace.gallery import load_gallery
-from pictrace.schemas import IngestReport
 from pictrace.service import Service
 
 
 def write_db(path: Path, entries: list[dict[str, object]]) -> Path:
     path.write_text(json.dumps(entries))
     return path
-
-
-async def ingest(settings: Settings) -> IngestReport:
-    service = await Service.start(settings)
-    try:
-        return await service.ingestor.ingest_gallery(load_gallery(settings.db))
-    finally:
-        await service.close()
 
 
 @pytest.fixture
