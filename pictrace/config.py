@@ -63,6 +63,18 @@ class Settings(BaseSettings):
         24, ge=0, le=256, description="Hamming distance (on the kept bytes) beyond which a neighbour casts no vote."
     )
     local_nprobe: int = Field(16, ge=1, description="Inverted lists searched per query descriptor.")
+    expand_from: int = Field(
+        3, ge=0, le=50, description="Best verified results whose match-graph neighbours join the results (0: off)."
+    )
+    expand_min_score: float = Field(
+        0.2, ge=0, le=1, description="A verified result must score this much before its neighbours are added."
+    )
+    expand_weight: float = Field(
+        0.5, ge=0, le=1, description="A neighbour reached through a result scores this share of that result's score."
+    )
+    graph_candidates: int = Field(
+        10, ge=0, le=1000, description="Most-voted images each new image is verified against at ingest (0: no graph)."
+    )
     ssim_shortlist: int = Field(
         5, ge=0, le=1000, description="Best verified candidates that also get SSIM (the costliest signal)."
     )
@@ -82,7 +94,12 @@ class Settings(BaseSettings):
     orb_ratio: float = Field(0.75, gt=0, lt=1, description="Lowe ratio test threshold for ORB matches.")
     orb_ransac_px: float = Field(5.0, gt=0, description="RANSAC reprojection threshold (pixels).")
     orb_min_inliers: int = Field(8, ge=4, description="Fewer inliers than this count as no geometric match.")
-    orb_full_inliers: int = Field(80, ge=5, description="Inliers at which the ORB score reaches 1.0.")
+    orb_full_inliers: int = Field(
+        30, ge=5, description="Centre-weighted inliers at which the ORB score (and a graph link) reaches 1.0."
+    )
+    orb_centre_sigma: float = Field(
+        0.2, ge=0, le=10, description="Centre prior on query inliers, a fraction of the longest side (0: off)."
+    )
     min_score: float = Field(0.0, ge=0, le=1, description="Matches scoring below this are not returned.")
 
     # --- verdicts and evidence (issue 7; thresholds measured by bench/thresholds.py, see docs/verdicts.md) ---

@@ -25,6 +25,7 @@ from pictrace.features.hashing import sha256_hex
 from pictrace.features.orb import OrbFeatures
 from pictrace.fetch import Fetcher
 from pictrace.gallery import Gallery, LocatedEntry, Shard
+from pictrace.graph import link_images
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex
 from pictrace.schemas import FailedEntry, IngestReport
@@ -178,6 +179,7 @@ class Ingestor:
                 await self.pool.run_background(self.index.save)
                 await self.pool.run_background(maintain, self.index, self.catalogue)
                 await self.pool.run_background(self._retrain_local)
+            await self.pool.run_background(self._link_unlinked)
             report.added, report.duplicates = outcome.added, outcome.duplicates
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
@@ -315,7 +317,23 @@ class Ingestor:
                 outcome.duplicates += 1
         if new_ids:
             self.index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
+            self._link(new_ids)
         return outcome
+
+    def _link(self, vec_ids: list[int]) -> None:
+        """Store the new images' verified matches (the match graph, pictrace/graph.py)."""
+        if self.local is not None and self.settings.graph_candidates > 0:
+            link_images(self.catalogue, self.local, self.settings, vec_ids)
+
+    def _link_unlinked(self) -> int:
+        """Images never linked (older catalogues, a crash between commit and links) get their links now."""
+        if self.local is None or self.settings.graph_candidates == 0:
+            return 0
+        todo = self.catalogue.unlinked()
+        if todo:
+            log.info("linking %d images into the match graph", len(todo))
+            self._link(todo)
+        return len(todo)
 
     # --- writes through the API ------------------------------------------------------------------------
 
@@ -352,6 +370,7 @@ class Ingestor:
                 self.index.add(np.array([vec_id], dtype=np.int64), vector[None, :])
                 if self.local is not None:
                     self.local.add(vec_id, OrbFeatures.from_bytes(stored.orb))
+                self._link([vec_id])
         return AddedImage(sha, source.entry_id or key, key, added, stored.width, stored.height)
 
     async def remove_image(self, sha256: str) -> None:

@@ -10,13 +10,11 @@ candidate: bench/thresholds.py measures what it costs and what it finds.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from pictrace.config import Settings
-from pictrace.features.orb import OrbFeatures, extract_orb, match_orb
-from pictrace.ranking import CandidateScore, fuse
+from pictrace.features.orb import OrbFeatures, extract_orb
+from pictrace.ranking import CandidateScore, match_features, rescore
 from pictrace.store import RerankFeatures
 from pictrace.transform import mirror_matrix, to_pixel_homography
 
@@ -45,23 +43,12 @@ def mirror_pass(
     found: dict[int, CandidateScore] = {}
     for candidate in todo:
         gallery = OrbFeatures.from_bytes(stored[candidate.vec_id].orb)
-        match = match_orb(
-            mirrored,
-            gallery,
-            ratio=settings.orb_ratio,
-            ransac_px=settings.orb_ransac_px,
-            min_inliers=settings.orb_min_inliers,
-            full_inliers=settings.orb_full_inliers,
-        )
+        match = match_features(mirrored, gallery, settings)
         current = candidate.orb_inliers if candidate.homography is not None else 0
         if match.homography is None or match.inliers <= current:
             continue
         homography = to_pixel_homography(match.homography @ unmirror, mirrored.scale, gallery.scale)
-        found[candidate.vec_id] = replace(
-            candidate,
-            orb=match.score,
-            orb_inliers=match.inliers,
-            homography=homography,
-            fused=fuse(candidate.embedding, candidate.ssim, match.score, settings),
+        found[candidate.vec_id] = rescore(
+            candidate, settings, orb=match.score, orb_inliers=match.inliers, homography=homography
         )
     return [found.get(c.vec_id, c) for c in candidates]

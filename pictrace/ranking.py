@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pictrace.config import Settings
-from pictrace.features.orb import OrbFeatures, extract_orb, match_orb
+from pictrace.features.orb import OrbFeatures, OrbMatch, extract_orb, match_orb
 from pictrace.features.ssim import gray256, ssim_score
 from pictrace.features.thumbnail import decode_gray_png
 from pictrace.store import RerankFeatures
@@ -41,6 +41,15 @@ class CandidateScore:
     # accepted ORB fit, query pixels -> gallery pixels (transform read-out)
     homography: np.ndarray | None = field(default=None, compare=False)
     votes: int = 0  # local-descriptor votes that made (or backed) this candidate
+    linked: float = 0.0  # score earned through the match graph (a floor under ``fused``), see pictrace/graph.py
+    via: int | None = None  # the result whose stored link brought that score
+
+
+def rescore(candidate: CandidateScore, settings: Settings, **changes: object) -> CandidateScore:
+    """The candidate with some components replaced and ``fused`` recomputed; a graph link's score is a floor."""
+    changed = replace(candidate, **changes)  # type: ignore[arg-type]
+    fused = fuse(changed.embedding, changed.ssim, changed.orb, settings)
+    return replace(changed, fused=max(fused, changed.linked))
 
 
 def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float:
@@ -48,6 +57,19 @@ def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float
     weights = (settings.weight_embedding, settings.weight_ssim, settings.weight_orb)
     total = sum(weights)
     return float((weights[0] * embedding + weights[1] * ssim + weights[2] * orb) / total)
+
+
+def match_features(query: OrbFeatures, gallery: OrbFeatures, settings: Settings) -> OrbMatch:
+    """ORB+RANSAC with the configured thresholds: the one geometric check search, mirror pass and graph share."""
+    return match_orb(
+        query,
+        gallery,
+        ratio=settings.orb_ratio,
+        ransac_px=settings.orb_ransac_px,
+        min_inliers=settings.orb_min_inliers,
+        full_inliers=settings.orb_full_inliers,
+        centre_sigma=settings.orb_centre_sigma,
+    )
 
 
 def verify(
@@ -64,14 +86,7 @@ def verify(
     """
     embedding = float(np.clip(cosine, 0.0, 1.0))
     gallery_orb = OrbFeatures.from_bytes(stored.orb).strongest(settings.orb_verify_features)
-    match = match_orb(
-        query.orb,
-        gallery_orb,
-        ratio=settings.orb_ratio,
-        ransac_px=settings.orb_ransac_px,
-        min_inliers=settings.orb_min_inliers,
-        full_inliers=settings.orb_full_inliers,
-    )
+    match = match_features(query.orb, gallery_orb, settings)
     homography = (
         None
         if match.homography is None
@@ -93,5 +108,4 @@ def with_ssim(
     query: QueryFeatures, candidate: CandidateScore, stored: RerankFeatures, settings: Settings
 ) -> CandidateScore:
     """SSIM is the costliest per-pair signal and the least discriminative, so only the shortlist pays for it."""
-    ssim = ssim_score(query.gray, decode_gray_png(stored.gray_png))
-    return replace(candidate, ssim=ssim, fused=fuse(candidate.embedding, ssim, candidate.orb, settings))
+    return rescore(candidate, settings, ssim=ssim_score(query.gray, decode_gray_png(stored.gray_png)))

@@ -82,6 +82,10 @@ class Match(BaseModel):
         description="exact: same bytes or pixels; copy: the same picture edited; similar: same thing, other shot.",
     )
     transform: TransformInfo | None = Field(None, description="For a geometric match: what was done to it.")
+    via: str | None = Field(
+        None,
+        description="Found through this other result (id): it matches both the query and this image.",
+    )
     evidence_url: str | None = Field(
         None, description="PNG with the matched keypoints and an SSIM difference map (while the query is kept)."
     )

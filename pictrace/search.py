@@ -1,7 +1,8 @@
 """The search pipeline, plain Python shared by the web app, the CLI, the eval command and the tests.
 
 decode → sha256 (exact hit?) → embed + ORB → candidates (K nearest vectors ∪ images with most local-descriptor
-votes) → verify every candidate (ORB+RANSAC) → SSIM on the best few → fuse → top-k.
+votes) → verify every candidate (ORB+RANSAC) → add the stored links of the best (pictrace/graph.py) → SSIM on
+the best few → fuse → top-k.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pictrace.config import Settings
 from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
+from pictrace.graph import expand
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex, Votes
 from pictrace.mirror import mirror_pass
@@ -43,11 +45,25 @@ class Searcher:
         """Search with an encoded image (upload, download or file). Raises the decode errors on bad input."""
         started = time.perf_counter()
         image = decode_image(data, max_pixels=self.settings.max_pixels)
-        return self.search_image(image, sha256_hex(data), top_k, started)
+        return self._search(image, sha256_hex(data), top_k, started)[0]
 
     def search_image(
         self, image: DecodedImage, sha256: str, top_k: int | None = None, started: float | None = None
     ) -> SearchResult:
+        return self._search(image, sha256, top_k, started)[0]
+
+    def search_ranked(self, data: bytes, top_k: int | None = None) -> tuple[SearchResult, list[str]]:
+        """The answer a client gets, plus the ids of *every* candidate ranked, shown or not (for ``eval``:
+        an image the verdicts hide still counts where it was ranked, as with any ranked-list metric)."""
+        started = time.perf_counter()
+        image = decode_image(data, max_pixels=self.settings.max_pixels)
+        result, ranked = self._search(image, sha256_hex(data), top_k, started)
+        records = self.catalogue.records(ranked)
+        return result, [records[v].entry_id for v in ranked if v in records]
+
+    def _search(
+        self, image: DecodedImage, sha256: str, top_k: int | None, started: float | None
+    ) -> tuple[SearchResult, list[int]]:
         started = time.perf_counter() if started is None else started
         top_k = top_k or self.settings.top_k
         embedding = self.embedder.embed([image.rgb])[0]
@@ -69,19 +85,28 @@ class Searcher:
         def order(c: CandidateScore) -> tuple[bool, float]:
             return (c.vec_id in exact_set, c.fused)
 
+        def cosine_of(vec_ids: list[int]) -> dict[int, float]:
+            self._add_cosines(cosines, embedding, vec_ids)
+            return {v: cosines[v] for v in vec_ids if v in cosines}
+
         verified.sort(key=order, reverse=True)
-        # The results shown (and their verdicts) get SSIM and the mirror check, as before; the other verified
-        # candidates keep their provisional score and stay in the list.
+        verified = expand(verified, exact_set, self.catalogue, self.settings, cosine_of)
+        verified.sort(key=order, reverse=True)
+        # The results shown (and their verdicts) get SSIM and the mirror check; the other candidates keep
+        # their provisional score and stay in the list.
         n_ssim = max(self.settings.ssim_shortlist, 2 * top_k)
-        shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in verified[:n_ssim]]
+        best = verified[:n_ssim]
+        stored.update(self.catalogue.rerank_features(c.vec_id for c in best if c.vec_id not in stored))
+        shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in best if c.vec_id in stored]
         shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
         ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)
         kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]
-        return SearchResult(
+        result = SearchResult(
             query=QueryInfo(sha256=sha256, width=image.width, height=image.height),
             results=self._describe(kept, exact_set, (image.width, image.height))[:top_k],
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        return result, [c.vec_id for c in kept]
 
     def _nearest(self, embedding: np.ndarray) -> dict[int, float]:
         scores, ids = self.index.search(embedding[None, :], self.settings.candidates)
@@ -101,7 +126,7 @@ class Searcher:
 
     def _describe(self, kept: list[CandidateScore], exact: set[int], query_size: tuple[int, int]) -> list[Match]:
         """Matches with their verdict and transform read-out; unrelated candidates are left out."""
-        records = self.catalogue.records(c.vec_id for c in kept)
+        records = self.catalogue.records({v for c in kept for v in (c.vec_id, c.via) if v is not None})
         thresholds = VerdictThresholds.from_settings(self.settings)
         matches = []
         for c in kept:
@@ -120,6 +145,7 @@ class Searcher:
                 inliers=c.orb_inliers if readout is not None else 0,
                 perspective=readout.perspective if readout is not None else None,
                 thresholds=thresholds,
+                linked=c.via is not None,
             )
             if verdict is None:
                 continue
@@ -140,6 +166,7 @@ class Searcher:
                     exact=is_exact,
                     verdict=verdict,
                     transform=None if readout is None else transform_info(readout),
+                    via=None if c.via is None or c.via not in records else records[c.via].entry_id,
                     thumbnail_url=f"/api/images/{record.sha256}/thumbnail",
                     metadata=record.metadata,
                 )

@@ -9,7 +9,8 @@ data; docs/verdicts.md has the measurement.
   rescale, rotation, mirror, border, caption, recompression all keep the map affine), and the embeddings agree
   at least a little (a floor that stops a geometric accident on a flat background).
 * **similar**: the same object or scene, another shot: a high embedding cosine, or a geometric match whose
-  homography has a clear perspective (a photo of the same print taken at an angle).
+  homography has a clear perspective (a photo of the same print taken at an angle), or a link through another
+  result that matches both (the match graph, pictrace/graph.py).
 * anything else is unrelated and not shown at all.
 """
 
@@ -50,11 +51,13 @@ def classify(
     inliers: int,
     perspective: float | None,
     thresholds: VerdictThresholds,
+    linked: bool = False,
 ) -> Verdict | None:
     """The verdict for one candidate, or None when it is unrelated and must not be shown.
 
     ``inliers`` are distinct-keypoint RANSAC inliers of an *accepted* homography (0 when none was accepted);
-    ``perspective`` is :func:`pictrace.transform.perspective_strength` of that homography (None without one).
+    ``perspective`` is :func:`pictrace.transform.perspective_strength` of that homography (None without one);
+    ``linked``: reached through the match graph (another result matches both), which makes it at least similar.
     """
     if exact:
         return "exact"
@@ -67,7 +70,7 @@ def classify(
         and perspective <= thresholds.copy_max_perspective
     ):
         return "copy"
-    if embedding >= thresholds.similar_min_embedding:
+    if linked or embedding >= thresholds.similar_min_embedding:
         return "similar"
     if geometric and inliers >= thresholds.similar_min_inliers:
         return "similar"

@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS sources (
 CREATE INDEX IF NOT EXISTS sources_sha ON sources(sha256);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), generation $int64 NOT NULL);
 INSERT INTO changes (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS links (
+    vec_id  $int64 NOT NULL REFERENCES images(vec_id) ON DELETE CASCADE,
+    other   $int64 NOT NULL REFERENCES images(vec_id) ON DELETE CASCADE,
+    inliers INTEGER NOT NULL,
+    PRIMARY KEY (vec_id, other)
+);
 """)
 
 
@@ -478,6 +484,46 @@ class Catalogue:
         if not rows:
             raise NotFoundError(f"no image with sha256 {sha256}")
         return bytes(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+
+    # ---------------------------------------------------------------------- match graph (issue 6)
+    # Verified geometric matches between gallery images, stored both ways and deleted with either image
+    # (ON DELETE CASCADE). Written at ingest; read for the few best results of a query (query expansion).
+
+    def add_links(self, vec_id: int, links: Iterable[tuple[int, int]]) -> int:
+        """Store ``(other, inliers)`` links of one image in both directions, and mark the image as linked (a
+        row to itself) even when nothing matched. Links to images deleted meanwhile are skipped. Returns how
+        many links were stored."""
+        vec_id = int(vec_id)
+        pairs = [(vec_id, int(other), int(inliers)) for other, inliers in links if int(other) != vec_id]
+        rows = [(vec_id, vec_id, 0, vec_id, vec_id)]
+        rows += [(a, b, n, a, b) for a, b, n in pairs] + [(b, a, n, b, a) for a, b, n in pairs]
+        with self._transaction() as conn:
+            conn.executemany(
+                """INSERT INTO links (vec_id, other, inliers)
+                   SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
+                                    AND EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
+                   ON CONFLICT (vec_id, other) DO UPDATE SET inliers = excluded.inliers""",
+                rows,
+            )
+        return len(pairs)
+
+    def links_of(self, vec_ids: Iterable[int]) -> dict[int, list[tuple[int, int]]]:
+        """``{vec_id: [(other, inliers), ...]}`` for the given images (absent: no stored links)."""
+        wanted = [int(v) for v in vec_ids]
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        out: dict[int, list[tuple[int, int]]] = {}
+        for vec_id, other, inliers in self._query(
+            f"SELECT vec_id, other, inliers FROM links WHERE vec_id IN ({marks}) AND other != vec_id", wanted
+        ):
+            out.setdefault(int(vec_id), []).append((int(other), int(inliers)))
+        return out
+
+    def unlinked(self) -> list[int]:
+        """Images whose links were never computed (added before the graph existed, or a crash in between)."""
+        rows = self._query("SELECT vec_id FROM images WHERE vec_id NOT IN (SELECT vec_id FROM links) ORDER BY vec_id")
+        return [int(r[0]) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,108 @@
+"""The match graph: verified geometric links between gallery images, built at ingest, used for query expansion.
+
+A phone photo of a cover in glare matches that cover's clean scan with many inliers, and the scan matches every
+other photo of the cover, but two phone photos (glare against blur, tilt against clutter) often share too few
+keypoints to match each other directly. Each new image is therefore verified against its most-voted gallery
+images once, at ingest, and the accepted matches are stored in the catalogue both ways (``links``). A query
+that matches some gallery image well then also finds that image's links, scored below the image itself
+(``expand_weight`` × its score × the link's strength), and each such result says ``via`` which image it was
+reached through. On the shared real-photo set this lifted mAP from 0.92 to 0.97 (docs/quality.md).
+
+Links are derived data like the indexes, but costly to recompute (one verification round per image), so they
+live in the catalogue (system of record, shared by replicas) and are deleted with either of their images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from pictrace.config import Settings
+from pictrace.features.orb import OrbFeatures
+from pictrace.local_index import LocalIndex
+from pictrace.ranking import CandidateScore, match_features, rescore
+from pictrace.store import Catalogue
+
+log = logging.getLogger(__name__)
+
+
+def find_links(catalogue: Catalogue, local: LocalIndex, settings: Settings, vec_id: int) -> list[tuple[int, int]]:
+    """Verified matches ``(other, inliers)`` of one stored image against its most-voted gallery images."""
+    if settings.graph_candidates == 0:
+        return []
+    own = catalogue.rerank_features([vec_id]).get(vec_id)
+    if own is None:  # deleted meanwhile
+        return []
+    orb = OrbFeatures.from_bytes(own.orb)
+    ranked = local.vote(orb).top(settings.graph_candidates + 1, settings.local_min_votes)
+    others = [v for v in ranked if v != vec_id][: settings.graph_candidates]
+    stored = catalogue.rerank_features(others)
+    links = []
+    for other in others:
+        if other not in stored:
+            continue
+        match = match_features(orb, OrbFeatures.from_bytes(stored[other].orb), settings)
+        if match.homography is not None:
+            links.append((other, match.inliers))
+    return links
+
+
+def link_images(
+    catalogue: Catalogue,
+    local: LocalIndex,
+    settings: Settings,
+    vec_ids: Iterable[int],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Compute and store the links of ``vec_ids`` (new images at ingest, or a backfill). Returns links stored."""
+    stored = 0
+    for done, vec_id in enumerate(vec_ids, 1):
+        stored += catalogue.add_links(vec_id, find_links(catalogue, local, settings, vec_id))
+        if progress is not None:
+            progress(done)
+    return stored
+
+
+def expand(
+    ranked: list[CandidateScore],
+    exact: set[int],
+    catalogue: Catalogue,
+    settings: Settings,
+    cosine_of: Callable[[list[int]], dict[int, float]],
+) -> list[CandidateScore]:
+    """Add (or lift) the links of the best verified results; ``ranked`` is sorted best first.
+
+    Sources: exact matches (their stored links are the query's own verified neighbours) and the best
+    ``expand_from`` results with a geometric fit scoring at least ``expand_min_score``.
+    """
+    if settings.expand_from == 0 or settings.expand_weight == 0:
+        return ranked
+    verified = [
+        c
+        for c in ranked
+        if c.vec_id not in exact and c.homography is not None and c.fused >= settings.expand_min_score
+    ]
+    sources = [c for c in ranked if c.vec_id in exact] + verified[: settings.expand_from]
+    if not sources:
+        return ranked
+    links = catalogue.links_of(c.vec_id for c in sources)
+    offers: dict[int, tuple[float, int]] = {}  # other -> (score through the link, source)
+    for source in sources:
+        base = 1.0 if source.vec_id in exact else source.fused
+        for other, inliers in links.get(source.vec_id, []):
+            if other in exact:
+                continue
+            score = settings.expand_weight * base * min(1.0, inliers / settings.orb_full_inliers)
+            if score > offers.get(other, (0.0, 0))[0]:
+                offers[other] = (score, source.vec_id)
+    by_id = {c.vec_id: c for c in ranked}
+    cosines = cosine_of([v for v in offers if v not in by_id])
+    for other, (score, source_id) in offers.items():
+        current = by_id.get(other)
+        if current is None:
+            if other not in cosines:  # deleted meanwhile
+                continue
+            current = CandidateScore(other, max(0.0, min(1.0, cosines[other])), 0.0, 0.0, 0, 0.0)
+        if score > current.fused:
+            by_id[other] = rescore(current, settings, linked=score, via=source_id)
+    return sorted(by_id.values(), key=lambda c: c.fused, reverse=True)
