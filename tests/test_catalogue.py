@@ -128,6 +128,23 @@ class TestCatalogue:
         cat.delete_meta("deleted:x")
         assert cat.get_meta("deleted:x") is None
 
+    def test_links_are_stored_both_ways_and_deleted_with_either_image(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        a, _ = cat.add_image(stored(1), source("http://h/a.jpg"))
+        b, _ = cat.add_image(stored(2), source("http://h/b.jpg"))
+        c, _ = cat.add_image(stored(3), source("http://h/c.jpg"))
+        assert cat.unlinked() == [a, b, c]
+        assert cat.add_links(a, [(b, 40), (c, 12), (a, 99), (10_000, 50)]) == 2  # not itself, not a missing one
+        assert sorted(cat.links_of([a])[a]) == [(b, 40), (c, 12)]
+        assert cat.links_of([b, c]) == {b: [(a, 40)], c: [(a, 12)]}  # the other way round too
+        assert cat.unlinked() == [b, c]  # a's links were computed; b and c only appear in a's
+        assert cat.add_links(c, []) == 0 and cat.unlinked() == [b]  # "nothing matched" is remembered too
+        cat.add_links(b, [(a, 45)])  # recomputed: the newer count wins, still one row per direction
+        assert sorted(cat.links_of([a])[a]) == [(b, 45), (c, 12)] and cat.links_of([b])[b] == [(a, 45)]
+        cat.remove_image(stored(1).sha256)
+        assert cat.links_of([a, b, c]) == {}  # gone with the image, in both directions
+        assert cat.unlinked() == []  # b and c keep their "linked" mark
+
     def test_gallery_pages_and_evidence_reads(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()
         for n in range(5):

@@ -494,16 +494,26 @@ class Catalogue:
         row to itself) even when nothing matched. Links to images deleted meanwhile are skipped. Returns how
         many links were stored."""
         vec_id = int(vec_id)
-        pairs = [(vec_id, int(other), int(inliers)) for other, inliers in links if int(other) != vec_id]
-        rows = [(vec_id, vec_id, 0, vec_id, vec_id)]
-        rows += [(a, b, n, a, b) for a, b, n in pairs] + [(b, a, n, b, a) for a, b, n in pairs]
+        offered = {int(other): int(inliers) for other, inliers in links if int(other) != vec_id}
         with self._transaction() as conn:
+            marks = ",".join("?" * (len(offered) + 1))
+            present = {
+                int(r[0])
+                for r in conn.execute(
+                    f"SELECT vec_id FROM images WHERE vec_id IN ({marks})", (vec_id, *offered)
+                ).fetchall()
+            }
+            if vec_id not in present:
+                return 0
+            pairs = [(vec_id, other, n) for other, n in offered.items() if other in present]
+            rows = [(vec_id, vec_id, 0)] + pairs + [(b, a, n) for a, b, n in pairs]
+            # EXISTS again: another process may delete an image between the read above and this write
             conn.executemany(
                 """INSERT INTO links (vec_id, other, inliers)
                    SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
                                     AND EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
                    ON CONFLICT (vec_id, other) DO UPDATE SET inliers = excluded.inliers""",
-                rows,
+                [(a, b, n, a, b) for a, b, n in rows],
             )
         return len(pairs)
 
@@ -522,7 +532,10 @@ class Catalogue:
 
     def unlinked(self) -> list[int]:
         """Images whose links were never computed (added before the graph existed, or a crash in between)."""
-        rows = self._query("SELECT vec_id FROM images WHERE vec_id NOT IN (SELECT vec_id FROM links) ORDER BY vec_id")
+        rows = self._query(
+            """SELECT vec_id FROM images
+               WHERE vec_id NOT IN (SELECT vec_id FROM links WHERE other = vec_id) ORDER BY vec_id"""
+        )
         return [int(r[0]) for r in rows]
 
 

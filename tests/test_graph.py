@@ -1,0 +1,109 @@
+"""The match graph: links stored at ingest let a query find what only an intermediate image matches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import encode
+
+from pictrace.config import Settings
+from pictrace.features.orb import centre_weights
+from pictrace.gallery import load_gallery
+from pictrace.service import Service
+
+
+def left(rgb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rgb[:, : int(rgb.shape[1] * 0.45)])
+
+
+def right(rgb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rgb[:, int(rgb.shape[1] * 0.55) :])
+
+
+def write_gallery(tmp_path: Path, settings: Settings, photos: dict[str, np.ndarray]) -> None:
+    """The right part of the astronaut photo is listed *before* the whole photo: when it is ingested there
+    is nothing to link it to yet, so its link must come from the whole photo's turn (links go both ways)."""
+    images = {
+        "right-part": right(photos["astronaut"]),
+        "whole": photos["astronaut"],
+        "chelsea": photos["chelsea"],
+        "coffee": photos["coffee"],
+        "rocket": photos["rocket"],
+    }
+    (tmp_path / "g").mkdir(exist_ok=True)
+    for name, rgb in images.items():
+        (tmp_path / "g" / f"{name}.jpg").write_bytes(encode(rgb))
+    settings.db.write_text(json.dumps([{"id": name, "url": f"g/{name}.jpg"} for name in images]))
+
+
+async def start_and_ingest(settings: Settings) -> Service:
+    service = await Service.start(settings)
+    report = await service.ingestor.ingest_gallery(load_gallery(settings.db))
+    assert not report.failed
+    return service
+
+
+async def test_a_query_finds_what_only_its_match_matches(
+    tmp_path: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    write_gallery(tmp_path, settings, photos)
+    service = await start_and_ingest(settings)
+    try:
+        query = encode(left(photos["astronaut"]))  # shares no pixel with the right part
+        results = {m.id: m for m in service.searcher.search_bytes(query).results}
+        assert next(iter(results)) == "whole" and results["whole"].verdict == "copy"
+        assert results["whole"].via is None
+        linked = results["right-part"]
+        assert linked.via == "whole" and linked.verdict == "similar"
+        assert linked.scores.orb_inliers == 0  # no direct geometric match: found through the link only
+        assert 0 < linked.score < results["whole"].score
+        assert not {"chelsea", "coffee", "rocket"} & set(results)
+
+        # without expansion the same query does not find it
+        service.settings.expand_from = 0
+        assert "right-part" not in {m.id for m in service.searcher.search_bytes(query).results}
+        service.settings.expand_from = 3
+
+        # deleting the intermediate image deletes its links: nothing leads to the right part any more
+        await service.ingestor.remove_image(results["whole"].sha256)
+        found = {m.id for m in service.searcher.search_bytes(query).results}
+        assert "whole" not in found and "right-part" not in found
+    finally:
+        await service.close()
+
+
+async def test_images_ingested_without_links_are_linked_by_the_next_ingest(
+    tmp_path: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
+) -> None:
+    write_gallery(tmp_path, make_settings(), photos)
+    service = await start_and_ingest(make_settings(graph_candidates=0))
+    try:
+        assert len(service.catalogue.unlinked()) == 5
+        assert service.catalogue.links_of(service.catalogue.vec_ids().tolist()) == {}
+    finally:
+        await service.close()
+
+    service = await start_and_ingest(make_settings())  # nothing new in db.json: only the backfill runs
+    try:
+        catalogue = service.catalogue
+        assert catalogue.unlinked() == []
+        names = {r.entry_id: v for v, r in catalogue.records(catalogue.vec_ids().tolist()).items()}
+        links = catalogue.links_of([names["whole"]])[names["whole"]]
+        assert [other for other, _ in links] == [names["right-part"]]
+        assert dict(links)[names["right-part"]] >= service.settings.orb_min_inliers
+    finally:
+        await service.close()
+
+
+def test_centre_prior_weights_the_middle_of_the_query_most() -> None:
+    points = np.array([[50, 40], [0, 0], [100, 80], [75, 40]], dtype=np.float32)
+    weights = centre_weights(points, 100, 80, sigma=0.2)
+    assert weights[0] == pytest.approx(1.0)
+    assert weights[1] == pytest.approx(weights[2]) and weights[1] < 0.1  # corners count for little
+    assert weights[1] < weights[3] < weights[0]
+    assert centre_weights(points, 100, 80, sigma=0).tolist() == [1.0, 1.0, 1.0, 1.0]
