@@ -8,6 +8,8 @@ the best few → fuse → top-k.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +27,8 @@ from pictrace.store import Catalogue
 from pictrace.transform import read_transform, transform_info
 from pictrace.verdict import VerdictThresholds, classify
 
+ParallelMap = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+
 
 class Searcher:
     def __init__(
@@ -34,8 +38,11 @@ class Searcher:
         embedder: Embedder,
         settings: Settings,
         local: LocalIndex | None = None,
+        parallel_map: ParallelMap | None = None,
     ) -> None:
         self.catalogue = catalogue
+        # verifying ~25 candidates is most of a search: spread over the pool's split threads when given
+        self.map: ParallelMap = parallel_map or (lambda fn, items: [fn(x) for x in items])
         self.index = index
         self.embedder = embedder
         self.settings = settings
@@ -75,11 +82,10 @@ class Searcher:
             cosines, embedding, [*exact, *votes.top(self.settings.local_candidates, self.settings.local_min_votes)]
         )
         stored = self.catalogue.rerank_features(cosines)
-        verified = [
-            verify(query, v, cosines[v], stored[v], self.settings, votes.counts.get(v, 0))
-            for v in cosines
-            if v in stored
-        ]
+        verified = self.map(
+            lambda v: verify(query, v, cosines[v], stored[v], self.settings, votes.counts.get(v, 0)),
+            [v for v in cosines if v in stored],
+        )
         exact_set = set(exact)
 
         def order(c: CandidateScore) -> tuple[bool, float]:
@@ -94,10 +100,12 @@ class Searcher:
         verified.sort(key=order, reverse=True)
         # The results shown (and their verdicts) get SSIM and the mirror check; the other candidates keep
         # their provisional score and stay in the list.
-        n_ssim = max(self.settings.ssim_shortlist, 2 * top_k)
+        n_ssim = max(self.settings.ssim_shortlist, top_k)
         best = verified[:n_ssim]
         stored.update(self.catalogue.rerank_features(c.vec_id for c in best if c.vec_id not in stored))
-        shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in best if c.vec_id in stored]
+        shortlist = self.map(
+            lambda c: with_ssim(query, c, stored[c.vec_id], self.settings), [c for c in best if c.vec_id in stored]
+        )
         shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
         ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)
         kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]
