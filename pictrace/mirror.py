@@ -31,7 +31,6 @@ def mirror_pass(
         c
         for c in candidates
         if (c.homography is None or c.orb_inliers < settings.copy_min_inliers)
-        and c.via is None  # reached through the match graph: its evidence is the link, not a mirror
         and c.embedding >= settings.mirror_min_embedding  # the embedding barely notices a mirror
         and c.vec_id in stored
     ]
