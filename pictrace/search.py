@@ -17,11 +17,12 @@ from pictrace.config import Settings
 from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
+from pictrace.features.ssim import gray256
 from pictrace.graph import expand
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex, Votes
 from pictrace.mirror import mirror_pass
-from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim
+from pictrace.ranking import CandidateScore, QueryFeatures, query_orb, verify, with_ssim
 from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
 from pictrace.transform import read_transform, transform_info
@@ -73,10 +74,14 @@ class Searcher:
     ) -> tuple[SearchResult, list[int]]:
         started = time.perf_counter() if started is None else started
         top_k = top_k or self.settings.top_k
-        embedding = self.embedder.embed([image.rgb])[0]
+        # the embedding and the query's ORB keypoints do not depend on each other: compute them side by side
+        embedding, orb = self.map(
+            lambda job: job(),
+            [lambda: self.embedder.embed([image.rgb])[0], lambda: query_orb(image.rgb, self.settings)],
+        )
         cosines = self._nearest(embedding)
         exact = self.catalogue.vec_ids_by_hash(sha256, pixel_sha256(image.rgb))
-        query = QueryFeatures.compute(image.rgb, embedding, self.settings)
+        query = QueryFeatures(embedding=embedding, gray=gray256(image.rgb), orb=orb)
         votes = self._votes(query)
         self._add_cosines(
             cosines, embedding, [*exact, *votes.top(self.settings.local_candidates, self.settings.local_min_votes)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,3 +108,30 @@ def test_centre_prior_weights_the_middle_of_the_query_most() -> None:
     assert weights[1] == pytest.approx(weights[2]) and weights[1] < 0.1  # corners count for little
     assert weights[1] < weights[3] < weights[0]
     assert centre_weights(points, 100, 80, sigma=0).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_the_api_and_the_page_say_what_a_result_was_found_through(
+    tmp_path: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from pictrace.web import create_app
+
+    settings = make_settings(index_on_start=True)
+    write_gallery(tmp_path, settings, photos)
+    query = encode(left(photos["astronaut"]))
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # links are stored after an image is counted: wait for the batch
+            images = client.get("/api/health").json()["images"]
+            if images["indexed"] == 5 and images["pending"] == 0:
+                break
+            time.sleep(0.2)
+        answer = client.post("/api/search", files={"file": ("q.jpg", query, "image/jpeg")})
+        assert answer.status_code == 200
+        by_id = {m["id"]: m for m in answer.json()["results"]}
+        assert by_id["right-part"]["via"] == "whole" and by_id["whole"]["via"] is None
+        page = client.post("/search", files={"file": ("q.jpg", query, "image/jpeg")})
+        assert page.status_code == 200
+        assert "Found through <strong>whole</strong>" in page.text
+        assert page.text.count("Found through") == 1
