@@ -22,11 +22,18 @@ from pictrace.features.orb import OrbFeatures
 from pictrace.local_index import LocalIndex
 from pictrace.ranking import CandidateScore, match_features, rescore
 from pictrace.store import Catalogue
+from pictrace.work import ParallelMap, serial
 
 log = logging.getLogger(__name__)
 
 
-def find_links(catalogue: Catalogue, local: LocalIndex, settings: Settings, vec_id: int) -> list[tuple[int, int]]:
+def find_links(
+    catalogue: Catalogue,
+    local: LocalIndex,
+    settings: Settings,
+    vec_id: int,
+    parallel_map: ParallelMap = serial,
+) -> list[tuple[int, int]]:
     """Verified matches ``(other, inliers)`` of one stored image against its most-voted gallery images."""
     if settings.graph_candidates == 0:
         return []
@@ -37,14 +44,9 @@ def find_links(catalogue: Catalogue, local: LocalIndex, settings: Settings, vec_
     ranked = local.vote(orb).top(settings.graph_candidates + 1, settings.local_min_votes)
     others = [v for v in ranked if v != vec_id][: settings.graph_candidates]
     stored = catalogue.rerank_features(others)
-    links = []
-    for other in others:
-        if other not in stored:
-            continue
-        match = match_features(orb, OrbFeatures.from_bytes(stored[other].orb), settings)
-        if match.homography is not None:
-            links.append((other, match.inliers))
-    return links
+    present = [v for v in others if v in stored]
+    matches = parallel_map(lambda v: match_features(orb, OrbFeatures.from_bytes(stored[v].orb), settings), present)
+    return [(other, m.inliers) for other, m in zip(present, matches, strict=True) if m.homography is not None]
 
 
 def link_images(
@@ -52,15 +54,12 @@ def link_images(
     local: LocalIndex,
     settings: Settings,
     vec_ids: Iterable[int],
-    progress: Callable[[int], None] | None = None,
+    parallel_map: ParallelMap = serial,
 ) -> int:
     """Compute and store the links of ``vec_ids`` (new images at ingest, or a backfill). Returns links stored."""
-    stored = 0
-    for done, vec_id in enumerate(vec_ids, 1):
-        stored += catalogue.add_links(vec_id, find_links(catalogue, local, settings, vec_id))
-        if progress is not None:
-            progress(done)
-    return stored
+    return sum(
+        catalogue.add_links(vec_id, find_links(catalogue, local, settings, vec_id, parallel_map)) for vec_id in vec_ids
+    )
 
 
 def expand(

@@ -323,7 +323,7 @@ class Ingestor:
     def _link(self, vec_ids: list[int]) -> None:
         """Store the new images' verified matches (the match graph, pictrace/graph.py)."""
         if self.local is not None and self.settings.graph_candidates > 0:
-            link_images(self.catalogue, self.local, self.settings, vec_ids)
+            link_images(self.catalogue, self.local, self.settings, vec_ids, self.pool.map)
 
     def _link_unlinked(self) -> int:
         """Images never linked (older catalogues, a crash between commit and links) get their links now."""

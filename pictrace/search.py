@@ -8,8 +8,6 @@ the best few → fuse → top-k.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -27,8 +25,7 @@ from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
 from pictrace.transform import read_transform, transform_info
 from pictrace.verdict import VerdictThresholds, classify
-
-ParallelMap = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+from pictrace.work import ParallelMap, serial
 
 
 class Searcher:
@@ -43,7 +40,7 @@ class Searcher:
     ) -> None:
         self.catalogue = catalogue
         # verifying ~25 candidates is most of a search: spread over the pool's split threads when given
-        self.map: ParallelMap = parallel_map or (lambda fn, items: [fn(x) for x in items])
+        self.map: ParallelMap = parallel_map or serial
         self.index = index
         self.embedder = embedder
         self.settings = settings

@@ -14,13 +14,20 @@ import asyncio
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from pictrace.errors import OverloadedError
 
 P = ParamSpec("P")
 T = TypeVar("T")
 R = TypeVar("R")
+
+# what a job uses to spread its own work: WorkPool.map, or ``serial`` where there is no pool (tests, scripts)
+ParallelMap = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+
+
+def serial(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    return [fn(x) for x in items]
 
 
 class WorkPool:
