@@ -148,9 +148,6 @@ class Settings(BaseSettings):
     # --- work ----------------------------------------------------------------------------------------
     workers: int = Field(2, ge=1, description="Threads in the one bounded executor for CPU work.")
     queue_limit: int = Field(16, ge=1, description="CPU jobs waiting beyond which requests get 503.")
-    split_threads: int = Field(
-        2, ge=1, le=64, description="Threads one search spreads its candidate checks over (1: none)."
-    )
     api_token: str | None = Field(
         None, description="Bearer token for write endpoints; unset disables writes."
     )

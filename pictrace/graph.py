@@ -22,7 +22,6 @@ from pictrace.features.orb import OrbFeatures
 from pictrace.local_index import LocalIndex
 from pictrace.ranking import CandidateScore, match_features, rescore
 from pictrace.store import Catalogue
-from pictrace.work import ParallelMap, serial
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ def find_links(
     local: LocalIndex,
     settings: Settings,
     vec_id: int,
-    parallel_map: ParallelMap = serial,
 ) -> list[tuple[int, int]]:
     """Verified matches ``(other, inliers)`` of one stored image against its most-voted gallery images."""
     if settings.graph_candidates == 0:
@@ -45,7 +43,7 @@ def find_links(
     others = [v for v in ranked if v != vec_id][: settings.graph_candidates]
     stored = catalogue.rerank_features(others)
     present = [v for v in others if v in stored]
-    matches = parallel_map(lambda v: match_features(orb, OrbFeatures.from_bytes(stored[v].orb), settings), present)
+    matches = [match_features(orb, OrbFeatures.from_bytes(stored[v].orb), settings) for v in present]
     return [(other, m.inliers) for other, m in zip(present, matches, strict=True) if m.homography is not None]
 
 
@@ -54,11 +52,10 @@ def link_images(
     local: LocalIndex,
     settings: Settings,
     vec_ids: Iterable[int],
-    parallel_map: ParallelMap = serial,
 ) -> int:
     """Compute and store the links of ``vec_ids`` (new images at ingest, or a backfill). Returns links stored."""
     return sum(
-        catalogue.add_links(vec_id, find_links(catalogue, local, settings, vec_id, parallel_map)) for vec_id in vec_ids
+        catalogue.add_links(vec_id, find_links(catalogue, local, settings, vec_id)) for vec_id in vec_ids
     )
 
 

@@ -317,13 +317,16 @@ class Ingestor:
                 outcome.duplicates += 1
         if new_ids:
             self.index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
+            # a first ingest grows the local index from nothing: learn its lists as it doubles, or every
+            # search and every link lookup scans all descriptors (quadratic ingest)
+            self._retrain_local()
             self._link(new_ids)
         return outcome
 
     def _link(self, vec_ids: list[int]) -> None:
         """Store the new images' verified matches (the match graph, pictrace/graph.py)."""
         if self.local is not None and self.settings.graph_candidates > 0:
-            link_images(self.catalogue, self.local, self.settings, vec_ids, self.pool.map)
+            link_images(self.catalogue, self.local, self.settings, vec_ids)
 
     def _link_unlinked(self) -> int:
         """Images never linked (older catalogues, a crash between commit and links) get their links now."""

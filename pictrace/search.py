@@ -15,17 +15,15 @@ from pictrace.config import Settings
 from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
-from pictrace.features.ssim import gray256
 from pictrace.graph import expand
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex, Votes
 from pictrace.mirror import mirror_pass
-from pictrace.ranking import CandidateScore, QueryFeatures, query_orb, verify, with_ssim
+from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim
 from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
 from pictrace.transform import read_transform, transform_info
 from pictrace.verdict import VerdictThresholds, classify
-from pictrace.work import ParallelMap, serial
 
 
 class Searcher:
@@ -36,11 +34,8 @@ class Searcher:
         embedder: Embedder,
         settings: Settings,
         local: LocalIndex | None = None,
-        parallel_map: ParallelMap | None = None,
     ) -> None:
         self.catalogue = catalogue
-        # verifying ~25 candidates is most of a search: spread over the pool's split threads when given
-        self.map: ParallelMap = parallel_map or serial
         self.index = index
         self.embedder = embedder
         self.settings = settings
@@ -71,23 +66,20 @@ class Searcher:
     ) -> tuple[SearchResult, list[int]]:
         started = time.perf_counter() if started is None else started
         top_k = top_k or self.settings.top_k
-        # the embedding and the query's ORB keypoints do not depend on each other: compute them side by side
-        embedding, orb = self.map(
-            lambda job: job(),
-            [lambda: self.embedder.embed([image.rgb])[0], lambda: query_orb(image.rgb, self.settings)],
-        )
+        embedding = self.embedder.embed([image.rgb])[0]
         cosines = self._nearest(embedding)
         exact = self.catalogue.vec_ids_by_hash(sha256, pixel_sha256(image.rgb))
-        query = QueryFeatures(embedding=embedding, gray=gray256(image.rgb), orb=orb)
+        query = QueryFeatures.compute(image.rgb, embedding, self.settings)
         votes = self._votes(query)
         self._add_cosines(
             cosines, embedding, [*exact, *votes.top(self.settings.local_candidates, self.settings.local_min_votes)]
         )
         stored = self.catalogue.rerank_features(cosines)
-        verified = self.map(
-            lambda v: verify(query, v, cosines[v], stored[v], self.settings, votes.counts.get(v, 0)),
-            [v for v in cosines if v in stored],
-        )
+        verified = [
+            verify(query, v, cosines[v], stored[v], self.settings, votes.counts.get(v, 0))
+            for v in cosines
+            if v in stored
+        ]
         exact_set = set(exact)
 
         def order(c: CandidateScore) -> tuple[bool, float]:
@@ -105,9 +97,7 @@ class Searcher:
         n_ssim = max(self.settings.ssim_shortlist, top_k)
         best = verified[:n_ssim]
         stored.update(self.catalogue.rerank_features(c.vec_id for c in best if c.vec_id not in stored))
-        shortlist = self.map(
-            lambda c: with_ssim(query, c, stored[c.vec_id], self.settings), [c for c in best if c.vec_id in stored]
-        )
+        shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in best if c.vec_id in stored]
         shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
         ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)
         kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]

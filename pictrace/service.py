@@ -161,7 +161,7 @@ class Service:
             raise
         fetcher = fetcher or Fetcher(settings)
         await fetcher.start()
-        pool = WorkPool(settings.workers, settings.queue_limit, settings.split_threads)
+        pool = WorkPool(settings.workers, settings.queue_limit)
         service = cls(
             settings=settings,
             catalogue=catalogue,
@@ -170,7 +170,7 @@ class Service:
             local=local,
             pool=pool,
             fetcher=fetcher,
-            searcher=Searcher(catalogue, index, embedder, settings, local, pool.map),
+            searcher=Searcher(catalogue, index, embedder, settings, local),
             ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings, local),
             queries=QueryMemory.from_settings(settings),
         )

@@ -2,50 +2,27 @@
 
 The event loop only waits on it. Jobs beyond ``workers + queue_limit`` are refused at once with
 OverloadedError (HTTP 503 + Retry-After) instead of piling up and taking memory and latency with them.
-
-A job may split its own work (one search verifying its candidates) over ``split_threads`` helper threads with
-:meth:`WorkPool.map`: FAISS and OpenCV release the GIL, so a lone query uses both cores. The helpers are a
-fixed-size pool of their own, so the total number of threads stays bounded (``workers + split_threads``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from pictrace.errors import OverloadedError
 
 P = ParamSpec("P")
 T = TypeVar("T")
-R = TypeVar("R")
-
-# what a job uses to spread its own work: WorkPool.map, or ``serial`` where there is no pool (tests, scripts)
-ParallelMap = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
-
-
-def serial(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    return [fn(x) for x in items]
 
 
 class WorkPool:
-    def __init__(self, workers: int, queue_limit: int, split_threads: int = 1) -> None:
+    def __init__(self, workers: int, queue_limit: int) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pictrace-cpu")
-        self._split = (
-            ThreadPoolExecutor(max_workers=split_threads, thread_name_prefix="pictrace-split")
-            if split_threads > 1
-            else None
-        )
         self._capacity = workers + queue_limit
         self._in_flight = 0
-
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """``[fn(x) for x in items]``, spread over the split threads (called from inside a job, in order)."""
-        if self._split is None or len(items) < 2:
-            return [fn(x) for x in items]
-        return list(self._split.map(fn, items))
 
     @property
     def in_flight(self) -> int:
@@ -78,5 +55,3 @@ class WorkPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._split is not None:
-            self._split.shutdown(wait=True, cancel_futures=True)
