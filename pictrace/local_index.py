@@ -104,11 +104,11 @@ class LocalIndex:
         index._index.add_with_ids(codes, ids)
         return index
 
-    @property
-    def needs_training(self) -> bool:
-        """True once the gallery outgrew what the lists were learned from (or the exact index got slow)."""
+    def needs_training(self, growth: float = 2.0) -> bool:
+        """True once the gallery outgrew what the lists were learned from by ``growth`` (or the exact index
+        got slow)."""
         n = len(self)
-        return n >= self.params.flat_below and n >= 2 * self._trained_on
+        return n >= self.params.flat_below and n >= growth * self._trained_on
 
     def replace_with(self, other: LocalIndex) -> None:
         """Swap in a rebuilt index (same object, so the searcher holding this one sees the new lists)."""

@@ -49,11 +49,11 @@ def test_add_and_remove_follow_the_catalogue(photos: dict[str, np.ndarray], orbs
 
 def test_outgrowing_the_lists_asks_for_training(orbs: dict[str, OrbFeatures]) -> None:
     index = LocalIndex.build(_params(1000), [(1, orbs["coffee"].to_bytes())])
-    assert not index.is_inverted_file and not index.needs_training
+    assert not index.is_inverted_file and not index.needs_training()
     index.add(2, orbs["rocket"])
     index.add(3, orbs["chelsea"])
-    assert index.needs_training  # past flat_below descriptors: time to learn inverted lists
+    assert index.needs_training()  # past flat_below descriptors: time to learn inverted lists
     rebuilt = LocalIndex.build(index.params, ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
     index.replace_with(rebuilt)
-    assert index.is_inverted_file and not index.needs_training
+    assert index.is_inverted_file and not index.needs_training()
     assert index.vote(orbs["coffee"]).top(1) == [NAMES.index("coffee") + 1]
