@@ -87,6 +87,7 @@ class TestVectorIndex:
         assert found[0, 0] == 7
         assert len(index) == 48
         assert sorted(index.ids().tolist()) == sorted(set(range(50)) - {3, 4})
+        assert index.contains(np.array([2, 3, 4, 7, 999], dtype=np.int64)).tolist() == [True, False, False, True, False]
 
     def test_empty_and_short(self, backend: tuple[str, IndexFactory], tmp_path: Path) -> None:
         _, factory = backend

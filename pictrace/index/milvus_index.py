@@ -126,6 +126,11 @@ class MilvusIndex:
             iterator.close()
         return np.array(out, dtype=np.int64)
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        wanted = [int(i) for i in np.asarray(ids, dtype=np.int64).tolist()]
+        present = set(self._existing(wanted))
+        return np.array([i in present for i in wanted], dtype=bool)
+
     def needs_rebuild(self) -> bool:
         return False  # Milvus compacts deletes and chooses its segment indexes itself
 
