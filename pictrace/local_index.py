@@ -58,6 +58,7 @@ class LocalIndex:
         self._index: faiss.IndexBinary = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(self._bits))
         self._quantizer: faiss.IndexBinary | None = None
         self._trained_on = 0  # codes the inverted file's lists were learned from (0: exact flat index)
+        self._held: set[int] = set()  # vec_ids applied: adds and removes are idempotent (replicas replay some)
         self._lock = threading.Lock()
 
     @property
@@ -66,6 +67,9 @@ class LocalIndex:
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
+
+    def __contains__(self, vec_id: object) -> bool:
+        return vec_id in self._held
 
     @property
     def bytes_per_image(self) -> int:
@@ -85,6 +89,9 @@ class LocalIndex:
         index = cls(params)
         all_ids, all_codes = [], []
         for vec_id, blob in features:
+            if vec_id in index._held:
+                continue
+            index._held.add(vec_id)
             ids, codes = index._codes(vec_id, OrbFeatures.from_bytes(blob))
             all_ids.append(ids)
             all_codes.append(codes)
@@ -114,20 +121,31 @@ class LocalIndex:
         """Swap in a rebuilt index (same object, so the searcher holding this one sees the new lists)."""
         with self._lock:
             self._index, self._quantizer, self._trained_on = other._index, other._quantizer, other._trained_on
+            self._held = other._held
 
     def add(self, vec_id: int, orb: OrbFeatures) -> None:
+        """Index an image's codes; an image already held is left as it is."""
         ids, codes = self._codes(vec_id, orb)
-        if len(ids):
-            with self._lock:
+        with self._lock:
+            if vec_id in self._held:
+                return
+            self._held.add(vec_id)
+            if len(ids):
                 self._index.add_with_ids(codes, ids)
 
-    def remove(self, vec_ids: Iterable[int]) -> None:
+    def remove(self, vec_ids: Iterable[int]) -> int:
+        """Drop images' codes in one pass over the index (each pass scans every code). Returns images dropped."""
         import faiss
 
         with self._lock:
-            for vec_id in vec_ids:
-                lo = int(vec_id) << KP_BITS
-                self._index.remove_ids(faiss.IDSelectorRange(lo, lo + (1 << KP_BITS)))
+            gone = [int(v) for v in vec_ids if int(v) in self._held]
+            if not gone:
+                return 0
+            self._held.difference_update(gone)
+            codes = np.arange(self.params.per_image, dtype=np.int64)
+            ids = np.ascontiguousarray(((np.array(gone, dtype=np.int64) << KP_BITS)[:, None] | codes).ravel())
+            self._index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
+            return len(gone)
 
     def vote(self, query: OrbFeatures) -> Votes:
         """One vote per (query descriptor, gallery image) pair whose codes are within ``max_distance``."""

@@ -20,6 +20,7 @@ from pictrace.ingest import Ingestor, maintain, rebuild, reconcile
 from pictrace.local_index import LocalIndex, LocalIndexParams
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
+from pictrace.sync import Follower
 from pictrace.work import WorkPool
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class Service:
     searcher: Searcher
     ingestor: Ingestor
     queries: QueryMemory  # recent queries, in memory only, for the evidence pictures (bounded, TTL)
+    follower: Follower  # this process's position in the catalogue's change log
     sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -154,6 +156,7 @@ class Service:
                 resnet50_weights=settings.resnet50_weights,
             )
             check_backbone(catalogue, embedder)
+            position = catalogue.change_position()  # before the indexes read the catalogue: see pictrace/sync.py
             index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
             local = open_local_index(settings, catalogue)
         except BaseException:
@@ -173,45 +176,36 @@ class Service:
             searcher=Searcher(catalogue, index, embedder, settings, local),
             ingestor=Ingestor(catalogue, index, embedder, fetcher, pool, settings, local),
             queries=QueryMemory.from_settings(settings),
+            follower=Follower(catalogue, None if settings.milvus_uri else index, local, position),
         )
         if settings.sync_interval_s > 0:
-            service.sync_task = asyncio.create_task(service._follow_catalogue(catalogue.generation()))
+            service.sync_task = asyncio.create_task(service._follow_catalogue())
         return service
 
-    async def _follow_catalogue(self, seen: int) -> None:
-        """Keep this process's FAISS index in step with a catalogue other processes write to (replicas).
+    async def _follow_catalogue(self) -> None:
+        """Keep this process's indexes in step with a catalogue other processes write to (replicas).
 
-        A cheap counter read every ``sync_interval_s``; a reconcile only when it moved. (Shared Milvus needs no
-        vector reconcile, every writer updates the one collection, but the in-process local-feature index does.)
+        A cheap counter read every ``sync_interval_s``; when it moved, the change log's new rows are applied
+        (pictrace/sync.py). Shared Milvus needs no vector sync, every writer updates the one collection, but the
+        in-process local-feature index does.
         """
         while True:
             await asyncio.sleep(self.settings.sync_interval_s)
             try:
-                current = await self.pool.run_background(self.catalogue.generation)
-                if current != seen:
-                    added, removed = await self.sync_now()
-                    if added or removed:
-                        log.info("followed the catalogue: +%d -%d vectors", added, removed)
+                added, removed = await self.sync_now()
+                if added or removed:
+                    log.info("followed the catalogue: +%d -%d images", added, removed)
                     await self.pool.run_background(maintain, self.index, self.catalogue)
-                    seen = current
             except asyncio.CancelledError:
                 raise
             except Exception:  # a database hiccup must not end the loop; it is retried next tick
                 log.exception("could not follow the catalogue; retrying in %.0f s", self.settings.sync_interval_s)
 
     async def sync_now(self) -> tuple[int, int]:
-        """Reconcile at once (tests, and a replica that wants to be current before answering).
-
-        The local-feature index has no cheap diff against the catalogue, so a replica that saw other
-        processes write rebuilds it from the stored ORB blobs (O(gallery); only when something changed).
-        """
-        added, removed = 0, 0
-        if not self.settings.milvus_uri:
-            added, removed = await self.pool.run_background(reconcile, self.index, self.catalogue)
-        if added or removed or self.settings.milvus_uri:
-            rebuilt = await self.pool.run_background(open_local_index, self.settings, self.catalogue)
-            self.local.replace_with(rebuilt)
-        return added, removed
+        """Apply other processes' changes at once (tests, and a replica that wants to be current before
+        answering). Returns (added, removed): vectors, or local-index images on shared Milvus."""
+        result = await self.pool.run_background(self.follower.sync)
+        return result.added, result.removed
 
     async def close(self) -> None:
         if self.sync_task is not None:

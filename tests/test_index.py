@@ -87,6 +87,7 @@ class TestVectorIndex:
         assert found[0, 0] == 7
         assert len(index) == 48
         assert sorted(index.ids().tolist()) == sorted(set(range(50)) - {3, 4})
+        assert index.contains(np.array([2, 3, 4, 7, 999], dtype=np.int64)).tolist() == [True, False, False, True, False]
 
     def test_empty_and_short(self, backend: tuple[str, IndexFactory], tmp_path: Path) -> None:
         _, factory = backend
@@ -327,3 +328,23 @@ def test_faiss_writes_during_a_rebuild_are_kept(tmp_path: Path) -> None:
     assert index.tombstones == 2  # replayed onto the new structure: 5 and 70 are tombstones there
     _, found = index.search(vectors[[5, 70, 99]], 1)
     assert found[:, 0].tolist()[2] == 99 and 5 not in found[:, 0] and 70 not in found[:, 0]
+
+
+def test_milvus_lite_file_is_free_for_another_process_after_close(tmp_path: Path) -> None:
+    """close() stops the in-process Milvus Lite server: another process (a restart, the bench) can open it."""
+    import subprocess
+    import sys
+
+    index = milvus_lite(tmp_path)
+    index.add(np.arange(5, dtype=np.int64), unit_vectors(5))
+    index.save()
+    index.close()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from test_index import milvus_lite;"
+        "index = milvus_lite(Path(sys.argv[2])); print(len(index)); index.close()"
+    )
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", code, str(tests), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=tests.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "5"

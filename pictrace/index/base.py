@@ -45,6 +45,10 @@ class VectorIndex(Protocol):
         """Every id held, for reconciling the index with the catalogue."""
         ...
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` are held (a bool mask), without listing them all: a replica's incremental sync."""
+        ...
+
     def save(self) -> None:
         """Persist durably and atomically (a crash leaves the old file or the new one, never half of one)."""
         ...

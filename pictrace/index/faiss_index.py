@@ -268,6 +268,11 @@ class FaissIndex:
         with self._lock.read():
             return np.fromiter(self._s.where.keys(), dtype=np.int64, count=len(self._s.where))
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        with self._lock.read():
+            where = self._s.where
+            return np.array([int(i) in where for i in np.asarray(ids).tolist()], dtype=bool)
+
     def needs_rebuild(self) -> bool:
         """Too many tombstones, a gallery that outgrew (or shrank below) its structure, or SQ8 trained on few."""
         with self._lock.read():

@@ -126,6 +126,11 @@ class MilvusIndex:
             iterator.close()
         return np.array(out, dtype=np.int64)
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        wanted = [int(i) for i in np.asarray(ids, dtype=np.int64).tolist()]
+        present = set(self._existing(wanted))
+        return np.array([i in present for i in wanted], dtype=bool)
+
     def needs_rebuild(self) -> bool:
         return False  # Milvus compacts deletes and chooses its segment indexes itself
 
@@ -141,5 +146,18 @@ class MilvusIndex:
         with self._write:
             self._client.flush(self._name)
 
+    def reload(self) -> None:
+        """Release and load the collection: Milvus Lite builds each flushed segment's index in the background,
+        and loading builds (or reads back) all of them now, so searches after it meet finished indexes."""
+        with self._write:
+            self._client.release_collection(self._name)
+            self._client.load_collection(self._name)
+
     def close(self) -> None:
+        """Close the client; for Milvus Lite also stop its in-process server, which holds the file's lock
+        (without this, no other process, and no later index in this one, could open the file afresh)."""
         self._client.close()
+        if self._uri.endswith(".db"):  # pymilvus runs a Milvus Lite server in this process for a .db path
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self._uri)

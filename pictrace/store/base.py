@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from pictrace.store.catalogue import (
+        Change,
+        ChangePosition,
         FailedSource,
         GalleryImage,
         ImageRecord,
@@ -87,3 +89,11 @@ class CatalogueStore(Protocol):
     def links_of(self, vec_ids: Iterable[int]) -> dict[int, list[tuple[int, int]]]: ...
 
     def unlinked(self) -> list[int]: ...
+
+    def change_position(self) -> ChangePosition: ...
+
+    def changes_after(self, seq: int) -> list[Change]: ...
+
+    def orb_blobs_of(self, vec_ids: Iterable[int], batch: int = 1024) -> Iterator[tuple[int, bytes]]: ...
+
+    def trim_change_log(self, through_seq: int) -> int: ...

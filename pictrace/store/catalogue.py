@@ -61,6 +61,15 @@ CREATE TABLE IF NOT EXISTS sources (
     updated_at $real NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sources_sha ON sources(sha256);
+-- change log (issue 4): one row per image added or deleted, written in the transaction that does it, after
+-- the generation bump (whose row lock orders the seqs by commit on PostgreSQL); replicas apply the rows newer
+-- than the last one they applied. Catalogues made before it get the table, empty, when next opened.
+CREATE TABLE IF NOT EXISTS change_log (
+    seq        $identity,
+    vec_id     $int64 NOT NULL,
+    op         TEXT NOT NULL CHECK (op IN ('add', 'remove')),
+    generation $int64 NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), generation $int64 NOT NULL);
 INSERT INTO changes (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS links (
@@ -80,6 +89,8 @@ SCHEMA = schema(identity="INTEGER PRIMARY KEY AUTOINCREMENT", int64="INTEGER", b
 
 # Bumped in the transaction that adds or deletes an image: replicas compare it to know their index is stale.
 BUMP_GENERATION = "UPDATE changes SET generation = generation + 1 WHERE id = 1"
+# Right after BUMP_GENERATION, once per image added or deleted: the row carries the generation it made.
+LOG_CHANGE = "INSERT INTO change_log (vec_id, op, generation) SELECT ?, ?, generation FROM changes WHERE id = 1"
 
 
 @dataclass(frozen=True)
@@ -294,6 +305,7 @@ class Catalogue:
                 row = conn.execute("SELECT vec_id FROM images WHERE sha256 = ?", (image.sha256,)).fetchone()
             else:
                 conn.execute(BUMP_GENERATION)
+                conn.execute(LOG_CHANGE, (int(row[0]), "add"))
             self._upsert_source(conn, source, "ok", image.sha256, None)
             return int(row[0]), is_new
 
@@ -315,6 +327,7 @@ class Catalogue:
                         removed.append(int(image[0]))
             if removed:
                 conn.execute(BUMP_GENERATION)
+                conn.executemany(LOG_CHANGE, [(vec_id, "remove") for vec_id in removed])
         return removed
 
     def gallery_urls(self) -> set[str]:
@@ -450,6 +463,7 @@ class Catalogue:
             conn.execute("DELETE FROM sources WHERE sha256 = ?", (sha256,))
             conn.execute("DELETE FROM images WHERE sha256 = ?", (sha256,))
             conn.execute(BUMP_GENERATION)  # replicas drop it from their indexes
+            conn.execute(LOG_CHANGE, (int(row[0]), "remove"))
         return int(row[0])
 
     def delete_meta(self, key: str) -> None:
@@ -537,6 +551,58 @@ class Catalogue:
                WHERE vec_id NOT IN (SELECT vec_id FROM links WHERE other = vec_id) ORDER BY vec_id"""
         )
         return [int(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------------------ change log (issue 4)
+    # What replicas follow (pictrace/sync.py): rows are written by add_image, remove_sources and remove_image
+    # (LOG_CHANGE, after BUMP_GENERATION). Plain, portable SQL, like the rest.
+
+    def change_position(self) -> ChangePosition:
+        """The newest change and the generation counter, read together (one statement: one snapshot)."""
+        rows = self._query(
+            "SELECT (SELECT MAX(seq) FROM change_log), generation FROM changes WHERE id = 1"
+        )
+        return ChangePosition(int(rows[0][0] or 0), int(rows[0][1]))
+
+    def changes_after(self, seq: int) -> list[Change]:
+        """The log's rows newer than ``seq``, oldest first (what a replica has not applied yet)."""
+        rows = self._query(
+            "SELECT seq, vec_id, op, generation FROM change_log WHERE seq > ? ORDER BY seq", (int(seq),)
+        )
+        return [Change(int(s), int(v), str(op), int(g)) for s, v, op, g in rows]
+
+    def orb_blobs_of(self, vec_ids: Iterable[int], batch: int = 1024) -> Iterator[tuple[int, bytes]]:
+        """The stored ORB blobs of some images (those still catalogued), for a replica's local index."""
+        wanted = [int(v) for v in vec_ids]
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start : start + batch]
+            marks = ",".join("?" * len(chunk))
+            for vec_id, blob in self._query(f"SELECT vec_id, orb FROM images WHERE vec_id IN ({marks})", chunk):
+                yield int(vec_id), bytes(blob)
+
+    def trim_change_log(self, through_seq: int) -> int:
+        """Drop the log's rows up to ``through_seq`` (about 40 bytes each, so rarely worth it). A replica that had
+        not applied them notices the gap in generations and reconciles in full. Returns the rows dropped."""
+        with self._transaction() as conn:
+            cursor = conn.execute("DELETE FROM change_log WHERE seq <= ?", (int(through_seq),))
+            return int(cursor.rowcount)
+
+
+@dataclass(frozen=True)
+class ChangePosition:
+    """Where a replica stands in the change log: the last seq applied and the generation it brought."""
+
+    seq: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row of the change log: an image (its vec_id) that was added or removed."""
+
+    seq: int
+    vec_id: int
+    op: str  # 'add' | 'remove'
+    generation: int
 
 
 @dataclass(frozen=True)
