@@ -57,3 +57,16 @@ def test_outgrowing_the_lists_asks_for_training(orbs: dict[str, OrbFeatures]) ->
     index.replace_with(rebuilt)
     assert index.is_inverted_file and not index.needs_training()
     assert index.vote(orbs["coffee"]).top(1) == [NAMES.index("coffee") + 1]
+
+
+def test_the_inverted_file_does_not_depend_on_the_order_images_arrived(
+    photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]
+) -> None:
+    """Concurrent fetches commit a gallery in a different order each time; its lists must come out the same."""
+    blobs = [(i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)]
+    forward = LocalIndex.build(_params(1000), blobs)
+    backward = LocalIndex.build(_params(1000), reversed(blobs))
+    assert forward.is_inverted_file and backward.is_inverted_file
+    for name in NAMES:
+        query = extract_orb(resize(crop(photos[name], 0.5, 0.3), 0.6))
+        assert forward.vote(query).counts == backward.vote(query).counts
