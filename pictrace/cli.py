@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("gt", type=Path, help='ground truth: {"gallery": [...], "queries": [...]}')
     evaluate.add_argument("--images", type=Path, help="folder holding the images (default: GT's images/)")
     evaluate.add_argument("--out", type=Path, help="write the ranked results here (score.py's format)")
-    evaluate.add_argument("--details", type=Path, help="write every match's component scores here (for fitting)")
+    evaluate.add_argument("--details", type=Path, help="write the shown results' component scores here (for fitting)")
     evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     serve = sub.add_parser("serve", help="run the web service")
