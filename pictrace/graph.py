@@ -66,7 +66,8 @@ def expand(
     settings: Settings,
     cosine_of: Callable[[list[int]], dict[int, float]],
 ) -> list[CandidateScore]:
-    """Add (or lift) the links of the best verified results; ``ranked`` is sorted best first.
+    """Add (or lift) the links of the best verified results. ``ranked`` is sorted best first; the answer is not
+    sorted (the caller orders it its own way: exact hits first).
 
     Sources: exact matches (their stored links are the query's own verified neighbours) and the best
     ``expand_from`` results with a geometric fit scoring at least ``expand_min_score``.
@@ -101,4 +102,4 @@ def expand(
             current = CandidateScore(other, max(0.0, min(1.0, cosines[other])), 0.0, 0.0, 0, 0.0)
         if score > current.fused:
             by_id[other] = rescore(current, settings, linked=score, via=source_id)
-    return sorted(by_id.values(), key=lambda c: c.fused, reverse=True)
+    return list(by_id.values())

@@ -248,7 +248,8 @@ class Ingestor:
                 if batch:
                     result = await self.pool.run_background(self._process_batch, batch)
                     outcome.added += result.added
-                    self.progress.linking += result.added  # linked at the end of the ingest
+                    if self._links_enabled:
+                        self.progress.linking += result.added  # linked at the end of the ingest
                     outcome.duplicates += result.duplicates
                     advance(len(batch), result.failed)
         finally:
@@ -327,16 +328,20 @@ class Ingestor:
             self._retrain_local()
         return outcome
 
+    @property
+    def _links_enabled(self) -> bool:
+        return self.local is not None and self.settings.graph_candidates > 0
+
     def _link(self, vec_ids: list[int]) -> None:
         """Store the new images' verified matches (the match graph, pictrace/graph.py)."""
-        if self.local is not None and self.settings.graph_candidates > 0:
+        if self.local is not None and self._links_enabled:
             link_images(self.catalogue, self.local, self.settings, vec_ids)
 
     def _link_unlinked(self) -> int:
         """Link the images added by this ingest, once the local index holds all of them and has learned its
         lists from them (measured: linking each batch as it arrived, against lists learned from part of the
         gallery, cost 0.005 mAP). Also catches images never linked (older catalogues, a crash in between)."""
-        if self.local is None or self.settings.graph_candidates == 0:
+        if not self._links_enabled:
             return 0
         todo = self.catalogue.unlinked()
         if todo:
