@@ -35,16 +35,18 @@ def find_links(
     """Verified matches ``(other, inliers)`` of one stored image against its most-voted gallery images."""
     if settings.graph_candidates == 0:
         return []
-    own = catalogue.rerank_features([vec_id]).get(vec_id)
+    own = dict(catalogue.orb_blobs_of([vec_id])).get(vec_id)
     if own is None:  # deleted meanwhile
         return []
-    orb = OrbFeatures.from_bytes(own.orb)
+    orb = OrbFeatures.from_bytes(own)
     ranked = local.vote(orb).top(settings.graph_candidates + 1, settings.local_min_votes)
     others = [v for v in ranked if v != vec_id][: settings.graph_candidates]
-    stored = catalogue.rerank_features(others)
-    present = [v for v in others if v in stored]
-    matches = [match_features(orb, OrbFeatures.from_bytes(stored[v].orb), settings) for v in present]
-    return [(other, m.inliers) for other, m in zip(present, matches, strict=True) if m.homography is not None]
+    links = []
+    for other, blob in catalogue.orb_blobs_of(others):  # images deleted meanwhile are not read back
+        match = match_features(orb, OrbFeatures.from_bytes(blob), settings)
+        if match.homography is not None:
+            links.append((other, match.inliers))
+    return links
 
 
 def link_images(

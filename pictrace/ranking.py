@@ -24,14 +24,10 @@ class QueryFeatures:
 
     @classmethod
     def compute(cls, rgb: np.ndarray, embedding: np.ndarray, settings: Settings) -> QueryFeatures:
-        return cls(embedding=embedding, gray=gray256(rgb), orb=query_orb(rgb, settings))
-
-
-def query_orb(rgb: np.ndarray, settings: Settings) -> OrbFeatures:
-    """The query's ORB keypoints, extracted exactly as the gallery's were at ingest."""
-    return extract_orb(
-        rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
-    )
+        orb = extract_orb(
+            rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+        )
+        return cls(embedding=embedding, gray=gray256(rgb), orb=orb)
 
 
 @dataclass(frozen=True)

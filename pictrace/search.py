@@ -43,9 +43,7 @@ class Searcher:
 
     def search_bytes(self, data: bytes, top_k: int | None = None) -> SearchResult:
         """Search with an encoded image (upload, download or file). Raises the decode errors on bad input."""
-        started = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.max_pixels)
-        return self._search(image, sha256_hex(data), top_k, started)[0]
+        return self._search_bytes(data, top_k)[0]
 
     def search_image(
         self, image: DecodedImage, sha256: str, top_k: int | None = None, started: float | None = None
@@ -55,11 +53,14 @@ class Searcher:
     def search_ranked(self, data: bytes, top_k: int | None = None) -> tuple[SearchResult, list[str]]:
         """The answer a client gets, plus the ids of *every* candidate ranked, shown or not (for ``eval``:
         an image the verdicts hide still counts where it was ranked, as with any ranked-list metric)."""
-        started = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.max_pixels)
-        result, ranked = self._search(image, sha256_hex(data), top_k, started)
+        result, ranked = self._search_bytes(data, top_k)
         records = self.catalogue.records(ranked)
         return result, [records[v].entry_id for v in ranked if v in records]
+
+    def _search_bytes(self, data: bytes, top_k: int | None) -> tuple[SearchResult, list[int]]:
+        started = time.perf_counter()
+        image = decode_image(data, max_pixels=self.settings.max_pixels)
+        return self._search(image, sha256_hex(data), top_k, started)
 
     def _search(
         self, image: DecodedImage, sha256: str, top_k: int | None, started: float | None
