@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
+from pictrace.features.orb import OrbFeatures
 from pictrace.gallery import load_gallery
 from pictrace.mirror import mirror_pass
 from pictrace.ranking import QueryFeatures, verify
@@ -90,7 +91,8 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
         cosines.pop(by_name.get(q["query"], -1), None)  # smvs: the query itself is in the gallery
         query = QueryFeatures.compute(image.rgb, embedding, settings)
         stored = service.catalogue.rerank_features(cosines)
-        direct = [verify(query, v, cosines[v], stored[v], settings) for v in cosines]
+        orbs = {v: OrbFeatures.from_bytes(stored[v].orb) for v in cosines}
+        direct = [verify(query, v, cosines[v], orbs[v], settings) for v in cosines]
         t0 = time.perf_counter()
         no_fit = [c for c in direct if c.homography is None or c.orb_inliers < settings.copy_min_inliers]
         mirrored = {c.vec_id: c for c in mirror_pass(image.rgb, no_fit, stored, settings)}

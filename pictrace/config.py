@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         24, ge=0, le=256, description="Hamming distance (on the kept bytes) beyond which a neighbour casts no vote."
     )
     local_nprobe: int = Field(16, ge=1, description="Inverted lists searched per query descriptor.")
+    prescreen_min_inliers: int = Field(
+        7, ge=0, le=1000, description="Agreeing keypoints a candidate's votes need for its ORB check (0: check all)."
+    )
+    verify_embedding_top: int = Field(
+        2, ge=0, le=1000, description="Nearest embedding vectors that get the ORB check whatever their votes."
+    )
     expand_from: int = Field(
         3, ge=0, le=50, description="Best verified results whose match-graph neighbours join the results (0: off)."
     )

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pictrace.features.orb import OrbFeatures
 
 KP_BITS = 14  # a descriptor's id is vec_id << KP_BITS | keypoint index (ORB_FEATURES is at most 10,000)
+_KP_MASK = (1 << KP_BITS) - 1
 
 
 def _stable_sample(codes: np.ndarray, size: int) -> np.ndarray:
@@ -55,13 +56,26 @@ class LocalIndexParams:
 
 @dataclass(frozen=True)
 class Votes:
-    """Per gallery image: how many query descriptors found one of its descriptors."""
+    """Per gallery image: how many query descriptors found one of its descriptors, and which ones.
+
+    The pairs behind the votes (query descriptor ``rows[k]`` found keypoint ``keypoints[k]`` of image
+    ``owners[k]``, the nearest one where it found several) are tentative matches: a homography most of them
+    agree on is cheap to look for and says whether an image deserves the full ORB check (ranking.worth_verifying).
+    """
 
     counts: dict[int, int]
+    owners: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.intp))
+    keypoints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.intp))
 
     def top(self, n: int, minimum: int = 1) -> list[int]:
         ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         return [vec_id for vec_id, count in ranked[:n] if count >= minimum]
+
+    def pairs(self, vec_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(query rows, keypoints of ``vec_id``) of the votes it got."""
+        lo, hi = np.searchsorted(self.owners, [vec_id, vec_id + 1])
+        return self.rows[lo:hi], self.keypoints[lo:hi]
 
 
 class LocalIndex:
@@ -176,7 +190,14 @@ class LocalIndex:
             dist, ids = self._index.search(codes, self.params.knn)
         ok = (ids >= 0) & (dist <= self.params.max_distance)
         rows = np.nonzero(ok)[0].astype(np.int64)
-        owners = ids[ok] >> KP_BITS
-        pairs = np.unique(rows << 32 | owners)
-        found, counts = np.unique(pairs & 0xFFFFFFFF, return_counts=True)
-        return Votes({int(v): int(c) for v, c in zip(found, counts, strict=True)})
+        found = ids[ok]  # row by row, nearest first
+        # One vote per (image, query descriptor); np.unique keeps the first, i.e. nearest, of each pair.
+        keys, first = np.unique((found >> KP_BITS) << KP_BITS | rows, return_index=True)
+        owners = keys >> KP_BITS
+        images, counts = np.unique(owners, return_counts=True)
+        return Votes(
+            {int(v): int(c) for v, c in zip(images, counts, strict=True)},
+            owners=owners,
+            rows=(keys & _KP_MASK).astype(np.intp),
+            keypoints=(found[first] & _KP_MASK).astype(np.intp),
+        )

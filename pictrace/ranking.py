@@ -7,9 +7,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pictrace.config import Settings
-from pictrace.features.orb import OrbFeatures, OrbMatch, extract_orb, match_orb
+from pictrace.features.orb import OrbFeatures, OrbMatch, consensus, extract_orb, match_orb
 from pictrace.features.ssim import gray256, ssim_score
 from pictrace.features.thumbnail import decode_gray_png
+from pictrace.local_index import Votes
 from pictrace.store import RerankFeatures
 from pictrace.transform import to_pixel_homography
 
@@ -72,20 +73,54 @@ def match_features(query: OrbFeatures, gallery: OrbFeatures, settings: Settings)
     )
 
 
+def worth_verifying(
+    query: QueryFeatures,
+    cosines: dict[int, float],
+    gallery: dict[int, OrbFeatures],
+    votes: Votes,
+    settings: Settings,
+) -> set[int]:
+    """The candidates that get the full ORB check: a cascade, because that check is most of a query's time.
+
+    Matching every query keypoint against every keypoint of a candidate costs ~2 ms; the local index's votes
+    already paired some of them up, and a RANSAC over those few dozen pairs costs ~0.2 ms. A candidate whose
+    pairs agree on a homography with ``prescreen_min_inliers`` distinct keypoints is checked fully, and so are
+    the ``verify_embedding_top`` nearest by embedding (an edited copy can be too small or too blurred for its
+    keypoints to reach the index). The rest keep their embedding score. Measured on the shared sets, this
+    checks ~8 of ~27 candidates a query and drops ~1 % of the relevant matches the full check would have found
+    (docs/quality.md).
+    """
+    if settings.prescreen_min_inliers == 0:
+        return set(gallery)
+    nearest = sorted((v for v in cosines if v in gallery), key=lambda v: -cosines[v])
+    chosen = set(nearest[: settings.verify_embedding_top])
+    for vec_id, orb in gallery.items():
+        if vec_id in chosen:
+            continue
+        qi, gi = votes.pairs(vec_id)
+        if len(qi) < settings.prescreen_min_inliers:
+            continue
+        if consensus(query.orb, orb, qi, gi, ransac_px=settings.orb_ransac_px) >= settings.prescreen_min_inliers:
+            chosen.add(vec_id)
+    return chosen
+
+
 def verify(
     query: QueryFeatures,
     vec_id: int,
     cosine: float,
-    stored: RerankFeatures,
+    gallery: OrbFeatures | None,
     settings: Settings,
     votes: int = 0,
 ) -> CandidateScore:
-    """Embedding and ORB+RANSAC for one candidate: the cheap-enough signals every candidate gets.
+    """Embedding and ORB+RANSAC for one candidate (``gallery`` None: not worth the ORB check, see above).
 
     ``fused`` is provisional here (SSIM counted as 0); ``with_ssim`` completes it for the shortlist.
     """
     embedding = float(np.clip(cosine, 0.0, 1.0))
-    gallery_orb = OrbFeatures.from_bytes(stored.orb).strongest(settings.orb_verify_features)
+    if gallery is None:
+        return CandidateScore(vec_id, embedding, 0.0, 0.0, 0, fuse(embedding, 0.0, 0.0, settings), votes=votes)
+    gallery_orb = gallery.strongest(settings.orb_verify_features)
     match = match_features(query.orb, gallery_orb, settings)
     homography = (
         None

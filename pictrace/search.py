@@ -1,8 +1,8 @@
 """The search pipeline, plain Python shared by the web app, the CLI, the eval command and the tests.
 
 decode → sha256 (exact hit?) → embed + ORB → candidates (K nearest vectors ∪ images with most local-descriptor
-votes) → verify every candidate (ORB+RANSAC) → add the stored links of the best (pictrace/graph.py) → SSIM on
-the best few → fuse → top-k.
+votes) → screen them on the votes' own pairs → verify the promising ones (ORB+RANSAC) → add the stored links
+of the best (pictrace/graph.py) → SSIM on the best few → fuse → top-k.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from pictrace.config import Settings
 from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
+from pictrace.features.orb import OrbFeatures
 from pictrace.graph import expand
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex, Votes
 from pictrace.mirror import mirror_pass
-from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim
+from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim, worth_verifying
 from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
 from pictrace.transform import read_transform, transform_info
@@ -76,12 +77,17 @@ class Searcher:
             cosines, embedding, [*exact, *votes.top(self.settings.local_candidates, self.settings.local_min_votes)]
         )
         stored = self.catalogue.rerank_features(cosines)
-        verified = [
-            verify(query, v, cosines[v], stored[v], self.settings, votes.counts.get(v, 0))
-            for v in cosines
-            if v in stored
-        ]
+        orbs = {v: OrbFeatures.from_bytes(features.orb) for v, features in stored.items()}
         exact_set = set(exact)
+        if self.local is not None and self.settings.local_candidates > 0:  # the votes are there to screen with
+            checked = exact_set | worth_verifying(query, cosines, orbs, votes, self.settings)
+        else:
+            checked = set(orbs)
+        verified = [
+            verify(query, v, cosines[v], orbs[v] if v in checked else None, self.settings, votes.counts.get(v, 0))
+            for v in cosines
+            if v in orbs
+        ]
 
         def order(c: CandidateScore) -> tuple[bool, float]:
             return (c.vec_id in exact_set, c.fused)

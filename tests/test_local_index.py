@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from conftest import crop, resize
 
-from pictrace.features.orb import OrbFeatures, extract_orb
+from pictrace.config import Settings
+from pictrace.features.orb import OrbFeatures, consensus, extract_orb
 from pictrace.local_index import LocalIndex, LocalIndexParams
+from pictrace.ranking import QueryFeatures, worth_verifying
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 
@@ -70,3 +72,53 @@ def test_the_inverted_file_does_not_depend_on_the_order_images_arrived(
     for name in NAMES:
         query = extract_orb(resize(crop(photos[name], 0.5, 0.3), 0.6))
         assert forward.vote(query).counts == backward.vote(query).counts
+
+
+def test_vote_pairs_are_the_matching_keypoints(photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]) -> None:
+    """Each vote's pair is a query keypoint and the gallery keypoint it found; for a crop they agree on a shift."""
+    index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
+    coffee = NAMES.index("coffee") + 1
+    h, w = photos["coffee"].shape[:2]
+    query = extract_orb(photos["coffee"][h // 4 :, w // 4 :])  # a crop: gallery point = query point + offset
+    votes = index.vote(query)
+    rows, keypoints = votes.pairs(coffee)
+    assert len(rows) == votes.counts[coffee] and len(set(rows.tolist())) == len(rows)
+    assert votes.pairs(10**6)[0].size == 0  # an image nobody voted for has no pairs
+    gallery = orbs["coffee"]
+    shift = gallery.points[keypoints] / gallery.scale - query.points[rows] / query.scale
+    agree = np.linalg.norm(shift - np.array([w // 4, h // 4]), axis=1) < 3
+    assert agree.mean() > 0.5, agree.mean()
+
+
+def test_consensus_screens_related_from_unrelated(
+    photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]
+) -> None:
+    index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
+    query = extract_orb(resize(crop(photos["rocket"], 0.6, 0.2), 0.7))
+    votes = index.vote(query)
+    agreeing = {
+        name: consensus(query, orbs[name], *votes.pairs(i)) for i, name in enumerate(NAMES, 1) if i in votes.counts
+    }
+    threshold = Settings.model_fields["prescreen_min_inliers"].default
+    assert agreeing["rocket"] >= 2 * threshold, agreeing  # the cropped, shrunk copy passes the screen easily
+    assert max(v for name, v in agreeing.items() if name != "rocket") < threshold, agreeing
+
+
+def test_only_screened_and_nearest_candidates_get_the_full_check(
+    photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]
+) -> None:
+    index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
+    rgb = resize(crop(photos["rocket"], 0.6, 0.2), 0.7)
+    query = QueryFeatures.compute(rgb, np.zeros(4, dtype=np.float32), Settings(_env_file=None))
+    gallery = {i: orbs[name] for i, name in enumerate(NAMES, 1)}
+    cosines = {i: 0.1 * i for i in gallery}  # by embedding, the last two images are nearest
+    votes = index.vote(query.orb)
+    rocket = NAMES.index("rocket") + 1
+
+    def chosen(**settings: int) -> set[int]:
+        return worth_verifying(query, cosines, gallery, votes, Settings(_env_file=None, **settings))  # type: ignore[arg-type]
+
+    screened = chosen(verify_embedding_top=0)
+    assert rocket in screened and len(screened) <= 2, screened  # chance agreement of 7 keypoints is rare
+    assert chosen(verify_embedding_top=2) == screened | {len(NAMES), len(NAMES) - 1}
+    assert chosen(prescreen_min_inliers=0) == set(gallery)  # the screen off: every candidate is checked
