@@ -28,6 +28,7 @@ import logging
 import math
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -212,13 +213,18 @@ class LocalIndex:
         if len(ids) >= params.flat_below:
             nlist = list_count(len(ids), params.max_lists)
             sample = codes[_stable_sample(codes, min(64 * nlist, max(params.train_max, nlist)))]
+            started = time.perf_counter()
             quantizer = faiss.IndexBinaryFlat(index._bits)
             quantizer.add(train_lists(sample, nlist, params.train_iterations))
+            log.info("local-feature index: %d lists learned from %d codes in %.1f s",
+                     nlist, len(sample), time.perf_counter() - started)
             ivf = faiss.IndexBinaryIVF(quantizer, index._bits, nlist)
             ivf.train(np.ascontiguousarray(sample[:1]))  # the quantizer holds nlist centres: nothing to learn
             ivf.nprobe = params.nprobe
             index._index, index._quantizer, index._trained_on = ivf, quantizer, len(ids)
+        started = time.perf_counter()
         index._index.add_with_ids(codes, ids)
+        log.info("local-feature index: %d codes added in %.1f s", len(ids), time.perf_counter() - started)
         return index
 
     @classmethod
