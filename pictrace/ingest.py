@@ -193,7 +193,7 @@ class Ingestor:
         """Relearn the local index's inverted lists from the catalogue once the gallery has doubled (or, at the
         end of an ingest, grown by a quarter: lists learned mid-ingest from part of it lose votes)."""
         if self.local is not None and self.local.needs_training(1.25 if final else 2.0):
-            self.local.replace_with(LocalIndex.build(self.local.params, self.catalogue.orb_blobs()))
+            relearn_local(self.local, self.catalogue)
 
     def _save_local(self) -> None:
         """Save the local index once an ingest settled it, so the next start reopens it (a failure to write
@@ -424,8 +424,7 @@ class Ingestor:
             count = await self.pool.run_background(rebuild, self.index, self.catalogue)
             await self.pool.run_background(self.index.save)
             if self.local is not None:
-                fresh = await self.pool.run_background(LocalIndex.build, self.local.params, self.catalogue.orb_blobs())
-                self.local.replace_with(fresh)
+                await self.pool.run_background(relearn_local, self.local, self.catalogue)
                 await self.pool.run_background(self._save_local)
             return count
 
@@ -488,6 +487,13 @@ def reconcile_local(local: LocalIndex, catalogue: Catalogue) -> tuple[int, int]:
         local.add(vec_id, OrbFeatures.from_bytes(blob))
         added += 1
     return added, removed
+
+
+def relearn_local(local: LocalIndex, catalogue: Catalogue) -> None:
+    """Rebuild the local index from the catalogue (new lists) and swap it in; then apply what was added or
+    deleted while it was built (an API write during a build of minutes), which the swap would otherwise drop."""
+    local.replace_with(LocalIndex.build(local.params, catalogue.orb_blobs()))
+    reconcile_local(local, catalogue)
 
 
 def save_local_index(settings: Settings, catalogue: Catalogue, local: LocalIndex) -> bool:
