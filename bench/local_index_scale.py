@@ -16,6 +16,7 @@ latency p50/p95 for one query (1 FAISS thread, as served), and recall against th
 hold) and ``rel@20`` (the evaluation's relevant images in the top 20, exact vs inverted file).
 
     nice -n 19 python bench/local_index_scale.py [--sizes 10000 100000] [--queries 250] [--train-max 262144]
+                                                 [--estimate 100000 1000000] [--add-part 2000000]
 """
 
 from __future__ import annotations
@@ -129,13 +130,15 @@ def measure(
     gc.collect()
     before = rss_mb()
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index = LocalIndex.build(params, gallery(n, real))
     row["build_s"] = round(time.perf_counter() - t0, 1)
+    row["build_cpu_s"] = round(time.process_time() - c0, 1)
     gc.collect()
     row["memory_mb"] = round(rss_mb() - before)
     row["bytes_per_image"] = round((rss_mb() - before) * 2**20 / n)
-    with tempfile.TemporaryDirectory(prefix="pictrace-local-", dir=os.environ.get("BENCH_TMP")) as tmp:
+    RESULTS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pictrace-local-", dir=RESULTS) as tmp:
         path = Path(tmp) / "local.faiss"
         t0 = time.perf_counter()
         index.save(path, "bench")
@@ -170,6 +173,39 @@ def measure(
     return row
 
 
+def estimate(n: int, params: LocalIndexParams, add_codes: int, seed: int = 1) -> dict[str, Any]:
+    """Too big to build here in the time: time what the build does at this size, on part of the codes.
+
+    Learns the lists it would learn (the same nlist and sample size, on random codes), then adds ``add_codes``
+    codes to them; the add is linear in the codes (each is compared with every list), so it is scaled to n.
+    """
+    from pictrace.local_index import train_lists
+
+    codes = n * PER_IMAGE
+    nlist = list_count(codes, params.max_lists)
+    sample_size = min(64 * nlist, max(params.train_max, nlist))
+    rng = np.random.default_rng(seed)
+    sample = rng.integers(0, 256, (sample_size, 16), dtype=np.uint8)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    quantizer = faiss.IndexBinaryFlat(128)
+    quantizer.add(train_lists(sample, nlist, params.train_iterations))
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    ivf = faiss.IndexBinaryIVF(quantizer, 128, nlist)
+    ivf.train(sample[:1])
+    part = rng.integers(0, 256, (add_codes, 16), dtype=np.uint8)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ivf.add_with_ids(part, np.arange(add_codes, dtype=np.int64))
+    add_s, add_cpu = time.perf_counter() - t0, time.process_time() - c0
+    scale = codes / add_codes
+    return {
+        "images": n, "codes": codes, "nlist": nlist, "train_sample": sample_size, "estimated": True,
+        "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1),
+        "add_part_codes": add_codes, "add_part_s": round(add_s, 1), "add_part_cpu_s": round(add_cpu, 1),
+        "build_s": f"~{train_s + add_s * scale:.0f}", "build_cpu_s": f"~{train_cpu + add_cpu * scale:.0f}",
+    }
+
+
 def main() -> None:
     import logging
 
@@ -182,6 +218,9 @@ def main() -> None:
     parser.add_argument("--max-lists", type=int, default=defaults["local_max_lists"].default)
     parser.add_argument("--iterations", type=int, default=defaults["local_train_iterations"].default)
     parser.add_argument("--nprobe", type=int, default=defaults["local_nprobe"].default)
+    parser.add_argument("--estimate", type=int, nargs="*", default=[],
+                        help="sizes only estimated: lists learned in full, then --add-part codes added and scaled")
+    parser.add_argument("--add-part", type=int, default=2_000_000)
     parser.add_argument("--out", type=Path, default=RESULTS / "local_index_scale.json")
     args = parser.parse_args()
     names, real, relevant = real_features()
@@ -205,8 +244,12 @@ def main() -> None:
         print(f"{n} images ...", flush=True)
         rows.append(measure(n, params, real, names, relevant, exact_top, exact_pairs, queries))
         print("  " + json.dumps(rows[-1]), flush=True)
-    cols = ["images", "nlist", "train_sample", "build_s", "memory_mb", "bytes_per_image", "disk_mb", "save_s",
-            "reopen_s", "reopen_mb", "vote_p50_ms", "vote_p95_ms", "pairs", "cand@20", "rel@20"]
+    for n in args.estimate:
+        print(f"{n} images, estimated ...", flush=True)
+        rows.append(estimate(n, params, args.add_part))
+        print("  " + json.dumps(rows[-1]), flush=True)
+    cols = ["images", "nlist", "train_sample", "build_s", "build_cpu_s", "memory_mb", "bytes_per_image", "disk_mb",
+            "save_s", "reopen_s", "reopen_mb", "vote_p50_ms", "vote_p95_ms", "pairs", "cand@20", "rel@20"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "–")) for c in cols) + " |")
