@@ -94,15 +94,20 @@ def worth_verifying(
         return set(gallery)
     nearest = sorted((v for v in cosines if v in gallery), key=lambda v: -cosines[v])
     chosen = set(nearest[: settings.verify_embedding_top])
-    for vec_id, orb in gallery.items():
-        if vec_id in chosen:
-            continue
-        qi, gi = votes.pairs(vec_id)
-        if len(qi) < settings.prescreen_min_inliers:
-            continue
-        if consensus(query.orb, orb, qi, gi, ransac_px=settings.orb_ransac_px) >= settings.prescreen_min_inliers:
-            chosen.add(vec_id)
-    return chosen
+    return chosen | {
+        vec_id
+        for vec_id, orb in gallery.items()
+        if vec_id not in chosen and passes_screen(query.orb, orb, votes, vec_id, settings)
+    }
+
+
+def passes_screen(query: OrbFeatures, gallery: OrbFeatures, votes: Votes, vec_id: int, settings: Settings) -> bool:
+    """Whether the pairs behind ``vec_id``'s votes agree on a homography with enough keypoints (0: always)."""
+    needed = settings.prescreen_min_inliers
+    qi, gi = votes.pairs(vec_id)
+    if needed == 0:
+        return True
+    return len(qi) >= needed and consensus(query, gallery, qi, gi, ransac_px=settings.orb_ransac_px) >= needed
 
 
 def verify(
