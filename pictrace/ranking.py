@@ -104,9 +104,9 @@ def worth_verifying(
 def passes_screen(query: OrbFeatures, gallery: OrbFeatures, votes: Votes, vec_id: int, settings: Settings) -> bool:
     """Whether the pairs behind ``vec_id``'s votes agree on a homography with enough keypoints (0: always)."""
     needed = settings.prescreen_min_inliers
-    qi, gi = votes.pairs(vec_id)
     if needed == 0:
         return True
+    qi, gi = votes.pairs(vec_id)
     return len(qi) >= needed and consensus(query, gallery, qi, gi, ransac_px=settings.orb_ransac_px) >= needed
 
 
