@@ -49,7 +49,7 @@ class Settings(BaseSettings):
         10, ge=1, le=1000, description="Nearest embedding vectors verified by ORB+RANSAC (with the local ones)."
     )
     local_candidates: int = Field(
-        20, ge=0, le=1000, description="Images with most local-descriptor votes verified by ORB+RANSAC (0: off)."
+        40, ge=0, le=1000, description="Images with most local-descriptor votes screened for ORB+RANSAC (0: off)."
     )
     local_min_votes: int = Field(3, ge=1, description="Fewer local-descriptor votes than this make no candidate.")
     local_per_image: int = Field(

@@ -8,7 +8,7 @@ import numpy as np
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, OrbMatch, consensus, extract_orb, match_orb
-from pictrace.features.ssim import gray256, ssim_score
+from pictrace.features.ssim import SsimReference, gray256
 from pictrace.features.thumbnail import decode_gray_png
 from pictrace.local_index import Votes
 from pictrace.store import RerankFeatures
@@ -20,7 +20,7 @@ class QueryFeatures:
     """Features of the query computed once and compared with every candidate."""
 
     embedding: np.ndarray
-    gray: np.ndarray
+    gray: SsimReference  # the query's half of SSIM, shared by every candidate on the shortlist
     orb: OrbFeatures
 
     @classmethod
@@ -28,7 +28,7 @@ class QueryFeatures:
         orb = extract_orb(
             rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
         )
-        return cls(embedding=embedding, gray=gray256(rgb), orb=orb)
+        return cls(embedding=embedding, gray=SsimReference(gray256(rgb)), orb=orb)
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,20 @@ def worth_verifying(
         return set(gallery)
     nearest = sorted((v for v in cosines if v in gallery), key=lambda v: -cosines[v])
     chosen = set(nearest[: settings.verify_embedding_top])
-    for vec_id, orb in gallery.items():
-        if vec_id in chosen:
-            continue
-        qi, gi = votes.pairs(vec_id)
-        if len(qi) < settings.prescreen_min_inliers:
-            continue
-        if consensus(query.orb, orb, qi, gi, ransac_px=settings.orb_ransac_px) >= settings.prescreen_min_inliers:
-            chosen.add(vec_id)
-    return chosen
+    return chosen | {
+        vec_id
+        for vec_id, orb in gallery.items()
+        if vec_id not in chosen and passes_screen(query.orb, orb, votes, vec_id, settings)
+    }
+
+
+def passes_screen(query: OrbFeatures, gallery: OrbFeatures, votes: Votes, vec_id: int, settings: Settings) -> bool:
+    """Whether the pairs behind ``vec_id``'s votes agree on a homography with enough keypoints (0: always)."""
+    needed = settings.prescreen_min_inliers
+    if needed == 0:
+        return True
+    qi, gi = votes.pairs(vec_id)
+    return len(qi) >= needed and consensus(query, gallery, qi, gi, ransac_px=settings.orb_ransac_px) >= needed
 
 
 def verify(
@@ -143,4 +148,4 @@ def with_ssim(
     query: QueryFeatures, candidate: CandidateScore, stored: RerankFeatures, settings: Settings
 ) -> CandidateScore:
     """SSIM is the costliest per-pair signal and the least discriminative, so only the shortlist pays for it."""
-    return rescore(candidate, settings, ssim=ssim_score(query.gray, decode_gray_png(stored.gray_png)))
+    return rescore(candidate, settings, ssim=query.gray.score(decode_gray_png(stored.gray_png)))

@@ -76,8 +76,7 @@ class Searcher:
         self._add_cosines(
             cosines, embedding, [*exact, *votes.top(self.settings.local_candidates, self.settings.local_min_votes)]
         )
-        stored = self.catalogue.rerank_features(cosines)
-        orbs = {v: OrbFeatures.from_bytes(features.orb) for v, features in stored.items()}
+        orbs = {v: OrbFeatures.from_bytes(blob) for v, blob in self.catalogue.orb_blobs_of(cosines)}
         exact_set = set(exact)
         if self.local is not None and self.settings.local_candidates > 0:  # the votes are there to screen with
             checked = exact_set | worth_verifying(query, cosines, orbs, votes, self.settings)
@@ -103,7 +102,7 @@ class Searcher:
         # their provisional score and stay in the list.
         n_ssim = max(self.settings.ssim_shortlist, top_k)
         best = verified[:n_ssim]
-        stored.update(self.catalogue.rerank_features(c.vec_id for c in best if c.vec_id not in stored))
+        stored = self.catalogue.rerank_features(c.vec_id for c in best)
         shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in best if c.vec_id in stored]
         shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
         ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)

@@ -19,8 +19,11 @@ T = TypeVar("T")
 
 
 class WorkPool:
-    def __init__(self, workers: int, queue_limit: int) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pictrace-cpu")
+    def __init__(self, workers: int, queue_limit: int, initializer: Callable[[], object] | None = None) -> None:
+        """``initializer`` runs once in each worker thread (per-thread library settings such as OpenMP's)."""
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="pictrace-cpu", initializer=initializer
+        )
         self._capacity = workers + queue_limit
         self._in_flight = 0
 

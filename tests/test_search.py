@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -102,3 +103,11 @@ async def test_bad_query_bytes_raise_typed_errors(service: Service) -> None:
         service.searcher.search_bytes(b"hello, not an image")
     with pytest.raises(DecodeError):
         service.searcher.search_bytes(encode(np.zeros((64, 64, 3), np.uint8))[:200])
+
+
+async def test_worker_threads_run_faiss_on_one_openmp_thread(service: Service) -> None:
+    """OpenMP settings are per thread: the workers that run searches must set their own (see service.py)."""
+    import faiss
+
+    counts = await asyncio.gather(*(service.pool.run(faiss.omp_get_max_threads) for _ in range(8)))
+    assert set(counts) == {1}

@@ -26,6 +26,7 @@ def gray256(rgb: np.ndarray) -> np.ndarray:
 _WIN = 7  # skimage's defaults: 7x7 uniform window, K1=0.01, K2=0.03, sample covariance
 _C1 = (0.01 * 255) ** 2
 _C2 = (0.03 * 255) ** 2
+_COV_NORM = _WIN * _WIN / (_WIN * _WIN - 1)  # sample covariance, as scikit-image
 
 
 def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,35 +34,43 @@ def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, data_range=255))  # type: ignore[no-untyped-call]
 
 
-def _ssim_fast(a: np.ndarray, b: np.ndarray) -> float:
-    """The same formula as scikit-image's default SSIM with OpenCV box filters (~10x faster per pair here).
+def _blur(img: np.ndarray) -> np.ndarray:
+    return np.asarray(cv2.blur(img, (_WIN, _WIN), borderType=cv2.BORDER_REFLECT))
 
-    Filters are applied with reflection at the borders and the border of half a window is then cropped,
-    exactly as scikit-image does; in float32 the two agree to ~1e-5.
+
+class SsimReference:
+    """One image's half of SSIM (its local means and variances), computed once and compared with many.
+
+    The same formula as scikit-image's default SSIM with OpenCV box filters (~10x faster per pair here), with
+    reflection at the borders and half a window cropped at the end exactly as scikit-image does; in float32
+    the two agree to ~1e-5. A query is compared with several candidates, so its half is worth keeping.
     """
-    x = a.astype(np.float32)
-    y = b.astype(np.float32)
-    n = _WIN * _WIN
-    cov_norm = n / (n - 1)
 
-    def blur(img: np.ndarray) -> np.ndarray:
-        return cv2.blur(img, (_WIN, _WIN), borderType=cv2.BORDER_REFLECT)
+    def __init__(self, gray: np.ndarray) -> None:
+        self.gray = gray
+        self._x = gray.astype(np.float32)
+        self._mean = _blur(self._x)
+        self._var = _COV_NORM * (_blur(self._x * self._x) - self._mean * self._mean)
 
-    ux, uy = blur(x), blur(y)
-    vx = cov_norm * (blur(x * x) - ux * ux)
-    vy = cov_norm * (blur(y * y) - uy * uy)
-    vxy = cov_norm * (blur(x * y) - ux * uy)
-    s = ((2 * ux * uy + _C1) * (2 * vxy + _C2)) / ((ux * ux + uy * uy + _C1) * (vx + vy + _C2))
-    pad = (_WIN - 1) // 2
-    return float(s[pad:-pad, pad:-pad].mean())
+    def score(self, other: np.ndarray) -> float:
+        """SSIM in [0, 1] (negative correlation counts as no similarity)."""
+        if other.shape != self.gray.shape:
+            raise ValueError(f"ssim_score needs equal shapes, got {self.gray.shape} and {other.shape}")
+        if min(other.shape[:2]) < _WIN:  # below one window scikit-image raises its own clear error, so let it
+            value = ssim_reference(self.gray, other)
+        else:
+            y = other.astype(np.float32)
+            ux, uy = self._mean, _blur(y)
+            vy = _COV_NORM * (_blur(y * y) - uy * uy)
+            vxy = _COV_NORM * (_blur(self._x * y) - ux * uy)
+            s = ((2 * ux * uy + _C1) * (2 * vxy + _C2)) / ((ux * ux + uy * uy + _C1) * (self._var + vy + _C2))
+            pad = (_WIN - 1) // 2
+            value = float(s[pad:-pad, pad:-pad].mean())
+        if not math.isfinite(value):
+            return 0.0
+        return min(1.0, max(0.0, value))
 
 
 def ssim_score(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM of two same-shape gray images in [0, 1] (negative correlation counts as no similarity)."""
-    if a.shape != b.shape:
-        raise ValueError(f"ssim_score needs equal shapes, got {a.shape} and {b.shape}")
-    # Below one window scikit-image raises its own clear error, so let it.
-    value = ssim_reference(a, b) if min(a.shape[:2]) < _WIN else _ssim_fast(a, b)
-    if not math.isfinite(value):
-        return 0.0
-    return min(1.0, max(0.0, value))
+    return SsimReference(a).score(b)
