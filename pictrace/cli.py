@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=None, help="number of results (1..50, default 5)")
     search.add_argument("--json", action="store_true", help="print the API's JSON")
 
-    sub.add_parser("reindex", help="rebuild the vector index from the catalogue (ignores the index file)")
+    sub.add_parser(
+        "reindex", help="rebuild the vector and local-feature indexes from the catalogue (ignores their files)"
+    )
     evaluate = sub.add_parser("eval", help="measure retrieval quality on a labelled set (throw-away index)")
     evaluate.add_argument("gt", type=Path, help='ground truth: {"gallery": [...], "queries": [...]}')
     evaluate.add_argument("--images", type=Path, help="folder holding the images (default: GT's images/)")

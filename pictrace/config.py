@@ -63,6 +63,16 @@ class Settings(BaseSettings):
         24, ge=0, le=256, description="Hamming distance (on the kept bytes) beyond which a neighbour casts no vote."
     )
     local_nprobe: int = Field(16, ge=1, description="Inverted lists searched per query descriptor.")
+    local_train_max: int = Field(
+        262_144, ge=1024, description="Most descriptors the local index's inverted lists are learned from."
+    )
+    local_max_lists: int = Field(65_536, ge=64, description="Most inverted lists in the local index.")
+    local_train_iterations: int = Field(
+        10, ge=0, le=100, description="k-means rounds that learn the local index's inverted lists."
+    )
+    local_persist: bool = Field(
+        True, description="Keep the local index in the data dir between starts (False: rebuilt at every start)."
+    )
     prescreen_min_inliers: int = Field(
         7, ge=0, le=1000, description="Agreeing keypoints a candidate's votes need for its ORB check (0: check all)."
     )
@@ -206,6 +216,10 @@ class Settings(BaseSettings):
     @property
     def index_path(self) -> Path:
         return self.data_dir / "vectors.faiss"
+
+    @property
+    def local_index_path(self) -> Path:
+        return self.data_dir / "local.faiss"
 
     @property
     def queries_dir(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,7 @@ class Ingestor:
                     await self.pool.run_background(self.index.save)
                     await self.pool.run_background(maintain, self.index, self.catalogue)
                     await self.pool.run_background(self._retrain_local, True)
+                    await self.pool.run_background(self._save_local)
                 await self.pool.run_background(self._link_unlinked)
             finally:
                 self.progress.running = False
@@ -191,7 +193,16 @@ class Ingestor:
         """Relearn the local index's inverted lists from the catalogue once the gallery has doubled (or, at the
         end of an ingest, grown by a quarter: lists learned mid-ingest from part of it lose votes)."""
         if self.local is not None and self.local.needs_training(1.25 if final else 2.0):
-            self.local.replace_with(LocalIndex.build(self.local.params, self.catalogue.orb_blobs()))
+            relearn_local(self.local, self.catalogue)
+
+    def _save_local(self) -> None:
+        """Save the local index once an ingest settled it, so the next start reopens it (a failure to write
+        derived data is logged, not raised: the next start rebuilds it from the catalogue)."""
+        if self.local is not None:
+            try:
+                save_local_index(self.settings, self.catalogue, self.local)
+            except OSError:
+                log.exception("could not save the local-feature index; it will be rebuilt at the next start")
 
     def _refresh_details(self, entries: list[LocatedEntry]) -> None:
         self.catalogue.update_sources_details([_source(e) for e in entries])
@@ -413,8 +424,8 @@ class Ingestor:
             count = await self.pool.run_background(rebuild, self.index, self.catalogue)
             await self.pool.run_background(self.index.save)
             if self.local is not None:
-                fresh = await self.pool.run_background(LocalIndex.build, self.local.params, self.catalogue.orb_blobs())
-                self.local.replace_with(fresh)
+                await self.pool.run_background(relearn_local, self.local, self.catalogue)
+                await self.pool.run_background(self._save_local)
             return count
 
 
@@ -454,3 +465,39 @@ def maintain(index: VectorIndex, catalogue: Catalogue) -> bool:
     index.rebuild(catalogue.embeddings(), expected=catalogue.counts()[0])
     index.save()
     return True
+
+
+def catalogue_identity(catalogue: Catalogue) -> str:
+    """A random id the catalogue keeps in its meta table: a saved local index names the catalogue it follows
+    (vec_ids are never reused within one catalogue, but a new catalogue starts them again)."""
+    found = catalogue.get_meta("catalogue_id")
+    if found is None:
+        found = uuid.uuid4().hex
+        catalogue.set_meta("catalogue_id", found)
+    return found
+
+
+def reconcile_local(local: LocalIndex, catalogue: Catalogue) -> tuple[int, int]:
+    """Make the local index hold exactly the catalogue's images. Returns (added, removed)."""
+    held = local.held_ids()
+    wanted = catalogue.vec_ids()
+    removed = local.remove(np.setdiff1d(held, wanted).tolist())
+    added = 0
+    for vec_id, blob in catalogue.orb_blobs_of(np.setdiff1d(wanted, held).tolist()):
+        local.add(vec_id, OrbFeatures.from_bytes(blob))
+        added += 1
+    return added, removed
+
+
+def relearn_local(local: LocalIndex, catalogue: Catalogue) -> None:
+    """Rebuild the local index from the catalogue (new lists) and swap it in; then apply what was added or
+    deleted while it was built (an API write during a build of minutes), which the swap would otherwise drop."""
+    local.replace_with(LocalIndex.build(local.params, catalogue.orb_blobs()))
+    reconcile_local(local, catalogue)
+
+
+def save_local_index(settings: Settings, catalogue: Catalogue, local: LocalIndex) -> bool:
+    """Write the local index to the data dir when it changed since it was saved (and persisting is on)."""
+    if not settings.local_persist:
+        return False
+    return local.save(settings.local_index_path, catalogue_identity(catalogue))

@@ -16,8 +16,16 @@ from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
 from pictrace.index import IndexInfo, VectorIndex
 from pictrace.index.factory import build_index, empty_index
-from pictrace.ingest import Ingestor, maintain, rebuild, reconcile
-from pictrace.local_index import LocalIndex, LocalIndexParams
+from pictrace.ingest import (
+    Ingestor,
+    catalogue_identity,
+    maintain,
+    rebuild,
+    reconcile,
+    reconcile_local,
+    save_local_index,
+)
+from pictrace.local_index import LocalIndex, LocalIndexCorruptError, LocalIndexParams
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.sync import Follower
@@ -123,12 +131,37 @@ def local_index_params(settings: Settings) -> LocalIndexParams:
         knn=settings.local_knn,
         max_distance=settings.local_max_distance,
         nprobe=settings.local_nprobe,
+        train_max=settings.local_train_max,
+        max_lists=settings.local_max_lists,
+        train_iterations=settings.local_train_iterations,
     )
 
 
-def open_local_index(settings: Settings, catalogue: Catalogue) -> LocalIndex:
-    """Rebuilt from the ORB blobs in the catalogue (the system of record) at every start."""
-    local = LocalIndex.build(local_index_params(settings), catalogue.orb_blobs())
+def open_local_index(settings: Settings, catalogue: Catalogue, *, rebuild: bool = False) -> LocalIndex:
+    """Reopen the saved local index and apply the catalogue's changes since; else build it from the ORB blobs in
+    the catalogue (the system of record). ``rebuild`` ignores the file (``pictrace reindex``)."""
+    params = local_index_params(settings)
+    path = settings.local_index_path
+    local: LocalIndex | None = None
+    if settings.local_persist and not rebuild and path.exists():
+        try:
+            local = LocalIndex.open(path, params, catalogue_identity(catalogue))
+            if local is None:
+                log.warning("local-feature index %s was built with other settings or for another catalogue; "
+                            "rebuilding it from the catalogue", path)
+        except LocalIndexCorruptError as exc:
+            log.warning("%s; rebuilding it from the catalogue", exc)
+    with _all_threads():
+        if local is not None:
+            added, removed = reconcile_local(local, catalogue)
+            if added or removed:
+                log.info("local-feature index brought in line with the catalogue: +%d -%d", added, removed)
+            if local.needs_training():
+                log.info("local-feature index outgrew its lists: relearning them")
+                local = None
+        if local is None:
+            local = LocalIndex.build(params, catalogue.orb_blobs())
+        save_local_index(settings, catalogue, local)
     log.info("local-feature index: %d descriptors, ~%d bytes per image", len(local), local.bytes_per_image)
     return local
 
@@ -167,7 +200,7 @@ class Service:
             check_backbone(catalogue, embedder)
             position = catalogue.change_position()  # before the indexes read the catalogue: see pictrace/sync.py
             index = open_index(settings, catalogue, embedder, rebuild=rebuild_index)
-            local = open_local_index(settings, catalogue)
+            local = open_local_index(settings, catalogue, rebuild=rebuild_index)
         except BaseException:
             catalogue.close()
             raise
@@ -225,4 +258,8 @@ class Service:
         self.pool.shutdown()
         self.index.save()
         self.index.close()
+        try:
+            save_local_index(self.settings, self.catalogue, self.local)
+        except OSError:  # derived data: rebuilt at the next start, so a full disk must not lose the catalogue
+            log.exception("could not save the local-feature index; it will be rebuilt at the next start")
         self.catalogue.close()

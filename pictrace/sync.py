@@ -22,7 +22,7 @@ import numpy as np
 
 from pictrace.features.orb import OrbFeatures
 from pictrace.index import VectorIndex
-from pictrace.ingest import reconcile
+from pictrace.ingest import reconcile, reconcile_local, relearn_local
 from pictrace.local_index import LocalIndex
 from pictrace.store import Catalogue
 from pictrace.store.catalogue import Change, ChangePosition
@@ -112,18 +112,23 @@ class Follower:
         if self.index is None:  # shared Milvus: the local index is all this process keeps
             added, removed = local_added, local_removed
         if self.local.needs_training():  # the gallery doubled since the lists were learned (amortised O(1))
-            self.local.replace_with(LocalIndex.build(self.local.params, self.catalogue.orb_blobs()))
+            relearn_local(self.local, self.catalogue)
         self.position = ChangePosition(changes[-1].seq, max(c.generation for c in changes))
         self.incremental_syncs += 1
         return SyncResult(added, removed, full=False, changes_read=len(changes))
 
     def _full(self) -> SyncResult:
-        """Compare every vec_id and rebuild the local index from every ORB blob: O(gallery)."""
+        """Compare every vec_id with both indexes and apply the difference: O(gallery) reads, O(change) writes
+        (the local index is relearned only when it outgrew its lists, as on the incremental path)."""
         position = self.catalogue.change_position()  # before reading: rows after it are applied again, harmlessly
         added = removed = 0
         if self.index is not None:
             added, removed = reconcile(self.index, self.catalogue)
-        self.local.replace_with(LocalIndex.build(self.local.params, self.catalogue.orb_blobs()))
+        local_added, local_removed = reconcile_local(self.local, self.catalogue)
+        if self.index is None:
+            added, removed = local_added, local_removed
+        if self.local.needs_training():
+            relearn_local(self.local, self.catalogue)
         self.position = position
         self.full_syncs += 1
         return SyncResult(added, removed, full=True)
