@@ -11,7 +11,10 @@ Three parts (each can be chosen with --parts):
   held-out edits as queries, alone and hidden among --real-size vectors made from them (each real vector plus
   noise), which is where approximate indexes must still find the true near-duplicates.
 - ``e2e``: a catalogue of --e2e-size images made by replicating real features (each row: the gray image, ORB
-  descriptors and thumbnail of a real image, its embedding perturbed, a unique sha256), reused between runs;
+  keypoints and thumbnail of a real image, its embedding perturbed, a unique sha256), reused between runs.
+  Only the first copy of each real image keeps its ORB descriptors; the other rows get random ones, so that the
+  local-feature index holds --e2e-size distinct images (exact copies would all collect the same votes and all
+  pass the geometric check, which no real gallery does);
   then the service is started on it (the index built from the catalogue, timed) and real held-out queries are
   searched: p50/p95 of the whole search next to the embed-only time, and where the time goes.
 
@@ -32,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ from pictrace.config import Settings
 from pictrace.decode import decode_image
 from pictrace.features.embed import build_embedder
 from pictrace.features.extract import local_features
+from pictrace.features.orb import OrbFeatures
 from pictrace.index import FaissIndex, FaissParams, IndexInfo, VectorIndex
 from pictrace.store import Catalogue, Source
 
@@ -308,17 +313,23 @@ def make_catalogue(path: Path, real: dict[str, Any], n: int) -> None:
     vectors = replicate(real["g_vec"], n)
     cat = Catalogue(path)
     gallery, feats = real["gallery"], real["feats"]
+    rng = np.random.default_rng(3)
     started = time.perf_counter()
     with cat._transaction() as conn:  # one transaction: the bench's rows, not an ingest
         for i in range(n):
             j = i % len(gallery)
             f = feats[j]
+            orb = f.orb
+            if i >= len(gallery):  # a distinct image for the local index: same keypoints, random descriptors
+                real_orb = OrbFeatures.from_bytes(f.orb)
+                codes = rng.integers(0, 256, size=real_orb.descriptors.shape, dtype=np.uint8)
+                orb = replace(real_orb, descriptors=codes).to_bytes()
             sha = hashlib.sha256(f"row{i}".encode()).hexdigest()
             conn.execute(
                 """INSERT INTO images (sha256, pixel_sha256, width, height, format, nbytes, dhash, embedding, gray,
                                        orb, thumbnail, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (sha, sha if i >= len(gallery) else f.pixel_sha256, gallery[j].width, gallery[j].height, "JPEG",
-                 100_000, f.dhash, vectors[i].tobytes(), f.gray_png, f.orb, f.thumbnail, time.time()),
+                 100_000, f.dhash, vectors[i].tobytes(), f.gray_png, orb, f.thumbnail, time.time()),
             )
             cat._upsert_source(conn, Source(url=f"https://example.com/{i}.jpg", entry_id=str(i), position=i),
                                "ok", sha, None)
@@ -373,6 +384,8 @@ async def e2e(real: dict[str, Any], n: int, workdir: Path, settings_overrides: d
             "catalogue_mb": round(settings.catalogue_path.stat().st_size / 1e6),
             "catalogue_bytes_per_image": round(settings.catalogue_path.stat().st_size / n),
             "index_disk_mb": round(settings.index_path.stat().st_size / 1e6, 1),
+            "local_index_disk_mb": round(settings.local_index_path.stat().st_size / 1e6, 1)
+            if settings.local_index_path.exists() else None,
             "serve_rss_mb": round(rss_mb()),
         }
     finally:
