@@ -23,13 +23,10 @@ each centre the majority bit of its codes) on at most ``train_max`` codes, ``tra
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -346,45 +343,18 @@ def _write(handle: BinaryIO, header: dict[str, object], held: np.ndarray, index:
     """MAGIC, a JSON header line, the held vec_ids, the FAISS binary index, a CRC32 of all that, END."""
     import faiss
 
-    crc = 0
+    from pictrace.index.faiss_index import write_framed
 
-    def put(chunk: bytes) -> int:
-        nonlocal crc
-        crc = zlib.crc32(chunk, crc)
-        handle.write(chunk)
-        return len(chunk)
-
-    handle.write(MAGIC)
-    put(json.dumps(header).encode() + b"\n")
-    put(np.ascontiguousarray(held, dtype="<i8").tobytes())
-    faiss.write_index_binary(index, faiss.PyCallbackIOWriter(put))  # type: ignore[attr-defined]
-    handle.write(struct.pack("<I", crc) + END)
+    write_framed(handle, MAGIC, END, header, held, lambda writer: faiss.write_index_binary(index, writer))
 
 
 def _read(handle: BinaryIO) -> tuple[dict[str, Any], np.ndarray, Any]:
     """Parse a file written by ``_write``; ValueError or RuntimeError when it is not one, whole."""
     import faiss
 
-    if handle.read(len(MAGIC)) != MAGIC:
-        raise ValueError("bad magic")
-    line = handle.readline(1 << 20)
-    crc = zlib.crc32(line)
-    header = json.loads(line)
-    n_held = int(header["held"])
-    raw = handle.read(n_held * 8)
-    if len(raw) != n_held * 8:
-        raise ValueError("truncated vec_id table")
-    crc = zlib.crc32(raw, crc)
+    from pictrace.index.faiss_index import read_framed
 
-    def get(size: int) -> bytes:
-        nonlocal crc
-        chunk = handle.read(size)
-        crc = zlib.crc32(chunk, crc)
-        return chunk
-
-    index = faiss.read_index_binary(faiss.PyCallbackIOReader(get))  # type: ignore[attr-defined]
-    if handle.read() != struct.pack("<I", crc) + END:
-        raise ValueError("checksum mismatch or trailing data")
+    header, held, index = read_framed(handle, MAGIC, END, "held", faiss.read_index_binary)
     if int(index.ntotal) != int(header["codes"]):
         raise ValueError("code count does not match the header")
-    return header, np.frombuffer(raw, dtype="<i8").astype(np.int64), index
+    return header, held, index

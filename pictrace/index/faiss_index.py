@@ -358,32 +358,64 @@ class FaissIndex:
 
 
 def _write(handle: BinaryIO, header: dict[str, object], labels: np.ndarray, index: faiss.Index) -> None:
-    crc = 0
-
-    def put(chunk: bytes) -> None:
-        nonlocal crc
-        crc = zlib.crc32(chunk, crc)
-        handle.write(chunk)
-
-    handle.write(MAGIC)
-    put(json.dumps(header).encode() + b"\n")
-    put(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    faiss.write_index(index, faiss.PyCallbackIOWriter(put))  # type: ignore[attr-defined]
-    handle.write(struct.pack("<I", crc) + END)
+    write_framed(handle, MAGIC, END, header, labels, lambda writer: faiss.write_index(index, writer))
 
 
 def _read(handle: BinaryIO) -> tuple[dict[str, Any], np.ndarray, faiss.Index]:
     """Parse one index file, checking its CRC and trailer; raises ValueError/RuntimeError when corrupt."""
-    head = handle.read(len(MAGIC))
-    if head != MAGIC:
-        raise ValueError("bad magic" + (" (an older format)" if head.startswith(b"PICTRACE-FAISS") else ""))
-    line = handle.readline(65536)
+    header, labels, index = read_framed(handle, MAGIC, END, "labels", faiss.read_index, older=b"PICTRACE-FAISS")
+    if index.ntotal != len(labels):
+        raise ValueError("label table does not match the index")
+    return header, labels, index
+
+
+def write_framed(
+    handle: BinaryIO,
+    magic: bytes,
+    end: bytes,
+    header: dict[str, object],
+    ids: np.ndarray,
+    dump: Callable[[Any], None],
+) -> None:
+    """``magic``, one JSON header line, an int64 id table, a FAISS index (``dump`` writes it to the callback
+    writer it is given), then the CRC-32 of everything between magic and it, and ``end``. A stream: no second
+    copy of a large index in memory, one pass for the checksum. The vector and the local-feature index use it."""
+    crc = 0
+
+    def put(chunk: bytes) -> int:
+        nonlocal crc
+        crc = zlib.crc32(chunk, crc)
+        handle.write(chunk)
+        return len(chunk)
+
+    handle.write(magic)
+    put(json.dumps(header).encode() + b"\n")
+    put(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+    dump(faiss.PyCallbackIOWriter(put))  # type: ignore[attr-defined]
+    handle.write(struct.pack("<I", crc) + end)
+
+
+def read_framed(
+    handle: BinaryIO,
+    magic: bytes,
+    end: bytes,
+    count_key: str,
+    load: Callable[[Any], Any],
+    older: bytes | None = None,
+) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """Inverse of :func:`write_framed` (``header[count_key]`` is the id table's length); ValueError or
+    RuntimeError when the file is not one, whole. ``older``: the prefix of an older format's magic, named in
+    the error."""
+    head = handle.read(len(magic))
+    if head != magic:
+        raise ValueError("bad magic" + (" (an older format)" if older and head.startswith(older) else ""))
+    line = handle.readline(1 << 20)
     crc = zlib.crc32(line)
     header = json.loads(line)
-    n_labels = int(header["labels"])
-    raw = handle.read(n_labels * 8)
-    if len(raw) != n_labels * 8:
-        raise ValueError("truncated label table")
+    count = int(header[count_key])
+    raw = handle.read(count * 8)
+    if len(raw) != count * 8:
+        raise ValueError(f"truncated {count_key} table")
     crc = zlib.crc32(raw, crc)
 
     def get(size: int) -> bytes:
@@ -392,9 +424,7 @@ def _read(handle: BinaryIO) -> tuple[dict[str, Any], np.ndarray, faiss.Index]:
         crc = zlib.crc32(chunk, crc)
         return chunk
 
-    index = faiss.read_index(faiss.PyCallbackIOReader(get))  # type: ignore[attr-defined]
-    if handle.read() != struct.pack("<I", crc) + END:
+    index = load(faiss.PyCallbackIOReader(get))  # type: ignore[attr-defined]
+    if handle.read() != struct.pack("<I", crc) + end:
         raise ValueError("checksum mismatch or trailing data")
-    if index.ntotal != n_labels:
-        raise ValueError("label table does not match the index")
-    return header, np.frombuffer(raw, dtype=np.int64).copy(), index
+    return header, np.frombuffer(raw, dtype="<i8").astype(np.int64), index
