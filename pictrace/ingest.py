@@ -481,9 +481,15 @@ def reconcile_local(local: LocalIndex, catalogue: Catalogue) -> tuple[int, int]:
     """Make the local index hold exactly the catalogue's images. Returns (added, removed)."""
     held = local.held_ids()
     wanted = catalogue.vec_ids()
-    removed = local.remove(np.setdiff1d(held, wanted).tolist())
+    return update_local(local, catalogue, np.setdiff1d(wanted, held).tolist(), np.setdiff1d(held, wanted).tolist())
+
+
+def update_local(local: LocalIndex, catalogue: Catalogue, adds: list[int], removes: list[int]) -> tuple[int, int]:
+    """Drop ``removes`` from the local index and add those of ``adds`` it does not hold yet (read from the
+    catalogue; images deleted meanwhile are not read back). Returns (added, removed)."""
+    removed = local.remove(removes)
     added = 0
-    for vec_id, blob in catalogue.orb_blobs_of(np.setdiff1d(wanted, held).tolist()):
+    for vec_id, blob in catalogue.orb_blobs_of([v for v in adds if v not in local]):
         local.add(vec_id, OrbFeatures.from_bytes(blob))
         added += 1
     return added, removed

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pictrace.features.orb import OrbFeatures
 from pictrace.index import VectorIndex
-from pictrace.ingest import reconcile, reconcile_local, relearn_local
+from pictrace.ingest import reconcile, reconcile_local, relearn_local, update_local
 from pictrace.local_index import LocalIndex
 from pictrace.store import Catalogue
 from pictrace.store.catalogue import Change, ChangePosition
@@ -105,10 +104,7 @@ class Follower:
             for ids, vectors in self.catalogue.embeddings(missing.tolist()):
                 self.index.add(ids, vectors)
                 added += len(ids)
-        local_removed, local_added = self.local.remove(removes), 0
-        for vec_id, blob in self.catalogue.orb_blobs_of([v for v in adds if v not in self.local]):
-            self.local.add(vec_id, OrbFeatures.from_bytes(blob))
-            local_added += 1
+        local_added, local_removed = update_local(self.local, self.catalogue, adds, removes)
         if self.index is None:  # shared Milvus: the local index is all this process keeps
             added, removed = local_added, local_removed
         if self.local.needs_training():  # the gallery doubled since the lists were learned (amortised O(1))
