@@ -89,7 +89,7 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
             for _, vectors in service.catalogue.embeddings([vec_id]):
                 cosines[vec_id] = float(vectors[0] @ embedding)
         cosines.pop(by_name.get(q["query"], -1), None)  # smvs: the query itself is in the gallery
-        query = QueryFeatures.compute(image.rgb, embedding, settings)
+        query = QueryFeatures.compute(image.rgb, settings)
         stored = service.catalogue.rerank_features(cosines)
         orbs = {v: OrbFeatures.from_bytes(stored[v].orb) for v in cosines}
         direct = [verify(query, v, cosines[v], orbs[v], settings) for v in cosines]

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     )
     embed_threads: int = Field(2, ge=1, description="Embedding threads (onnxruntime, or TensorFlow for resnet50).")
     embed_batch: int = Field(16, ge=1, le=256, description="Images per embedding batch at ingest.")
+    embed_alongside: bool = Field(
+        True,
+        description="Embed a query on a thread of its own while its ORB features, votes and screen run "
+        "(both cores on one query; false: one after the other).",
+    )
 
     # --- search --------------------------------------------------------------------------------------
     top_k: int = Field(5, ge=1, le=50, description="Results returned when the client does not say.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -13,22 +14,29 @@ from pictrace.features.thumbnail import decode_gray_png
 from pictrace.local_index import Votes
 from pictrace.store import RerankFeatures
 from pictrace.transform import to_pixel_homography
+from pictrace.work import map_serial
 
 
 @dataclass(frozen=True)
 class QueryFeatures:
-    """Features of the query computed once and compared with every candidate."""
+    """Local features of the query, computed once and compared with every candidate.
 
-    embedding: np.ndarray
+    The embedding is not among them: the search computes it alongside these (pictrace/search.py).
+    """
+
     gray: SsimReference  # the query's half of SSIM, shared by every candidate on the shortlist
     orb: OrbFeatures
 
     @classmethod
-    def compute(cls, rgb: np.ndarray, embedding: np.ndarray, settings: Settings) -> QueryFeatures:
-        orb = extract_orb(
-            rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
-        )
-        return cls(embedding=embedding, gray=SsimReference(gray256(rgb)), orb=orb)
+    def compute(cls, rgb: np.ndarray, settings: Settings) -> QueryFeatures:
+        return cls(gray=SsimReference(gray256(rgb)), orb=query_orb(rgb, settings))
+
+
+def query_orb(rgb: np.ndarray, settings: Settings) -> OrbFeatures:
+    """The query's ORB features, extracted as the gallery's were at ingest."""
+    return extract_orb(
+        rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+    )
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,8 @@ def match_features(query: OrbFeatures, gallery: OrbFeatures, settings: Settings)
 
 def worth_verifying(
     query: QueryFeatures,
-    cosines: dict[int, float],
-    gallery: dict[int, OrbFeatures],
+    cosines: Mapping[int, float],
+    gallery: Mapping[int, OrbFeatures],
     votes: Votes,
     settings: Settings,
 ) -> set[int]:
@@ -88,17 +96,33 @@ def worth_verifying(
     the ``verify_embedding_top`` nearest by embedding (an edited copy can be too small or too blurred for its
     keypoints to reach the index). The rest keep their embedding score. Measured on the shared sets, this
     checks ~8 of ~27 candidates a query and drops ~1 % of the relevant matches the full check would have found
-    (docs/quality.md).
+    (docs/quality.md). The search runs the two halves apart: the screen before the embedding is known.
+    """
+    return screened(query.orb, gallery, votes, settings) | nearest_by_embedding(cosines, gallery, settings)
+
+
+def screened(
+    query: OrbFeatures,
+    gallery: Mapping[int, OrbFeatures],
+    votes: Votes,
+    settings: Settings,
+    map_each: Callable[[Callable[[int], bool], Sequence[int]], list[bool]] = map_serial,
+) -> set[int]:
+    """The candidates whose vote pairs pass the screen; all of them when the screen is off.
+
+    ``map_each`` runs the screens (``SideThread.map`` shares them between two threads).
     """
     if settings.prescreen_min_inliers == 0:
         return set(gallery)
-    nearest = sorted((v for v in cosines if v in gallery), key=lambda v: -cosines[v])
-    chosen = set(nearest[: settings.verify_embedding_top])
-    return chosen | {
-        vec_id
-        for vec_id, orb in gallery.items()
-        if vec_id not in chosen and passes_screen(query.orb, orb, votes, vec_id, settings)
-    }
+    todo = sorted(gallery)
+    passed = map_each(lambda v: passes_screen(query, gallery[v], votes, v, settings), todo)
+    return {v for v, ok in zip(todo, passed, strict=True) if ok}
+
+
+def nearest_by_embedding(cosines: Mapping[int, float], among: Container[int], settings: Settings) -> set[int]:
+    """The ``verify_embedding_top`` candidates nearest by embedding, of those in ``among`` (ties: cosines' order)."""
+    candidates = [v for v in cosines if v in among]
+    return set(sorted(candidates, key=lambda v: -cosines[v])[: settings.verify_embedding_top])
 
 
 def passes_screen(query: OrbFeatures, gallery: OrbFeatures, votes: Votes, vec_id: int, settings: Settings) -> bool:
@@ -110,6 +134,47 @@ def passes_screen(query: OrbFeatures, gallery: OrbFeatures, votes: Votes, vec_id
     return len(qi) >= needed and consensus(query, gallery, qi, gi, ransac_px=settings.orb_ransac_px) >= needed
 
 
+@dataclass(frozen=True)
+class GeometricFit:
+    """One candidate's ORB+RANSAC outcome: what the full check adds to its embedding score."""
+
+    score: float
+    inliers: int
+    homography: np.ndarray | None  # accepted fit, query pixels -> gallery pixels (transform read-out)
+
+
+def fit_geometry(query: OrbFeatures, gallery: OrbFeatures, settings: Settings) -> GeometricFit:
+    """The full ORB check of one candidate; needs no embedding, so the search runs it while that is computed."""
+    gallery_orb = gallery.strongest(settings.orb_verify_features)
+    match = match_features(query, gallery_orb, settings)
+    homography = (
+        None
+        if match.homography is None
+        else to_pixel_homography(match.homography, query.scale, gallery_orb.scale)
+    )
+    return GeometricFit(match.score, match.inliers, homography)
+
+
+def scored(vec_id: int, cosine: float, fit: GeometricFit | None, settings: Settings, votes: int = 0) -> CandidateScore:
+    """A candidate's provisional score (SSIM counted as 0; ``with_ssim`` completes it for the shortlist).
+
+    ``fit`` None: the candidate was not worth the ORB check (see ``worth_verifying``) and keeps its embedding score.
+    """
+    embedding = float(np.clip(cosine, 0.0, 1.0))
+    if fit is None:
+        return CandidateScore(vec_id, embedding, 0.0, 0.0, 0, fuse(embedding, 0.0, 0.0, settings), votes=votes)
+    return CandidateScore(
+        vec_id,
+        embedding,
+        0.0,
+        fit.score,
+        fit.inliers,
+        fuse(embedding, 0.0, fit.score, settings),
+        fit.homography,
+        votes=votes,
+    )
+
+
 def verify(
     query: QueryFeatures,
     vec_id: int,
@@ -118,34 +183,13 @@ def verify(
     settings: Settings,
     votes: int = 0,
 ) -> CandidateScore:
-    """Embedding and ORB+RANSAC for one candidate (``gallery`` None: not worth the ORB check, see above).
-
-    ``fused`` is provisional here (SSIM counted as 0); ``with_ssim`` completes it for the shortlist.
-    """
-    embedding = float(np.clip(cosine, 0.0, 1.0))
-    if gallery is None:
-        return CandidateScore(vec_id, embedding, 0.0, 0.0, 0, fuse(embedding, 0.0, 0.0, settings), votes=votes)
-    gallery_orb = gallery.strongest(settings.orb_verify_features)
-    match = match_features(query.orb, gallery_orb, settings)
-    homography = (
-        None
-        if match.homography is None
-        else to_pixel_homography(match.homography, query.orb.scale, gallery_orb.scale)
-    )
-    return CandidateScore(
-        vec_id,
-        embedding,
-        0.0,
-        match.score,
-        match.inliers,
-        fuse(embedding, 0.0, match.score, settings),
-        homography,
-        votes=votes,
-    )
+    """Embedding and ORB+RANSAC for one candidate (``gallery`` None: not worth the ORB check)."""
+    fit = None if gallery is None else fit_geometry(query.orb, gallery, settings)
+    return scored(vec_id, cosine, fit, settings, votes)
 
 
 def with_ssim(
-    query: QueryFeatures, candidate: CandidateScore, stored: RerankFeatures, settings: Settings
+    query: SsimReference, candidate: CandidateScore, stored: RerankFeatures, settings: Settings
 ) -> CandidateScore:
     """SSIM is the costliest per-pair signal and the least discriminative, so only the shortlist pays for it."""
-    return rescore(candidate, settings, ssim=query.gray.score(decode_gray_png(stored.gray_png)))
+    return rescore(candidate, settings, ssim=query.score(decode_gray_png(stored.gray_png)))

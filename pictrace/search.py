@@ -1,13 +1,20 @@
 """The search pipeline, plain Python shared by the web app, the CLI, the eval command and the tests.
 
-decode → sha256 (exact hit?) → embed + ORB → candidates (K nearest vectors ∪ images with most local-descriptor
-votes) → screen them on the votes' own pairs → verify the promising ones (ORB+RANSAC) → add the stored links
-of the best (pictrace/graph.py) → SSIM on the best few → fuse → top-k.
+decode → sha256 (exact hit?) → embed, and alongside it ORB → the images with most local-descriptor votes,
+screened on the votes' own pairs → ∪ the K nearest vectors → verify the promising ones (ORB+RANSAC) → add the
+stored links of the best (pictrace/graph.py) → SSIM on the best few → fuse → top-k.
+
+The embedding runs on a thread of its own while the query's ORB features, votes and screen run on the worker's:
+onnxruntime's two threads keep only ~1.4 cores busy on one image, so the local-feature half, which does not
+need the embedding, costs a fraction of its time when run beside it (docs/quality.md, "Embedding alongside").
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from typing import TypeVar
 
 import numpy as np
 
@@ -16,15 +23,29 @@ from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256, sha256_hex
 from pictrace.features.orb import OrbFeatures
+from pictrace.features.ssim import SsimReference, gray256
 from pictrace.graph import expand
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex, Votes
 from pictrace.mirror import mirror_pass
-from pictrace.ranking import CandidateScore, QueryFeatures, verify, with_ssim, worth_verifying
+from pictrace.ranking import (
+    CandidateScore,
+    GeometricFit,
+    fit_geometry,
+    nearest_by_embedding,
+    query_orb,
+    scored,
+    screened,
+    with_ssim,
+)
 from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
 from pictrace.transform import read_transform, transform_info
 from pictrace.verdict import VerdictThresholds, classify
+from pictrace.work import SideThread, map_serial
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Searcher:
@@ -41,6 +62,11 @@ class Searcher:
         self.embedder = embedder
         self.settings = settings
         self.local = local
+        self._side = SideThread() if settings.embed_alongside else None
+
+    def close(self) -> None:
+        if self._side is not None:
+            self._side.shutdown()
 
     def search_bytes(self, data: bytes, top_k: int | None = None) -> SearchResult:
         """Search with an encoded image (upload, download or file). Raises the decode errors on bad input."""
@@ -68,24 +94,29 @@ class Searcher:
     ) -> tuple[SearchResult, list[int]]:
         started = time.perf_counter() if started is None else started
         top_k = top_k or self.settings.top_k
-        embedding = self.embedder.embed([image.rgb])[0]
-        cosines = self._nearest(embedding)
-        exact = self.catalogue.vec_ids_by_hash(sha256, pixel_sha256(image.rgb))
-        query = QueryFeatures.compute(image.rgb, embedding, self.settings)
+        rgb = image.rgb
+        # The side thread's queue, in order: embedding, pixel hash, SSIM reference; the worker meanwhile
+        # does the local-feature half, which needs none of them.
+        embedding_job = self._beside(lambda: self.embedder.embed([rgb])[0])
+        pixels_job = self._beside(lambda: pixel_sha256(rgb))
+        gray_job = self._beside(lambda: SsimReference(gray256(rgb)))
+        query = query_orb(rgb, self.settings)
         votes = self._votes(query)
-        self._add_cosines(
-            cosines, embedding, [*exact, *votes.top(self.settings.local_candidates, self.settings.local_min_votes)]
-        )
-        orbs = {v: OrbFeatures.from_bytes(blob) for v, blob in self.catalogue.orb_blobs_of(cosines)}
+        voted = votes.top(self.settings.local_candidates, self.settings.local_min_votes)
+        orbs = self._orbs_of(voted)
+        checked = self._screened(query, orbs, votes)
+        fits = self._fit(query, orbs, checked)
+        exact = self.catalogue.vec_ids_by_hash(sha256, pixels_job.result())
         exact_set = set(exact)
-        if self.local is not None and self.settings.local_candidates > 0:  # the votes are there to screen with
-            checked = exact_set | worth_verifying(query, cosines, orbs, votes, self.settings)
-        else:
-            checked = set(orbs)
+        embedding = embedding_job.result()
+        cosines = self._nearest(embedding)
+        self._add_cosines(cosines, embedding, [*exact, *voted])
+        more = self._orbs_of(v for v in cosines if v not in orbs)
+        orbs |= more
+        checked |= exact_set | self._screened(query, more, votes) | nearest_by_embedding(cosines, orbs, self.settings)
+        fits |= self._fit(query, orbs, checked - fits.keys())
         verified = [
-            verify(query, v, cosines[v], orbs[v] if v in checked else None, self.settings, votes.counts.get(v, 0))
-            for v in cosines
-            if v in orbs
+            scored(v, cosines[v], fits.get(v), self.settings, votes.counts.get(v, 0)) for v in cosines if v in orbs
         ]
 
         def order(c: CandidateScore) -> tuple[bool, float]:
@@ -103,26 +134,59 @@ class Searcher:
         n_ssim = max(self.settings.ssim_shortlist, top_k)
         best = verified[:n_ssim]
         stored = self.catalogue.rerank_features(c.vec_id for c in best)
-        shortlist = [with_ssim(query, c, stored[c.vec_id], self.settings) for c in best if c.vec_id in stored]
+        gray = gray_job.result()
+        shortlist = self._map(
+            lambda c: with_ssim(gray, c, stored[c.vec_id], self.settings), [c for c in best if c.vec_id in stored]
+        )
         shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
         ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)
         kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]
         result = SearchResult(
             query=QueryInfo(sha256=sha256, width=image.width, height=image.height),
-            results=self._describe(kept, exact_set, (image.width, image.height))[:top_k],
+            results=self._describe(kept, exact_set, (image.width, image.height), top_k),
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return result, [c.vec_id for c in kept]
+
+    def _beside(self, job: Callable[[], T]) -> Future[T]:
+        """``job`` queued on the side thread (or run here and now, when there is none)."""
+        if self._side is not None:
+            return self._side.submit(job)
+        done: Future[T] = Future()
+        done.set_result(job())
+        return done
+
+    def _screened(self, query: OrbFeatures, orbs: dict[int, OrbFeatures], votes: Votes) -> set[int]:
+        """The candidates worth the full check by their votes (all of them when there are no votes to screen)."""
+        if self.local is None or self.settings.local_candidates == 0:
+            return set(orbs)
+        return screened(query, orbs, votes, self.settings, self._map)
+
+    def _fit(self, query: OrbFeatures, orbs: dict[int, OrbFeatures], vec_ids: set[int]) -> dict[int, GeometricFit]:
+        """The full check of these candidates, shared with the side thread once it is free."""
+        todo = sorted(v for v in vec_ids if v in orbs)
+
+        def fit(vec_id: int) -> GeometricFit:
+            return fit_geometry(query, orbs[vec_id], self.settings)
+
+        return dict(zip(todo, self._map(fit, todo), strict=True))
+
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``[fn(x) for x in items]``, shared with the side thread when there is one."""
+        return map_serial(fn, items) if self._side is None else self._side.map(fn, items)
+
+    def _orbs_of(self, vec_ids: Iterable[int]) -> dict[int, OrbFeatures]:
+        return {v: OrbFeatures.from_bytes(blob) for v, blob in self.catalogue.orb_blobs_of(vec_ids)}
 
     def _nearest(self, embedding: np.ndarray) -> dict[int, float]:
         scores, ids = self.index.search(embedding[None, :], self.settings.candidates)
         return {int(i): float(s) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0}
 
-    def _votes(self, query: QueryFeatures) -> Votes:
+    def _votes(self, query: OrbFeatures) -> Votes:
         """Which images the query's local descriptors point to (candidates the embedding alone misses)."""
         if self.local is None or self.settings.local_candidates == 0:
             return Votes({})
-        return self.local.vote(query.orb)
+        return self.local.vote(query)
 
     def _add_cosines(self, cosines: dict[int, float], embedding: np.ndarray, vec_ids: list[int]) -> None:
         missing = [v for v in vec_ids if v not in cosines]
@@ -130,12 +194,16 @@ class Searcher:
             for vec_id, score in zip(ids.tolist(), (vectors @ embedding).tolist(), strict=True):
                 cosines[int(vec_id)] = float(score)
 
-    def _describe(self, kept: list[CandidateScore], exact: set[int], query_size: tuple[int, int]) -> list[Match]:
-        """Matches with their verdict and transform read-out; unrelated candidates are left out."""
+    def _describe(
+        self, kept: list[CandidateScore], exact: set[int], query_size: tuple[int, int], limit: int
+    ) -> list[Match]:
+        """The first ``limit`` matches with their verdict and transform read-out; unrelated candidates are left out."""
         records = self.catalogue.records({v for c in kept for v in (c.vec_id, c.via) if v is not None})
         thresholds = VerdictThresholds.from_settings(self.settings)
-        matches = []
+        matches: list[Match] = []
         for c in kept:
+            if len(matches) == limit:
+                break
             record = records.get(c.vec_id)
             if record is None:  # removed while we were ranking
                 continue

@@ -29,7 +29,7 @@ from pictrace.local_index import LocalIndex, LocalIndexCorruptError, LocalIndexP
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.sync import Follower
-from pictrace.work import WorkPool
+from pictrace.work import WorkPool, one_openmp_thread
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ def open_catalogue(settings: Settings) -> Catalogue:
 
 def index_info(embedder: Embedder) -> IndexInfo:
     return IndexInfo(embedder.name, embedder.fingerprint, embedder.dim)
-
-
-def _one_openmp_thread() -> None:
-    """OpenMP's thread count is per calling thread, so each worker sets its own: with 2 OpenMP threads per
-    FAISS call, concurrent queries (or any other load) on 2 cores spin against each other; measured here, 26
-    candidates' ratio matching took 4.6–5.1 s instead of 0.15–0.5 s on a busy machine."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
 
 
 @contextlib.contextmanager
@@ -206,7 +197,7 @@ class Service:
             raise
         fetcher = fetcher or Fetcher(settings)
         await fetcher.start()
-        pool = WorkPool(settings.workers, settings.queue_limit, initializer=_one_openmp_thread)
+        pool = WorkPool(settings.workers, settings.queue_limit, initializer=one_openmp_thread)
         service = cls(
             settings=settings,
             catalogue=catalogue,
@@ -256,6 +247,7 @@ class Service:
         self.queries.clear()
         await self.fetcher.close()
         self.pool.shutdown()
+        self.searcher.close()
         self.index.save()
         self.index.close()
         try:

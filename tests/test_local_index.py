@@ -109,7 +109,7 @@ def test_only_screened_and_nearest_candidates_get_the_full_check(
 ) -> None:
     index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
     rgb = resize(crop(photos["rocket"], 0.6, 0.2), 0.7)
-    query = QueryFeatures.compute(rgb, np.zeros(4, dtype=np.float32), Settings(_env_file=None))
+    query = QueryFeatures.compute(rgb, Settings(_env_file=None))
     gallery = {i: orbs[name] for i, name in enumerate(NAMES, 1)}
     cosines = {i: 0.1 * i for i in gallery}  # by embedding, the last two images are nearest
     votes = index.vote(query.orb)

@@ -111,3 +111,25 @@ async def test_worker_threads_run_faiss_on_one_openmp_thread(service: Service) -
 
     counts = await asyncio.gather(*(service.pool.run(faiss.omp_get_max_threads) for _ in range(8)))
     assert set(counts) == {1}
+
+
+async def test_search_with_the_embedding_alongside_ranks_as_one_thread_does(
+    service: Service, photos: dict[str, np.ndarray]
+) -> None:
+    """The side thread only changes where the work runs: every score and every rank stay the same."""
+    from pictrace.search import Searcher
+
+    serial_settings = service.settings.model_copy(update={"embed_alongside": False})
+    serial = Searcher(service.catalogue, service.index, service.embedder, serial_settings, service.local)
+    assert service.settings.embed_alongside
+    try:
+        for name in ["astronaut", "rocket", "coins"]:
+            for edit in ["crop", "crop-rotate-q30"]:
+                data = EDITS[edit](photos[name])
+                alongside, ranked = service.searcher.search_ranked(data)
+                alone, ranked_alone = serial.search_ranked(data)
+                assert ranked == ranked_alone
+                assert alongside.results == alone.results
+                assert alongside.results[0].id == name
+    finally:
+        serial.close()
