@@ -30,7 +30,8 @@ from skimage.metrics import structural_similarity
 from pictrace.config import Settings
 from pictrace.decode import decode_image
 from pictrace.errors import NotFoundError, PicTraceError
-from pictrace.features.orb import OrbFeatures, extract_orb
+from pictrace.features.extract import orb_of
+from pictrace.features.orb import OrbFeatures
 from pictrace.ingest import read_local_file
 from pictrace.schemas import Match, SearchResult
 from pictrace.store import Catalogue
@@ -175,7 +176,7 @@ def inlier_pairs(
     gallery's are the stored ones; pairs pass the same ratio test and then the same reprojection tolerance.
     """
     source = np.ascontiguousarray(query_rgb[:, ::-1]) if flip else query_rgb
-    q = extract_orb(source, n_features=settings.orb_features, max_side=settings.orb_max_side)
+    q = orb_of(source, settings)
     empty = np.zeros((0, 2)), np.zeros((0, 2))
     if len(q) < 2 or len(gallery_orb) < 2:
         return empty

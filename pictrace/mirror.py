@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from pictrace.config import Settings
-from pictrace.features.orb import OrbFeatures, extract_orb
+from pictrace.features.extract import orb_of
+from pictrace.features.orb import OrbFeatures
 from pictrace.ranking import CandidateScore, match_features, rescore
 from pictrace.store import RerankFeatures
 from pictrace.transform import mirror_matrix, to_pixel_homography
@@ -36,9 +37,7 @@ def mirror_pass(
     ]
     if not settings.mirror_check or not todo:
         return candidates
-    mirrored = extract_orb(
-        np.ascontiguousarray(rgb[:, ::-1]), n_features=settings.orb_features, max_side=settings.orb_max_side
-    )
+    mirrored = orb_of(np.ascontiguousarray(rgb[:, ::-1]), settings)  # as the query: small ones upscaled too
     unmirror = mirror_matrix(mirrored.width)  # query working -> mirrored query working
     found: dict[int, CandidateScore] = {}
     for candidate in todo:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pictrace.config import Settings
-from pictrace.features.orb import OrbFeatures, OrbMatch, consensus, extract_orb, match_orb
+from pictrace.features.extract import orb_of
+from pictrace.features.orb import OrbFeatures, OrbMatch, consensus, match_orb
 from pictrace.features.ssim import SsimReference, gray256
 from pictrace.features.thumbnail import decode_gray_png
 from pictrace.local_index import Votes
@@ -29,14 +30,7 @@ class QueryFeatures:
 
     @classmethod
     def compute(cls, rgb: np.ndarray, settings: Settings) -> QueryFeatures:
-        return cls(gray=SsimReference(gray256(rgb)), orb=query_orb(rgb, settings))
-
-
-def query_orb(rgb: np.ndarray, settings: Settings) -> OrbFeatures:
-    """The query's ORB features, extracted as the gallery's were at ingest."""
-    return extract_orb(
-        rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
-    )
+        return cls(gray=SsimReference(gray256(rgb)), orb=orb_of(rgb, settings))
 
 
 @dataclass(frozen=True)

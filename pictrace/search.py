@@ -21,6 +21,7 @@ import numpy as np
 from pictrace.config import Settings
 from pictrace.decode import DecodedImage, decode_image
 from pictrace.features.embed import Embedder
+from pictrace.features.extract import orb_of
 from pictrace.features.hashing import pixel_sha256, sha256_hex
 from pictrace.features.orb import OrbFeatures
 from pictrace.features.ssim import SsimReference, gray256
@@ -33,7 +34,6 @@ from pictrace.ranking import (
     GeometricFit,
     fit_geometry,
     nearest_by_embedding,
-    query_orb,
     scored,
     screened,
     with_ssim,
@@ -100,7 +100,7 @@ class Searcher:
         embedding_job = self._beside(lambda: self.embedder.embed([rgb])[0])
         pixels_job = self._beside(lambda: pixel_sha256(rgb))
         gray_job = self._beside(lambda: SsimReference(gray256(rgb)))
-        query = query_orb(rgb, self.settings)
+        query = orb_of(rgb, self.settings)
         votes = self._votes(query)
         voted = votes.top(self.settings.local_candidates, self.settings.local_min_votes)
         orbs = self._orbs_of(voted)

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from pictrace.config import Settings
 from pictrace.errors import NotFoundError
 from pictrace.explain import QueryMemory, difference_map, inlier_pairs
+from pictrace.features.extract import orb_of
 from pictrace.features.orb import extract_orb, match_orb
 from pictrace.schemas import QueryInfo, SearchResult
 from pictrace.transform import to_pixel_homography
@@ -77,7 +78,7 @@ def test_inlier_pairs_agree_with_the_homography(photos: dict[str, np.ndarray], m
     settings = make_settings()
     gallery = photos["astronaut"]
     query = crop(gallery, 0.6, 0.2)
-    q, g = extract_orb(query), extract_orb(gallery)
+    q, g = orb_of(query, settings), orb_of(gallery, settings)  # as the search extracts them
     match = match_orb(q, g)
     assert match.homography is not None
     hom = to_pixel_homography(match.homography, q.scale, g.scale)

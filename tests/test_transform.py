@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from pictrace.features.extract import orb_of
 from pictrace.features.orb import extract_orb, match_orb
 from pictrace.mirror import mirror_pass
 from pictrace.ranking import CandidateScore
@@ -182,3 +183,21 @@ def test_mirror_matrix_is_its_own_inverse() -> None:
     m = mirror_matrix(101)
     assert np.allclose(m @ m, np.eye(3))
     assert np.allclose(m @ [0, 5, 1], [100, 5, 1])
+
+
+@pytest.mark.parametrize("side", [64, 80])
+def test_small_mirrored_copy_is_upscaled_like_any_query(  # type: ignore[no-untyped-def]
+    photos: dict[str, np.ndarray], make_settings, side: int
+) -> None:
+    """A thumbnail-sized mirrored copy: the mirror pass extracts ORB as the search does for the query (small
+    images upscaled to ``orb_min_side``); at its own 64-80 px ORB finds too few corners to fit anything."""
+    gallery = photos["coffee"]
+    h, w = gallery.shape[:2]
+    query = np.ascontiguousarray(cv2.resize(gallery, (side, side * h // w), interpolation=cv2.INTER_AREA)[:, ::-1])
+    settings = make_settings()
+    g = orb_of(gallery, settings)  # extracted as at ingest
+    stored = {7: RerankFeatures(gray_png=b"", orb=g.to_bytes())}
+    (after,) = mirror_pass(query, [CandidateScore(7, 0.8, 0.0, 0.0, 0, 0.4)], stored, settings)
+    assert after.homography is not None and after.orb_inliers >= settings.orb_min_inliers
+    out = read_transform(after.homography, (query.shape[1], query.shape[0]), (w, h))
+    assert out.flip and abs(out.scale - side / w) < SCALE_TOL * side / w

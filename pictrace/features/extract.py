@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from pictrace.config import Settings
 from pictrace.decode import DecodedImage
 from pictrace.features.hashing import dhash64, pixel_sha256
-from pictrace.features.orb import extract_orb
+from pictrace.features.orb import OrbFeatures, extract_orb
 from pictrace.features.ssim import gray256
 from pictrace.features.thumbnail import encode_gray_png, encode_thumbnail
 
@@ -21,10 +23,15 @@ class LocalFeatures:
     thumbnail: bytes
 
 
-def local_features(image: DecodedImage, settings: Settings) -> LocalFeatures:
-    orb = extract_orb(
-        image.rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+def orb_of(rgb: np.ndarray, settings: Settings) -> OrbFeatures:
+    """ORB with the configured sizes: gallery images at ingest, queries (and their mirror) at search alike."""
+    return extract_orb(
+        rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
     )
+
+
+def local_features(image: DecodedImage, settings: Settings) -> LocalFeatures:
+    orb = orb_of(image.rgb, settings)
     return LocalFeatures(
         pixel_sha256=pixel_sha256(image.rgb),
         dhash=dhash64(image.rgb),
