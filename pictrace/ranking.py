@@ -149,6 +149,15 @@ def fit_geometry(query: OrbFeatures, gallery: OrbFeatures, settings: Settings) -
     return GeometricFit(match.score, match.inliers, homography)
 
 
+def identical_fit(gallery: OrbFeatures) -> GeometricFit:
+    """The full check's answer for an exact match (the query's own bytes or decoded pixels) without running it.
+
+    The stored keypoints were extracted from the same pixels with the same settings, so every one agrees with
+    itself through the identity; a re-upload of a catalogued image is common and this saves its ~2 ms check.
+    """
+    return GeometricFit(1.0, len(gallery), np.eye(3))
+
+
 def scored(vec_id: int, cosine: float, fit: GeometricFit | None, settings: Settings, votes: int = 0) -> CandidateScore:
     """A candidate's provisional score (SSIM counted as 0; ``with_ssim`` completes it for the shortlist).
 

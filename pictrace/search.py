@@ -33,6 +33,7 @@ from pictrace.ranking import (
     CandidateScore,
     GeometricFit,
     fit_geometry,
+    identical_fit,
     nearest_by_embedding,
     scored,
     screened,
@@ -95,25 +96,25 @@ class Searcher:
         started = time.perf_counter() if started is None else started
         top_k = top_k or self.settings.top_k
         rgb = image.rgb
-        # The side thread's queue, in order: embedding, pixel hash, SSIM reference; the worker meanwhile
-        # does the local-feature half, which needs none of them.
-        embedding_job = self._beside(lambda: self.embedder.embed([rgb])[0])
+        # The side thread's queue, in order: pixel hash, embedding, SSIM reference; the worker meanwhile does
+        # the local-feature half, which needs none of them but the hash (exact matches skip the full check).
         pixels_job = self._beside(lambda: pixel_sha256(rgb))
+        embedding_job = self._beside(lambda: self.embedder.embed([rgb])[0])
         gray_job = self._beside(lambda: SsimReference(gray256(rgb)))
         query = orb_of(rgb, self.settings)
         votes = self._votes(query)
         voted = votes.top(self.settings.local_candidates, self.settings.local_min_votes)
-        orbs = self._orbs_of(voted)
-        checked = self._screened(query, orbs, votes)
-        fits = self._fit(query, orbs, checked)
         exact = self.catalogue.vec_ids_by_hash(sha256, pixels_job.result())
         exact_set = set(exact)
+        orbs = self._orbs_of([*exact, *voted])
+        fits = {v: identical_fit(orbs[v]) for v in exact if v in orbs}
+        fits |= self._fit(query, orbs, self._screened(query, orbs, votes) - exact_set)
         embedding = embedding_job.result()
         cosines = self._nearest(embedding)
         self._add_cosines(cosines, embedding, [*exact, *voted])
         more = self._orbs_of(v for v in cosines if v not in orbs)
         orbs |= more
-        checked |= exact_set | self._screened(query, more, votes) | nearest_by_embedding(cosines, orbs, self.settings)
+        checked = self._screened(query, more, votes) | nearest_by_embedding(cosines, orbs, self.settings)
         fits |= self._fit(query, orbs, checked - fits.keys())
         verified = [
             scored(v, cosines[v], fits.get(v), self.settings, votes.counts.get(v, 0)) for v in cosines if v in orbs

@@ -14,6 +14,7 @@ from conftest import crop, encode, recompress, resize, rotate90
 from pictrace.config import Settings
 from pictrace.errors import DecodeError, UnsupportedFormatError
 from pictrace.gallery import load_gallery
+from pictrace.schemas import Match
 from pictrace.service import Service
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
@@ -74,6 +75,40 @@ async def test_same_pixels_other_encoding_is_exact(service: Service, tmp_path: P
     pixels = np.asarray(Image.open(tmp_path / "g" / "rocket.jpg").convert("RGB"))
     result = service.searcher.search_bytes(encode(pixels, "PNG"))
     assert result.results[0].id == "rocket" and result.results[0].exact
+    _assert_identity_fit(service, result.results[0])
+
+
+async def test_a_re_upload_is_the_identity_with_every_keypoint_agreeing(service: Service, tmp_path: Path) -> None:
+    """Exact matches skip the full ORB check (ranking.identical_fit): its answer must be what the check finds."""
+    from PIL import Image
+
+    from pictrace.features.extract import orb_of
+    from pictrace.features.orb import OrbFeatures
+    from pictrace.ranking import fit_geometry, identical_fit
+
+    result = service.searcher.search_bytes((tmp_path / "g" / "coffee.jpg").read_bytes())
+    _assert_identity_fit(service, result.results[0])
+    (vec_id,) = service.catalogue.vec_ids_by_hash(result.results[0].sha256, "")
+    ((_, blob),) = service.catalogue.orb_blobs_of([vec_id])
+    stored = OrbFeatures.from_bytes(blob)
+    pixels = np.asarray(Image.open(tmp_path / "g" / "coffee.jpg").convert("RGB"))
+    checked = fit_geometry(orb_of(pixels, service.settings), stored, service.settings)
+    shortcut = identical_fit(stored)
+    assert (checked.score, checked.inliers) == (shortcut.score, shortcut.inliers)
+    assert checked.homography is not None and shortcut.homography is not None
+    np.testing.assert_allclose(checked.homography, shortcut.homography, atol=1e-6)
+
+
+def _assert_identity_fit(service: Service, match: Match) -> None:
+    from pictrace.features.orb import OrbFeatures
+
+    (vec_id,) = service.catalogue.vec_ids_by_hash(match.sha256, "")
+    ((_, blob),) = service.catalogue.orb_blobs_of([vec_id])
+    assert match.exact and match.scores.orb == 1.0
+    assert match.scores.orb_inliers == len(OrbFeatures.from_bytes(blob)) > 100
+    assert match.transform is not None
+    assert match.transform.scale == 1.0 and match.transform.rotation == 0.0 and not match.transform.flip
+    assert match.transform.crop_fraction == 1.0 and match.transform.perspective == 0.0
 
 
 async def test_result_shape_and_top_k(service: Service, photos: dict[str, np.ndarray]) -> None:
