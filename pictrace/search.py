@@ -4,16 +4,16 @@ decode → sha256 (exact hit?) → embed, and alongside it ORB → the images wi
 screened on the votes' own pairs → ∪ the K nearest vectors → verify the promising ones (ORB+RANSAC) → add the
 stored links of the best (pictrace/graph.py) → SSIM on the best few → fuse → top-k.
 
-The embedding runs on a thread of its own while the query's ORB features, votes and screen run on the worker's:
-onnxruntime's two threads keep only ~1.4 cores busy on one image, so the local-feature half, which does not
-need the embedding, costs a fraction of its time when run beside it (docs/quality.md, "Embedding alongside").
+The embedding runs on a side thread while the query's ORB features, votes and screen run on the worker's, and
+the two threads then share the candidates' full checks and SSIM: onnxruntime's two threads embed one image only
+~1.4x faster than one, so the local-feature half, which needs no embedding, fits largely beside it
+(docs/quality.md, "Two threads for one query").
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
 from typing import TypeVar
 
 import numpy as np
@@ -43,7 +43,7 @@ from pictrace.schemas import ComponentScores, Match, QueryInfo, SearchResult
 from pictrace.store import Catalogue
 from pictrace.transform import read_transform, transform_info
 from pictrace.verdict import VerdictThresholds, classify
-from pictrace.work import SideThread, map_serial
+from pictrace.work import SideJob, SideThread, map_serial
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -98,9 +98,9 @@ class Searcher:
         rgb = image.rgb
         # The side thread's queue, in order: pixel hash, embedding, SSIM reference; the worker meanwhile does
         # the local-feature half, which needs none of them but the hash (exact matches skip the full check).
-        pixels_job = self._beside(lambda: pixel_sha256(rgb))
-        embedding_job = self._beside(lambda: self.embedder.embed([rgb])[0])
-        gray_job = self._beside(lambda: SsimReference(gray256(rgb)))
+        pixels_job = SideJob(lambda: pixel_sha256(rgb), self._side)
+        embedding_job = SideJob(lambda: self.embedder.embed([rgb])[0], self._side)
+        gray_job = SideJob(lambda: SsimReference(gray256(rgb)), self._side)
         query = orb_of(rgb, self.settings)
         votes = self._votes(query)
         voted = votes.top(self.settings.local_candidates, self.settings.local_min_votes)
@@ -148,14 +148,6 @@ class Searcher:
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return result, [c.vec_id for c in kept]
-
-    def _beside(self, job: Callable[[], T]) -> Future[T]:
-        """``job`` queued on the side thread (or run here and now, when there is none)."""
-        if self._side is not None:
-            return self._side.submit(job)
-        done: Future[T] = Future()
-        done.set_result(job())
-        return done
 
     def _screened(self, query: OrbFeatures, orbs: dict[int, OrbFeatures], votes: Votes) -> set[int]:
         """The candidates worth the full check by their votes (all of them when there are no votes to screen)."""

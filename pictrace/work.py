@@ -11,7 +11,7 @@ import functools
 import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Generic, ParamSpec, TypeVar
 
 from pictrace.errors import OverloadedError
 
@@ -74,6 +74,23 @@ class WorkPool:
 def map_serial(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``SideThread.map`` without the side thread."""
     return [fn(x) for x in items]
+
+
+class SideJob(Generic[T]):
+    """A job handed to the side thread, which the caller takes back and runs itself if it has not started.
+
+    Concurrent searches share the side thread; when another search's embedding holds it, waiting there would
+    be slower than doing the job here.
+    """
+
+    def __init__(self, job: Callable[[], T], side: SideThread | None) -> None:
+        self._job = job
+        self._future = None if side is None else side.submit(job)
+
+    def result(self) -> T:
+        if self._future is None or self._future.cancel():
+            return self._job()
+        return self._future.result()
 
 
 class SideThread:

@@ -168,3 +168,12 @@ async def test_search_with_the_embedding_alongside_ranks_as_one_thread_does(
                 assert alongside.results[0].id == name
     finally:
         serial.close()
+
+
+async def test_concurrent_searches_sharing_the_side_thread_answer_as_one_at_a_time(
+    service: Service, photos: dict[str, np.ndarray]
+) -> None:
+    queries = [EDITS[edit](photos[name]) for name in ["astronaut", "coffee", "rocket"] for edit in ["crop", "jpeg-q30"]]
+    one_at_a_time = [service.searcher.search_ranked(q)[1] for q in queries]
+    together = await asyncio.gather(*(service.pool.run(service.searcher.search_ranked, q) for q in queries))
+    assert [ranked for _, ranked in together] == one_at_a_time

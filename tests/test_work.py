@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pictrace.work import SideThread, map_serial
+from pictrace.work import SideJob, SideThread, map_serial
 
 
 @pytest.fixture
@@ -67,3 +67,20 @@ def test_side_thread_runs_faiss_on_one_openmp_thread(side: SideThread) -> None:
     import faiss
 
     assert side.submit(faiss.omp_get_max_threads).result(timeout=5) == 1
+
+
+def test_a_side_job_runs_on_the_side_thread_or_is_taken_back_when_that_is_busy(side: SideThread) -> None:
+    def where() -> str:
+        return threading.current_thread().name
+
+    here = threading.current_thread().name
+    job = SideJob(where, side)
+    time.sleep(0.05)  # the idle side thread starts it at once
+    assert job.result().startswith("pictrace-side")
+
+    release = threading.Event()
+    busy = side.submit(release.wait)  # another search's embedding, say
+    assert SideJob(where, side).result() == here  # not started there: done here instead of waiting
+    release.set()
+    assert busy.result(timeout=5)
+    assert SideJob(where, None).result() == here  # no side thread: done when asked for
