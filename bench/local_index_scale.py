@@ -177,9 +177,9 @@ def estimate(n: int, params: LocalIndexParams, add_codes: int, seed: int = 1) ->
     """Too big to build here in the time: time what the build does at this size, on part of the codes.
 
     Learns the lists it would learn (the same nlist and sample size, on random codes), then adds ``add_codes``
-    codes to them; the add is linear in the codes (each is compared with every list), so it is scaled to n.
+    codes to them; the add is linear in the codes, so it is scaled to n.
     """
-    from pictrace.local_index import train_lists
+    from pictrace.local_index import train_two_level, two_level_quantizer
 
     codes = n * PER_IMAGE
     nlist = list_count(codes, params.max_lists)
@@ -188,18 +188,20 @@ def estimate(n: int, params: LocalIndexParams, add_codes: int, seed: int = 1) ->
     sample = rng.integers(0, 256, (sample_size, 16), dtype=np.uint8)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     t0, c0 = time.perf_counter(), time.process_time()
-    quantizer = faiss.IndexBinaryFlat(128)
-    quantizer.add(train_lists(sample, nlist, params.train_iterations))
+    top, subs, offsets = train_two_level(sample, nlist, params.cell_lists, params.train_iterations)
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-    ivf = faiss.IndexBinaryIVF(quantizer, 128, nlist)
+    index = LocalIndex(params)
+    coarse = two_level_quantizer(top, subs, offsets)
+    ivf = faiss.IndexBinaryIVF(coarse, 128, len(subs))
     ivf.train(sample[:1])
+    index._index, index._coarse = ivf, coarse
     part = rng.integers(0, 256, (add_codes, 16), dtype=np.uint8)
     t0, c0 = time.perf_counter(), time.process_time()
-    ivf.add_with_ids(part, np.arange(add_codes, dtype=np.int64))
+    index._add_codes(np.arange(add_codes, dtype=np.int64), part)
     add_s, add_cpu = time.perf_counter() - t0, time.process_time() - c0
     scale = codes / add_codes
     return {
-        "images": n, "codes": codes, "nlist": nlist, "train_sample": sample_size, "estimated": True,
+        "images": n, "codes": codes, "nlist": len(subs), "train_sample": sample_size, "estimated": True,
         "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1),
         "add_part_codes": add_codes, "add_part_s": round(add_s, 1), "add_part_cpu_s": round(add_cpu, 1),
         "build_s": f"~{train_s + add_s * scale:.0f}", "build_cpu_s": f"~{train_cpu + add_cpu * scale:.0f}",
@@ -218,6 +220,8 @@ def main() -> None:
     parser.add_argument("--max-lists", type=int, default=defaults["local_max_lists"].default)
     parser.add_argument("--iterations", type=int, default=defaults["local_train_iterations"].default)
     parser.add_argument("--nprobe", type=int, default=defaults["local_nprobe"].default)
+    parser.add_argument("--cell-lists", type=int, default=defaults["local_cell_lists"].default)
+    parser.add_argument("--top-probe", type=int, default=defaults["local_top_probe"].default)
     parser.add_argument("--estimate", type=int, nargs="*", default=[],
                         help="sizes only estimated: lists learned in full, then --add-part codes added and scaled")
     parser.add_argument("--add-part", type=int, default=2_000_000)
@@ -228,6 +232,7 @@ def main() -> None:
         per_image=PER_IMAGE, code_bytes=16, knn=defaults["local_knn"].default,
         max_distance=defaults["local_max_distance"].default, nprobe=args.nprobe,
         train_max=args.train_max, max_lists=args.max_lists, train_iterations=args.iterations,
+        cell_lists=args.cell_lists, top_probe=args.top_probe,
     )
     queries = list(range(1, min(args.queries, len(real)) + 1))
     # the truth: an exact index of the real codes alone (random codes are never within max_distance of them)

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     local_train_iterations: int = Field(
         10, ge=0, le=100, description="k-means rounds that learn the local index's inverted lists."
     )
+    local_cell_lists: int = Field(
+        1024, ge=1, description="Inverted lists per top cell of the local index's two-level list assignment."
+    )
+    local_top_probe: int = Field(
+        8, ge=1, description="Top cells whose lists are candidates for a query descriptor's nearest lists."
+    )
     local_persist: bool = Field(
         True, description="Keep the local index in the data dir between starts (False: rebuilt at every start)."
     )

@@ -19,6 +19,15 @@ Learning the lists is bounded whatever the gallery size: a binary k-means (k-maj
 each centre the majority bit of its codes) on at most ``train_max`` codes, ``train_iterations`` rounds, at most
 ``max_lists`` lists. FAISS's own binary k-means runs a float k-means in 128 dimensions, ~25x slower per
 (code, centre) pair here than a Hamming scan.
+
+The coarse assignment is two-level (a k-majority tree): top cells of ``cell_lists`` (1,024) lists each, each
+cell's lists learned from the codes of that cell. Comparing every code and every query descriptor with all of
+up to 65,536 centres made the add (~7 h projected at 1M images) and the lookup (the larger part of 145 ms at
+100k) grow with the lists; a code now meets the top centres and the lists of its 2 nearest cells (2,112 at
+65,536 lists), a query descriptor the top centres and the lists of its ``top_probe`` (8) nearest cells. The
+quantizer is itself a FAISS binary inverted file (the lists' centres, filed under their top cell), so FAISS
+does both levels in one call and saves them inside the index. FAISS's binary HNSW over the centres was tried
+instead and misassigned 22-68 % of the codes.
 """
 
 from __future__ import annotations
@@ -38,34 +47,53 @@ from pictrace.features.orb import OrbFeatures
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"PICTRACE-LOCAL-1\n"
+MAGIC = b"PICTRACE-LOCAL-2\n"  # 2: the inverted file's quantizer is two-level; a 1 file is stale, rebuilt
+OLDER = b"PICTRACE-LOCAL-"
 END = b"PICTRACE-END\n"
+
+TOP_SAMPLE_PER_CELL = 512  # codes per top cell its centres are learned from (the sub-centres use all)
+ADD_CELLS = 2  # top cells whose lists a code being added is compared with (vote pairs at 10k: 0.84 with 1, 0.89)
+CHUNK_CODES = 1 << 22  # codes assigned and added at a time while building (64 MB of codes)
 
 KP_BITS = 14  # a descriptor's id is vec_id << KP_BITS | keypoint index (ORB_FEATURES is at most 10,000)
 _KP_MASK = (1 << KP_BITS) - 1
 
 
-def _stable_sample(codes: np.ndarray, size: int) -> np.ndarray:
-    """Row numbers of a pseudo-random sample, in an order, that depend on the codes only, not on their order.
+def _digests(codes: np.ndarray) -> np.ndarray:
+    """FNV-1a over the bytes of each code."""
+    words = np.ascontiguousarray(codes).view(np.uint8).reshape(len(codes), -1)
+    digest = np.zeros(len(codes), dtype=np.uint64)
+    for column in range(words.shape[1]):
+        digest = (digest ^ words[:, column].astype(np.uint64)) * np.uint64(0x100000001B3)
+    return digest
+
+
+def stable_sample(chunks: Iterable[np.ndarray], size: int) -> np.ndarray:
+    """A pseudo-random sample of the codes in ``chunks``, in an order, that depends on the codes only, not on
+    their order or how they are chunked.
 
     Concurrent fetches commit images in a different order on every run; a sample drawn by position then
     learns different lists, and the same gallery ranked differently from run to run (measured: mAP moved by
-    0.002). Ranking rows by a hash of their bytes picks the same codes whatever the order.
+    0.002). Ranking codes by a hash of their bytes picks the same codes whatever the order; keeping the
+    ``size`` smallest hashes chunk after chunk spares a copy of all codes (8 GB at 1M images). The sample is
+    in hash order too: k-means seeds by position.
     """
-    if len(codes) <= size:
-        return np.arange(len(codes))
-    words = np.ascontiguousarray(codes).view(np.uint8).reshape(len(codes), -1)
-    digest = np.zeros(len(codes), dtype=np.uint64)
-    for column in range(words.shape[1]):  # FNV-1a over the bytes of each code
-        digest = (digest ^ words[:, column].astype(np.uint64)) * np.uint64(0x100000001B3)
-    chosen = np.argpartition(digest, size - 1)[:size]
-    return chosen[np.argsort(digest[chosen], kind="stable")]  # in digest order too: k-means seeds by position
+    kept = np.zeros((0, 0), dtype=np.uint8)
+    kept_digest = np.zeros(0, dtype=np.uint64)
+    for chunk in chunks:
+        pool = np.concatenate([kept, chunk]) if len(kept) else chunk
+        digest = np.concatenate([kept_digest, _digests(chunk)])
+        if len(pool) > size:
+            chosen = np.argpartition(digest, size - 1)[:size]
+            pool, digest = pool[chosen], digest[chosen]
+        kept, kept_digest = pool, digest
+    return np.ascontiguousarray(kept[np.argsort(kept_digest, kind="stable")])
 
 
 def train_lists(sample: np.ndarray, nlist: int, iterations: int) -> np.ndarray:
     """Binary k-means (k-majority) of ``sample``'s codes into ``nlist`` centres; deterministic for one sample.
 
-    Seeds are the sample's first ``nlist`` rows (``_stable_sample`` orders them by a hash of their bytes, so
+    Seeds are the sample's first ``nlist`` rows (``stable_sample`` orders them by a hash of their bytes, so
     the seeds do not depend on the order images arrived in). Each round assigns every code to its nearest
     centre by Hamming distance (FAISS's exact binary scan) and makes each centre the majority bit of its codes;
     a centre that lost all its codes keeps its place. Cost: ``len(sample) * nlist * iterations`` Hamming
@@ -102,6 +130,64 @@ def list_count(n: int, max_lists: int) -> int:
     return int(min(max_lists, max(64, 4 * math.sqrt(n))))
 
 
+def top_cell_count(nlist: int, cell_lists: int) -> int:
+    """Top cells of ~``cell_lists`` lists each. Fewer, larger cells than sqrt(nlist) cost more distances but put
+    fewer codes near a cell's border, where the two levels miss the nearest list (vote pairs at 10k images,
+    8,944 lists, the bench's mix: 0.85 with 35 cells, 0.89 with 9, 0.93 flat; see ``ADD_CELLS``)."""
+    return int(max(1, math.ceil(nlist / cell_lists)))
+
+
+def train_two_level(
+    sample: np.ndarray, nlist: int, cell_lists: int, iterations: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top centres, sub-centres, offsets): k-majority into nlist / ``cell_lists`` top cells, then each cell's sample
+    codes into its share of the ``nlist`` sub-centres (by its share of the sample, at least one); cell ``t``'s
+    sub-centres are rows ``offsets[t]:offsets[t + 1]``. Top cells that got no code are dropped, so every cell
+    has a list. Cost: ~``len(sample) * (top + cell_lists) * iterations`` distances, not ``len * nlist * it``.
+    """
+    n_top = top_cell_count(nlist, cell_lists)
+    top = train_lists(sample[: TOP_SAMPLE_PER_CELL * n_top], n_top, iterations)
+    cell = _nearest(top, sample)
+    sizes = np.bincount(cell, minlength=len(top))
+    order = np.argsort(cell, kind="stable")  # within a cell, still in hash order: the seeds stay stable
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    kept, subs, offsets = [], [], [0]
+    for t in np.nonzero(sizes)[0]:
+        members = sample[order[starts[t] : starts[t + 1]]]
+        share = max(1, min(len(members), round(nlist * len(members) / len(sample))))
+        kept.append(t)
+        subs.append(train_lists(members, share, iterations))
+        offsets.append(offsets[-1] + share)
+    return top[kept], np.ascontiguousarray(np.concatenate(subs)), np.array(offsets, dtype=np.int64)
+
+
+def _nearest(centres: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    import faiss
+
+    quantizer = faiss.IndexBinaryFlat(centres.shape[1] * 8)
+    quantizer.add(np.ascontiguousarray(centres))
+    _, nearest = quantizer.search(np.ascontiguousarray(codes), 1)
+    return np.asarray(nearest.ravel(), dtype=np.int64)
+
+
+def two_level_quantizer(top: np.ndarray, subs: np.ndarray, offsets: np.ndarray) -> Any:
+    """A FAISS binary inverted file over the sub-centres, whose lists are the top cells (cell ``t``'s children
+    are sub-centres ``offsets[t]:offsets[t + 1]``, added with their list numbers as ids). As the main inverted
+    file's quantizer, its search with ``nprobe`` = top cells probed is the two-level assignment."""
+    import faiss
+
+    bits = top.shape[1] * 8
+    cells = faiss.IndexBinaryFlat(bits)
+    cells.add(np.ascontiguousarray(top))
+    quantizer: Any = faiss.IndexBinaryIVF(cells, bits, len(top))
+    quantizer.train(np.ascontiguousarray(top[:1]))  # its quantizer holds the top centres: nothing to learn
+    subs = np.ascontiguousarray(subs)
+    ids = np.arange(len(subs), dtype=np.int64)
+    cell_of = np.repeat(np.arange(len(top), dtype=np.int64), np.diff(offsets))
+    quantizer.add_core(len(subs), faiss.swig_ptr(subs), faiss.swig_ptr(ids), faiss.swig_ptr(cell_of))
+    return quantizer
+
+
 @dataclass(frozen=True)
 class LocalIndexParams:
     per_image: int  # strongest descriptors of each gallery image that are indexed
@@ -113,11 +199,13 @@ class LocalIndexParams:
     train_max: int = 262_144  # most codes the lists are learned from (64 per list below that)
     max_lists: int = 65_536  # most inverted lists
     train_iterations: int = 10  # k-means rounds
+    cell_lists: int = 1024  # lists per top cell of the two-level coarse quantizer (one cell: exact assignment)
+    top_probe: int = 8  # top cells whose lists are candidates for a query descriptor's nprobe nearest
 
     def structure(self) -> dict[str, int]:
         """The parameters a built index depends on (the others apply at query time, also to a reopened one)."""
         built = asdict(self)
-        for query_time in ("knn", "max_distance", "nprobe"):
+        for query_time in ("knn", "max_distance", "nprobe", "top_probe"):
             built.pop(query_time)
         return built
 
@@ -159,7 +247,8 @@ class LocalIndex:
         self.params = params
         self._bits = params.code_bytes * 8
         self._index: faiss.IndexBinary = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(self._bits))
-        self._quantizer: faiss.IndexBinary | None = None
+        self._quantizer: faiss.IndexBinary | None = None  # the IVF's (kept alive: FAISS does not own it)
+        self._coarse: faiss.IndexBinaryIVF | None = None  # the two-level quantizer (IVF only; ``_index`` owns it)
         self._trained_on = 0  # codes the inverted file's lists were learned from (0: exact flat index)
         self._held: set[int] = set()  # vec_ids applied: adds and removes are idempotent (replicas replay some)
         self._lock = threading.Lock()
@@ -188,41 +277,74 @@ class LocalIndex:
 
     @classmethod
     def build(cls, params: LocalIndexParams, features: Iterable[tuple[int, bytes]]) -> LocalIndex:
-        """All images at once: an inverted file (binary k-means on the gallery's own codes) once big enough."""
+        """All images at once: an inverted file (binary k-means on the gallery's own codes) once big enough.
+
+        The codes are kept in chunks, sampled without a copy, then assigned and added a chunk at a time, each
+        freed once added: at 1M images the codes (8 GB) and the index (12 GB) are never both whole in memory.
+        """
         import faiss
 
         index = cls(params)
-        all_ids, all_codes = [], []
+        chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, codes), about CHUNK_CODES codes each
+        part_ids: list[np.ndarray] = []
+        part_codes: list[np.ndarray] = []
+        in_order, last = True, -1
         for vec_id, blob in features:
             if vec_id in index._held:
                 continue
             index._held.add(vec_id)
+            in_order, last = in_order and vec_id > last, vec_id
             ids, codes = index._codes(vec_id, OrbFeatures.from_bytes(blob))
-            all_ids.append(ids)
-            all_codes.append(codes)
-        if not all_ids:
+            part_ids.append(ids)
+            part_codes.append(codes)
+            if sum(map(len, part_ids)) >= CHUNK_CODES:
+                chunks.append((np.concatenate(part_ids), np.concatenate(part_codes)))
+                part_ids, part_codes = [], []
+        if part_ids:
+            chunks.append((np.concatenate(part_ids), np.concatenate(part_codes)))
+        total = sum(len(ids) for ids, _ in chunks)
+        if not total:
             return index
-        ids = np.concatenate(all_ids)
-        codes = np.ascontiguousarray(np.concatenate(all_codes))
-        if len(ids) > 1 and not bool(np.all(ids[1:] >= ids[:-1])):  # the catalogue yields them sorted already
+        if not in_order:  # the catalogue yields them sorted already
+            ids = np.concatenate([i for i, _ in chunks])
+            codes = np.concatenate([c for _, c in chunks])
             by_id = np.argsort(ids, kind="stable")  # one order for one gallery: equal distances tie the same way
-            ids, codes = ids[by_id], np.ascontiguousarray(codes[by_id])
-        if len(ids) >= params.flat_below:
-            nlist = list_count(len(ids), params.max_lists)
-            sample = codes[_stable_sample(codes, min(64 * nlist, max(params.train_max, nlist)))]
+            chunks = [(ids[by_id], np.ascontiguousarray(codes[by_id]))]
+            del ids, codes
+        if total >= params.flat_below:
+            nlist = list_count(total, params.max_lists)
             started = time.perf_counter()
-            quantizer = faiss.IndexBinaryFlat(index._bits)
-            quantizer.add(train_lists(sample, nlist, params.train_iterations))
-            log.info("local-feature index: %d lists learned from %d codes in %.1f s",
-                     nlist, len(sample), time.perf_counter() - started)
-            ivf = faiss.IndexBinaryIVF(quantizer, index._bits, nlist)
+            sample = stable_sample((c for _, c in chunks), min(64 * nlist, max(params.train_max, nlist)))
+            top, subs, offsets = train_two_level(sample, nlist, params.cell_lists, params.train_iterations)
+            log.info("local-feature index: %d lists under %d top cells learned from %d codes in %.1f s",
+                     len(subs), len(top), len(sample), time.perf_counter() - started)
+            coarse = two_level_quantizer(top, subs, offsets)
+            ivf = faiss.IndexBinaryIVF(coarse, index._bits, len(subs))
             ivf.train(np.ascontiguousarray(sample[:1]))  # the quantizer holds nlist centres: nothing to learn
-            ivf.nprobe = params.nprobe
-            index._index, index._quantizer, index._trained_on = ivf, quantizer, len(ids)
+            ivf.nprobe, coarse.nprobe = params.nprobe, params.top_probe
+            index._index, index._quantizer, index._coarse, index._trained_on = ivf, coarse, coarse, total
         started = time.perf_counter()
-        index._index.add_with_ids(codes, ids)
-        log.info("local-feature index: %d codes added in %.1f s", len(ids), time.perf_counter() - started)
+        while chunks:
+            ids, codes = chunks.pop(0)
+            index._add_codes(ids, np.ascontiguousarray(codes))
+        log.info("local-feature index: %d codes added in %.1f s", total, time.perf_counter() - started)
         return index
+
+    def _add_codes(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Into the exact index, or into the lists the two-level quantizer picks (FAISS's own add would compare
+        every code with every list centre)."""
+        import faiss
+
+        if self._coarse is None:
+            self._index.add_with_ids(codes, ids)
+            return
+        nearest = faiss.SearchParametersIVF()
+        nearest.nprobe = ADD_CELLS
+        found = self._coarse.search(codes, 1, params=nearest)[1]
+        lists = np.ascontiguousarray(found.ravel())
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        ivf: Any = self._index
+        ivf.add_core(len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
     @classmethod
     def open(cls, path: Path, params: LocalIndexParams, catalogue_id: str) -> LocalIndex | None:
@@ -238,16 +360,22 @@ class LocalIndex:
                 header, held, stored = _read(handle)
             trained_on = int(header["trained_on"])
             built_with, built_for = header["params"], header["catalogue"]
+            coarse = None
+            if isinstance(stored, faiss.IndexBinaryIVF):
+                coarse = faiss.downcast_IndexBinary(stored.quantizer)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            if isinstance(exc, ValueError) and "older format" in str(exc):
+                log.info("local-feature index %s is in an older format", path)
+                return None  # stale, not damaged: rebuilt like one built with other parameters
             raise LocalIndexCorruptError(f"local-feature index {path} is unreadable ({exc})") from exc
         if built_with != params.structure() or built_for != catalogue_id:
             return None
         index = cls(params)
-        if isinstance(stored, faiss.IndexBinaryIVF) != (trained_on > 0):
+        if (coarse is not None) != (trained_on > 0) or not isinstance(coarse, faiss.IndexBinaryIVF | None):
             raise LocalIndexCorruptError(f"local-feature index {path}: its structure does not match its header")
-        if isinstance(stored, faiss.IndexBinaryIVF):
-            stored.nprobe = params.nprobe  # not kept in the file
-        index._index, index._trained_on = stored, trained_on
+        if coarse is not None:
+            stored.nprobe, coarse.nprobe = params.nprobe, params.top_probe  # today's, not the file's
+        index._index, index._coarse, index._trained_on = stored, coarse, trained_on
         index._held = set(held.tolist())
         index._saved_at = (path, index._changes)
         return index
@@ -288,6 +416,7 @@ class LocalIndex:
         """Swap in a rebuilt index (same object, so the searcher holding this one sees the new lists)."""
         with self._lock:
             self._index, self._quantizer, self._trained_on = other._index, other._quantizer, other._trained_on
+            self._coarse = other._coarse
             self._held = other._held
             self._changes += 1
 
@@ -300,7 +429,7 @@ class LocalIndex:
             self._held.add(vec_id)
             self._changes += 1
             if len(ids):
-                self._index.add_with_ids(codes, ids)
+                self._add_codes(ids, codes)
 
     def remove(self, vec_ids: Iterable[int]) -> int:
         """Drop images' codes in one pass over the index (each pass scans every code). Returns images dropped."""
@@ -323,7 +452,7 @@ class LocalIndex:
             return Votes({})
         codes = np.ascontiguousarray(query.descriptors[:, : self.params.code_bytes])
         with self._lock:
-            dist, ids = self._index.search(codes, self.params.knn)
+            dist, ids = self._index.search(codes, self.params.knn)  # an IVF's lists: its two-level quantizer's
         ok = (ids >= 0) & (dist <= self.params.max_distance)
         rows = np.nonzero(ok)[0].astype(np.int64)
         found = ids[ok]  # row by row, nearest first
@@ -340,7 +469,8 @@ class LocalIndex:
 
 
 def _write(handle: BinaryIO, header: dict[str, object], held: np.ndarray, index: Any) -> None:
-    """MAGIC, a JSON header line, the held vec_ids, the FAISS binary index, a CRC32 of all that, END."""
+    """MAGIC, a JSON header line, the held vec_ids, the FAISS binary index (an inverted file holds its two-level
+    quantizer), a CRC32 of all that, END."""
     import faiss
 
     from pictrace.index.faiss_index import write_framed
@@ -349,12 +479,13 @@ def _write(handle: BinaryIO, header: dict[str, object], held: np.ndarray, index:
 
 
 def _read(handle: BinaryIO) -> tuple[dict[str, Any], np.ndarray, Any]:
-    """Parse a file written by ``_write``; ValueError or RuntimeError when it is not one, whole."""
+    """Parse a file written by ``_write``; ValueError or RuntimeError when it is not one, whole ("older format"
+    in the message for a file of an older layout)."""
     import faiss
 
     from pictrace.index.faiss_index import read_framed
 
-    header, held, index = read_framed(handle, MAGIC, END, "held", faiss.read_index_binary)
+    header, held, index = read_framed(handle, MAGIC, END, "held", faiss.read_index_binary, older=OLDER)
     if int(index.ntotal) != int(header["codes"]):
         raise ValueError("code count does not match the header")
     return header, held, index

@@ -125,6 +125,8 @@ def local_index_params(settings: Settings) -> LocalIndexParams:
         train_max=settings.local_train_max,
         max_lists=settings.local_max_lists,
         train_iterations=settings.local_train_iterations,
+        cell_lists=settings.local_cell_lists,
+        top_probe=settings.local_top_probe,
     )
 
 
@@ -138,8 +140,8 @@ def open_local_index(settings: Settings, catalogue: Catalogue, *, rebuild: bool 
         try:
             local = LocalIndex.open(path, params, catalogue_identity(catalogue))
             if local is None:
-                log.warning("local-feature index %s was built with other settings or for another catalogue; "
-                            "rebuilding it from the catalogue", path)
+                log.warning("local-feature index %s was built with other settings, in an older format or for "
+                            "another catalogue; rebuilding it from the catalogue", path)
         except LocalIndexCorruptError as exc:
             log.warning("%s; rebuilding it from the catalogue", exc)
     with _all_threads():

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from conftest import crop, resize
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, consensus, extract_orb
-from pictrace.local_index import LocalIndex, LocalIndexParams
+from pictrace.local_index import LocalIndex, LocalIndexParams, stable_sample, train_two_level, two_level_quantizer
 from pictrace.ranking import QueryFeatures, worth_verifying
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 
 
 def _params(flat_below: int) -> LocalIndexParams:
-    return LocalIndexParams(per_image=500, code_bytes=16, knn=10, max_distance=24, nprobe=16, flat_below=flat_below)
+    return LocalIndexParams(
+        per_image=500, code_bytes=16, knn=10, max_distance=24, nprobe=16, flat_below=flat_below, cell_lists=16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,57 @@ def test_add_and_remove_follow_the_catalogue(photos: dict[str, np.ndarray], orbs
     index.remove([7])
     assert 7 not in index.vote(orbs["coffee"]).counts
     assert len(index) == min(len(orbs["rocket"]), 500)
+
+
+def test_add_and_remove_on_the_inverted_file(orbs: dict[str, OrbFeatures]) -> None:
+    """Codes added after the build go to the lists the two-level quantizer picks, where a query finds them."""
+    index = LocalIndex.build(_params(1000), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES[:6], 1)))
+    assert index.is_inverted_file
+    for i, name in enumerate(NAMES[:6], 1):  # an image's own descriptors find it after the build
+        assert index.vote(orbs[name]).top(1) == [i]
+    before = len(index)
+    index.add(20, orbs["brick"])
+    assert len(index) == before + min(len(orbs["brick"]), 500)
+    assert index.vote(orbs["brick"]).top(1) == [20]
+    index.remove([20, 3])
+    assert len(index) == before - min(len(orbs["coffee"]), 500)
+    assert 20 not in index.vote(orbs["brick"]).counts and 3 not in index.vote(orbs["coffee"]).counts
+
+
+def _clustered_codes(seed: int, clusters: int, each: int, flip: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.unpackbits(rng.integers(0, 256, (clusters, 16), dtype=np.uint8), axis=1)
+    noisy = np.repeat(centres, each, axis=0) ^ (rng.random((clusters * each, 128)) < flip).astype(np.uint8)
+    return np.packbits(noisy, axis=1)
+
+
+def test_two_level_assignment_mostly_picks_the_nearest_list() -> None:
+    """On clustered codes a code's list (nearest sub-centre of its nearest top cell) is the list an exact scan
+    of all sub-centres picks, or one as near, almost always; probing every top cell is the exact scan."""
+    codes = _clustered_codes(3, 64, 150, 0.06)
+    top, subs, offsets = train_two_level(stable_sample([codes], 16384), 256, 32, 10)
+    assert len(top) == 8 and 240 <= len(subs) <= 270 and offsets[-1] == len(subs)
+    quantizer = two_level_quantizer(top, subs, offsets)
+    exact = faiss.IndexBinaryFlat(128)
+    exact.add(subs)
+    exact_dist, exact_list = exact.search(codes, 1)
+    one_cell = faiss.SearchParametersIVF()
+    one_cell.nprobe = 1
+    dist, lists = quantizer.search(codes, 1, params=one_cell)
+    assert (lists == exact_list).mean() > 0.9
+    assert (dist == exact_dist).mean() > 0.95
+    every_cell = faiss.SearchParametersIVF()
+    every_cell.nprobe = len(top)
+    assert np.array_equal(quantizer.search(codes, 16, params=every_cell)[0], exact.search(codes, 16)[0])
+
+
+def test_the_training_sample_does_not_depend_on_order_or_chunks() -> None:
+    codes = _clustered_codes(5, 16, 100, 0.1)
+    sample = stable_sample([codes], 500)
+    assert len(sample) == 500
+    shuffled = codes[np.random.default_rng(1).permutation(len(codes))]
+    assert np.array_equal(stable_sample(np.array_split(shuffled, 7), 500), sample)
+    assert len(stable_sample([codes[:100]], 500)) == 100  # fewer codes than asked: all of them
 
 
 def test_outgrowing_the_lists_asks_for_training(orbs: dict[str, OrbFeatures]) -> None:

@@ -23,7 +23,8 @@ NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunoh
 
 def _params(flat_below: int, train_max: int = 262_144) -> LocalIndexParams:
     return LocalIndexParams(
-        per_image=500, code_bytes=16, knn=10, max_distance=24, nprobe=16, flat_below=flat_below, train_max=train_max
+        per_image=500, code_bytes=16, knn=10, max_distance=24, nprobe=16, flat_below=flat_below, train_max=train_max,
+        cell_lists=16,
     )
 
 
@@ -74,10 +75,14 @@ def test_other_build_settings_or_another_catalogue_are_not_reused(
     )
     assert LocalIndex.open(path, _params(1000), "cat-2") is None
     assert LocalIndex.open(path, _params(2000), "cat-1") is None
-    assert LocalIndex.open(path, LocalIndexParams(500, 8, 10, 24, 16, 1000), "cat-1") is None
-    query_time = LocalIndexParams(500, 16, knn=3, max_distance=10, nprobe=4, flat_below=1000)
-    reopened = LocalIndex.open(path, query_time, "cat-1")  # knn, distance and nprobe apply to a saved index
+    assert LocalIndex.open(path, LocalIndexParams(500, 8, 10, 24, 16, 1000, cell_lists=16), "cat-1") is None
+    assert LocalIndex.open(path, LocalIndexParams(500, 16, 10, 24, 16, 1000, cell_lists=8), "cat-1") is None
+    query_time = LocalIndexParams(
+        500, 16, knn=3, max_distance=10, nprobe=4, flat_below=1000, cell_lists=16, top_probe=1
+    )
+    reopened = LocalIndex.open(path, query_time, "cat-1")  # knn, distance, nprobe, top_probe apply to a saved index
     assert reopened is not None and reopened.params == query_time
+    assert reopened.vote(orbs["rocket"]).top(1) == [2]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
@@ -228,6 +233,63 @@ def _catalogue_id(settings: Settings) -> str:
         return found
     finally:
         catalogue.close()
+
+
+def _write_older_format(path: Path, catalogue_id: str, blobs: list[tuple[int, bytes]]) -> None:
+    """A file as the previous release wrote it: magic 1, an inverted file whose quantizer is one flat list of
+    centres, parameters without the two-level ones."""
+    import faiss
+
+    from pictrace.index.faiss_index import write_framed
+
+    ids = np.concatenate([(np.int64(v) << 14) | np.arange(500, dtype=np.int64) for v, _ in blobs])
+    codes = np.concatenate([OrbFeatures.from_bytes(b).descriptors[:500, :16] for _, b in blobs])
+    quantizer = faiss.IndexBinaryFlat(128)
+    quantizer.add(np.ascontiguousarray(codes[:64]))
+    ivf = faiss.IndexBinaryIVF(quantizer, 128, 64)
+    ivf.train(np.ascontiguousarray(codes[:1]))
+    ivf.add_with_ids(np.ascontiguousarray(codes), ids)
+    old_params = {"per_image": 500, "code_bytes": 16, "flat_below": 50_000, "train_max": 262_144,
+                  "max_lists": 65_536, "train_iterations": 10}
+    header = {"params": old_params, "catalogue": catalogue_id, "trained_on": len(ids), "held": len(blobs),
+              "codes": len(ids)}
+    held = np.array([v for v, _ in blobs], dtype=np.int64)
+    with path.open("wb") as handle:
+        write_framed(handle, b"PICTRACE-LOCAL-1\n", b"PICTRACE-END\n", header, held,
+                     lambda writer: faiss.write_index_binary(ivf, writer))
+
+
+async def test_a_file_in_the_older_format_is_stale_and_rebuilt(
+    image_server: ImageServer,
+    photos: dict[str, np.ndarray],
+    queries: list[OrbFeatures],
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file from before the two-level quantizer is stale, not damaged: skipped unread and rebuilt."""
+    settings = make_settings()
+    _write_db(settings, image_server, photos, ["coffee", "rocket", "chelsea"])
+    await ingest(settings)
+    catalogue_id = _catalogue_id(settings)
+    from pictrace.store import Catalogue
+
+    catalogue = Catalogue(settings.catalogue_path)
+    try:
+        blobs = list(catalogue.orb_blobs())
+    finally:
+        catalogue.close()
+    _write_older_format(settings.local_index_path, catalogue_id, blobs)
+    assert LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_id) is None
+    with caplog.at_level(logging.WARNING, logger="pictrace.service"):
+        service = await Service.start(settings)
+    try:
+        assert any("in an older format" in r.getMessage() for r in caplog.records)
+        assert len(service.local.held_ids()) == 3
+        _same_votes(service.local, _fresh(settings, service), queries)
+    finally:
+        await service.close()
+    reopened = LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_id)
+    assert reopened is not None and len(reopened) == len(service.local)  # saved again, in today's format
 
 
 async def test_reindex_rebuilds_the_local_index_too(
