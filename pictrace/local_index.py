@@ -131,10 +131,12 @@ def list_count(n: int, max_lists: int) -> int:
 
 
 def top_cell_count(nlist: int, cell_lists: int) -> int:
-    """Top cells of ~``cell_lists`` lists each. Fewer, larger cells than sqrt(nlist) cost more distances but put
-    fewer codes near a cell's border, where the two levels miss the nearest list (vote pairs at 10k images,
-    8,944 lists, the bench's mix: 0.85 with 35 cells, 0.89 with 9, 0.93 flat; see ``ADD_CELLS``)."""
-    return int(max(1, math.ceil(nlist / cell_lists)))
+    """Top cells of ``cell_lists`` to 2 * ``cell_lists`` lists each; one (the exact scan of every list) below
+    2 * ``cell_lists`` lists, where splitting would save no distances (a code meets 2 cells' lists). Fewer,
+    larger cells than sqrt(nlist) cost more distances but put fewer codes near a cell's border, where the two
+    levels miss the nearest list (vote pairs at 10k images, 8,944 lists, the bench's mix: 0.85 with 35 cells,
+    0.89 with 9, 0.93 flat; see ``ADD_CELLS``)."""
+    return int(max(1, nlist // cell_lists))
 
 
 def train_two_level(
