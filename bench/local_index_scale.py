@@ -137,16 +137,6 @@ def measure(
     gc.collect()
     row["memory_mb"] = round(rss_mb() - before)
     row["bytes_per_image"] = round((rss_mb() - before) * 2**20 / n)
-    RESULTS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="pictrace-local-", dir=RESULTS) as tmp:
-        path = Path(tmp) / "local.faiss"
-        t0 = time.perf_counter()
-        index.save(path, "bench")
-        row["save_s"] = round(time.perf_counter() - t0, 1)
-        row["disk_mb"] = round(path.stat().st_size / 2**20)
-        probe = OPEN_PROBE.format(root=str(ROOT), path=str(path), params=params.__dict__)
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
     faiss.omp_set_num_threads(1)
     times, pairs_found, pairs_total, cand_hit, cand_total, rel_exact, rel_ivf = [], 0, 0, 0, 0, 0, 0
     for q in queries:
@@ -168,8 +158,18 @@ def measure(
     row["pairs"] = round(pairs_found / max(pairs_total, 1), 3)
     row["cand@20"] = round(cand_hit / max(cand_total, 1), 3)
     row["rel@20"] = f"{rel_ivf}/{rel_exact}"
-    del index
-    gc.collect()
+    RESULTS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pictrace-local-", dir=RESULTS) as tmp:
+        path = Path(tmp) / "local.faiss"
+        t0 = time.perf_counter()
+        index.save(path, "bench")
+        row["save_s"] = round(time.perf_counter() - t0, 1)
+        row["disk_mb"] = round(path.stat().st_size / 2**20)
+        del index  # reopened in a fresh process: at 1M images two copies would not fit beside other work
+        gc.collect()
+        probe = OPEN_PROBE.format(root=str(ROOT), path=str(path), params=params.__dict__)
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
     return row
 
 

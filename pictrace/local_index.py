@@ -131,10 +131,12 @@ def list_count(n: int, max_lists: int) -> int:
 
 
 def top_cell_count(nlist: int, cell_lists: int) -> int:
-    """Top cells of ~``cell_lists`` lists each. Fewer, larger cells than sqrt(nlist) cost more distances but put
-    fewer codes near a cell's border, where the two levels miss the nearest list (vote pairs at 10k images,
-    8,944 lists, the bench's mix: 0.85 with 35 cells, 0.89 with 9, 0.93 flat; see ``ADD_CELLS``)."""
-    return int(max(1, math.ceil(nlist / cell_lists)))
+    """Top cells of ``cell_lists`` to 2 * ``cell_lists`` lists each; one (the exact scan of every list) below
+    2 * ``cell_lists`` lists, where splitting would save no distances (a code meets 2 cells' lists). Fewer,
+    larger cells than sqrt(nlist) cost more distances but put fewer codes near a cell's border, where the two
+    levels miss the nearest list (vote pairs at 10k images, 8,944 lists, the bench's mix: 0.85 with 35 cells,
+    0.89 with 9, 0.93 flat; see ``ADD_CELLS``)."""
+    return int(max(1, nlist // cell_lists))
 
 
 def train_two_level(
@@ -279,42 +281,46 @@ class LocalIndex:
     def build(cls, params: LocalIndexParams, features: Iterable[tuple[int, bytes]]) -> LocalIndex:
         """All images at once: an inverted file (binary k-means on the gallery's own codes) once big enough.
 
-        The codes are kept in chunks, sampled without a copy, then assigned and added a chunk at a time, each
-        freed once added: at 1M images the codes (8 GB) and the index (12 GB) are never both whole in memory.
+        The codes are kept in chunks (ids are made when added), sampled without a copy, then assigned and added
+        a chunk at a time, each freed once added: at 1M images the codes (8 GB) and the index (12 GB) are never
+        both whole in memory.
         """
         import faiss
 
         index = cls(params)
-        chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, codes), about CHUNK_CODES codes each
-        part_ids: list[np.ndarray] = []
-        part_codes: list[np.ndarray] = []
-        in_order, last = True, -1
+        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (vec_ids, code counts, codes) per chunk
+        vec_ids: list[int] = []
+        counts: list[int] = []
+        part: list[np.ndarray] = []
+        in_order, in_part = True, 0
         for vec_id, blob in features:
             if vec_id in index._held:
                 continue
             index._held.add(vec_id)
-            in_order, last = in_order and vec_id > last, vec_id
-            ids, codes = index._codes(vec_id, OrbFeatures.from_bytes(blob))
-            part_ids.append(ids)
-            part_codes.append(codes)
-            if sum(map(len, part_ids)) >= CHUNK_CODES:
-                chunks.append((np.concatenate(part_ids), np.concatenate(part_codes)))
-                part_ids, part_codes = [], []
-        if part_ids:
-            chunks.append((np.concatenate(part_ids), np.concatenate(part_codes)))
-        total = sum(len(ids) for ids, _ in chunks)
+            in_order = in_order and (not vec_ids or vec_id > vec_ids[-1])
+            codes = index._codes(vec_id, OrbFeatures.from_bytes(blob))[1]
+            vec_ids.append(vec_id)
+            counts.append(len(codes))
+            part.append(codes)
+            in_part += len(codes)
+            if in_part >= CHUNK_CODES:
+                chunks.append((np.array(vec_ids, dtype=np.int64), np.array(counts), np.concatenate(part)))
+                vec_ids, counts, part, in_part = [], [], [], 0
+        if vec_ids:
+            chunks.append((np.array(vec_ids, dtype=np.int64), np.array(counts), np.concatenate(part)))
+        total = sum(len(codes) for _, _, codes in chunks)
         if not total:
             return index
         if not in_order:  # the catalogue yields them sorted already
-            ids = np.concatenate([i for i, _ in chunks])
-            codes = np.concatenate([c for _, c in chunks])
+            ids, counts_, codes = (np.concatenate(column) for column in zip(*chunks, strict=True))
             by_id = np.argsort(ids, kind="stable")  # one order for one gallery: equal distances tie the same way
-            chunks = [(ids[by_id], np.ascontiguousarray(codes[by_id]))]
-            del ids, codes
+            starts = np.concatenate([[0], np.cumsum(counts_)])
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in by_id])
+            chunks = [(ids[by_id], counts_[by_id], np.ascontiguousarray(codes[rows]))]
         if total >= params.flat_below:
             nlist = list_count(total, params.max_lists)
             started = time.perf_counter()
-            sample = stable_sample((c for _, c in chunks), min(64 * nlist, max(params.train_max, nlist)))
+            sample = stable_sample((c for _, _, c in chunks), min(64 * nlist, max(params.train_max, nlist)))
             top, subs, offsets = train_two_level(sample, nlist, params.cell_lists, params.train_iterations)
             log.info("local-feature index: %d lists under %d top cells learned from %d codes in %.1f s",
                      len(subs), len(top), len(sample), time.perf_counter() - started)
@@ -325,7 +331,9 @@ class LocalIndex:
             index._index, index._quantizer, index._coarse, index._trained_on = ivf, coarse, coarse, total
         started = time.perf_counter()
         while chunks:
-            ids, codes = chunks.pop(0)
+            chunk_ids, chunk_counts, codes = chunks.pop(0)
+            keypoints = np.arange(len(codes)) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
+            ids = (np.repeat(chunk_ids, chunk_counts) << KP_BITS) | keypoints
             index._add_codes(ids, np.ascontiguousarray(codes))
         log.info("local-feature index: %d codes added in %.1f s", total, time.perf_counter() - started)
         return index

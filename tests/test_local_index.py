@@ -80,6 +80,7 @@ def test_two_level_assignment_mostly_picks_the_nearest_list() -> None:
     codes = _clustered_codes(3, 64, 150, 0.06)
     top, subs, offsets = train_two_level(stable_sample([codes], 16384), 256, 32, 10)
     assert len(top) == 8 and 240 <= len(subs) <= 270 and offsets[-1] == len(subs)
+    assert len(train_two_level(codes[:4000], 63, 32, 2)[0]) == 1  # under 2 cells' worth of lists: one cell
     quantizer = two_level_quantizer(top, subs, offsets)
     exact = faiss.IndexBinaryFlat(128)
     exact.add(subs)
