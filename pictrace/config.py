@@ -76,7 +76,10 @@ class Settings(BaseSettings):
         10, ge=0, le=100, description="k-means rounds that learn the local index's inverted lists."
     )
     local_cell_lists: int = Field(
-        1024, ge=1, description="Inverted lists per top cell of the local index's two-level list assignment."
+        65536,
+        ge=1,
+        description="Inverted lists per top cell of the local index's two-level list assignment (65536: one cell, "
+        "the exact scan; 1024: a build ~3.5x faster from ~100k images, at a cost in vote recall).",
     )
     local_top_probe: int = Field(
         8, ge=1, description="Top cells whose lists are candidates for a query descriptor's nearest lists."

@@ -20,14 +20,16 @@ each centre the majority bit of its codes) on at most ``train_max`` codes, ``tra
 ``max_lists`` lists. FAISS's own binary k-means runs a float k-means in 128 dimensions, ~25x slower per
 (code, centre) pair here than a Hamming scan.
 
-The coarse assignment is two-level (a k-majority tree): top cells of ``cell_lists`` (1,024) lists each, each
-cell's lists learned from the codes of that cell. Comparing every code and every query descriptor with all of
-up to 65,536 centres made the add (~7 h projected at 1M images) and the lookup (the larger part of 145 ms at
-100k) grow with the lists; a code now meets the top centres and the lists of its 2 nearest cells (2,112 at
-65,536 lists), a query descriptor the top centres and the lists of its ``top_probe`` (8) nearest cells. The
-quantizer is itself a FAISS binary inverted file (the lists' centres, filed under their top cell), so FAISS
-does both levels in one call and saves them inside the index. FAISS's binary HNSW over the centres was tried
-instead and misassigned 22-68 % of the codes.
+The coarse assignment can be two-level (a k-majority tree), for galleries whose build time matters more than
+their vote recall: top cells of ``cell_lists`` (e.g. 1,024) lists each, each cell's lists learned from the
+codes of that cell. Comparing every code and every query descriptor with all of up to 65,536 centres makes
+the add (~7 h projected at 1M images) and the lookup grow with the lists; with cells a code meets the top
+centres and the lists of its 2 nearest cells (2,112 at 65,536 lists), a query descriptor the top centres and
+the lists of its ``top_probe`` (8) nearest cells. The quantizer is itself a FAISS binary inverted file (the
+lists' centres, filed under their top cell), so FAISS does both levels in one call and saves them inside the
+index. The default (65,536 lists per cell: one cell) is the exact scan: a code near a cell's border lands in
+a list a query in the next cell misses, which cost vote recall on the benchmark's mix (README, scaling out).
+FAISS's binary HNSW over the centres was tried instead and misassigned 22-68 % of the codes.
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ class LocalIndexParams:
     train_max: int = 262_144  # most codes the lists are learned from (64 per list below that)
     max_lists: int = 65_536  # most inverted lists
     train_iterations: int = 10  # k-means rounds
-    cell_lists: int = 1024  # lists per top cell of the two-level coarse quantizer (one cell: exact assignment)
+    cell_lists: int = 65_536  # lists per top cell of the two-level coarse quantizer (one cell: exact assignment)
     top_probe: int = 8  # top cells whose lists are candidates for a query descriptor's nprobe nearest
 
     def structure(self) -> dict[str, int]:
