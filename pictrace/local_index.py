@@ -224,7 +224,7 @@ class Votes:
 
     The pairs behind the votes (query descriptor ``rows[k]`` found keypoint ``keypoints[k]`` of image
     ``owners[k]``, the nearest one where it found several) are tentative matches: a homography most of them
-    agree on is cheap to look for and says whether an image deserves the full ORB check (ranking.worth_verifying).
+    agree on is cheap to look for and says whether an image deserves the full ORB check (ranking.screened).
     """
 
     counts: dict[int, int]

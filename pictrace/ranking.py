@@ -75,26 +75,6 @@ def match_features(query: OrbFeatures, gallery: OrbFeatures, settings: Settings)
     )
 
 
-def worth_verifying(
-    query: QueryFeatures,
-    cosines: Mapping[int, float],
-    gallery: Mapping[int, OrbFeatures],
-    votes: Votes,
-    settings: Settings,
-) -> set[int]:
-    """The candidates that get the full ORB check: a cascade, because that check is most of a query's time.
-
-    Matching every query keypoint against every keypoint of a candidate costs ~2 ms; the local index's votes
-    already paired some of them up, and a RANSAC over those few dozen pairs costs ~0.2 ms. A candidate whose
-    pairs agree on a homography with ``prescreen_min_inliers`` distinct keypoints is checked fully, and so are
-    the ``verify_embedding_top`` nearest by embedding (an edited copy can be too small or too blurred for its
-    keypoints to reach the index). The rest keep their embedding score. Measured on the shared sets, this
-    checks ~8 of ~27 candidates a query and drops ~1 % of the relevant matches the full check would have found
-    (docs/quality.md). The search runs the two halves apart: the screen before the embedding is known.
-    """
-    return screened(query.orb, gallery, votes, settings) | nearest_by_embedding(cosines, gallery, settings)
-
-
 def screened(
     query: OrbFeatures,
     gallery: Mapping[int, OrbFeatures],
@@ -102,9 +82,15 @@ def screened(
     settings: Settings,
     map_each: Callable[[Callable[[int], bool], Sequence[int]], list[bool]] = map_serial,
 ) -> set[int]:
-    """The candidates whose vote pairs pass the screen; all of them when the screen is off.
+    """The candidates whose vote pairs pass the screen (all of them when it is off): the cascade's first step.
 
-    ``map_each`` runs the screens (``SideThread.map`` shares them between two threads).
+    Matching every query keypoint against every keypoint of a candidate costs ~2 ms; the local index's votes
+    already paired some of them up, and a RANSAC over those few dozen pairs costs ~0.2 ms. A candidate whose
+    pairs agree on a homography with ``prescreen_min_inliers`` distinct keypoints gets the full check, and so
+    do the ``verify_embedding_top`` nearest by embedding (``nearest_by_embedding``: an edited copy can be too
+    small or too blurred for its keypoints to reach the index); the rest keep their embedding score. Measured on
+    the shared sets, this checks ~8 of ~27 candidates a query and drops ~1 % of the relevant matches the full
+    check would have found (docs/quality.md). ``map_each`` runs the screens (``SideThread.map`` shares them).
     """
     if settings.prescreen_min_inliers == 0:
         return set(gallery)
@@ -161,7 +147,7 @@ def identical_fit(gallery: OrbFeatures) -> GeometricFit:
 def scored(vec_id: int, cosine: float, fit: GeometricFit | None, settings: Settings, votes: int = 0) -> CandidateScore:
     """A candidate's provisional score (SSIM counted as 0; ``with_ssim`` completes it for the shortlist).
 
-    ``fit`` None: the candidate was not worth the ORB check (see ``worth_verifying``) and keeps its embedding score.
+    ``fit`` None: the candidate was not worth the ORB check (see ``screened``) and keeps its embedding score.
     """
     embedding = float(np.clip(cosine, 0.0, 1.0))
     if fit is None:

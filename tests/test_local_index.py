@@ -10,7 +10,7 @@ from conftest import crop, resize
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, consensus, extract_orb
 from pictrace.local_index import LocalIndex, LocalIndexParams, stable_sample, train_two_level, two_level_quantizer
-from pictrace.ranking import QueryFeatures, worth_verifying
+from pictrace.ranking import QueryFeatures, nearest_by_embedding, screened
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 
@@ -171,9 +171,11 @@ def test_only_screened_and_nearest_candidates_get_the_full_check(
     rocket = NAMES.index("rocket") + 1
 
     def chosen(**settings: int) -> set[int]:
-        return worth_verifying(query, cosines, gallery, votes, Settings(_env_file=None, **settings))  # type: ignore[arg-type]
+        """What the search checks fully: the screened candidates and the nearest by embedding."""
+        configured = Settings(_env_file=None, **settings)  # type: ignore[arg-type]
+        return screened(query.orb, gallery, votes, configured) | nearest_by_embedding(cosines, gallery, configured)
 
-    screened = chosen(verify_embedding_top=0)
-    assert rocket in screened and len(screened) <= 2, screened  # chance agreement of 7 keypoints is rare
-    assert chosen(verify_embedding_top=2) == screened | {len(NAMES), len(NAMES) - 1}
+    passed = chosen(verify_embedding_top=0)
+    assert rocket in passed and len(passed) <= 2, passed  # chance agreement of 7 keypoints is rare
+    assert chosen(verify_embedding_top=2) == passed | {len(NAMES), len(NAMES) - 1}
     assert chosen(prescreen_min_inliers=0) == set(gallery)  # the screen off: every candidate is checked
