@@ -31,7 +31,7 @@ from pictrace.config import Settings
 from pictrace.decode import decode_image
 from pictrace.errors import NotFoundError, PicTraceError
 from pictrace.features.extract import orb_of
-from pictrace.features.orb import OrbFeatures
+from pictrace.features.orb import OrbFeatures, ratio_matches
 from pictrace.ingest import read_local_file
 from pictrace.schemas import Match, SearchResult
 from pictrace.store import Catalogue
@@ -180,12 +180,9 @@ def inlier_pairs(
     empty = np.zeros((0, 2)), np.zeros((0, 2))
     if len(q) < 2 or len(gallery_orb) < 2:
         return empty
-    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(q.descriptors, gallery_orb.descriptors, k=2)
-    ratio = settings.orb_ratio
-    pairs = [(p[0].queryIdx, p[0].trainIdx) for p in knn if len(p) == 2 and p[0].distance < ratio * p[1].distance]
-    if not pairs:
+    qi, gi = ratio_matches(q.descriptors, gallery_orb.descriptors, settings.orb_ratio)  # the search's own
+    if len(qi) == 0:
         return empty
-    qi, gi = (np.array(v) for v in zip(*pairs, strict=True))
     qpts = q.points[qi].astype(np.float64)
     if flip:
         qpts[:, 0] = (q.width - 1) - qpts[:, 0]
