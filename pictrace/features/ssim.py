@@ -49,8 +49,9 @@ class SsimReference:
     def __init__(self, gray: np.ndarray) -> None:
         self.gray = gray
         self._x = gray.astype(np.float32)
-        self._mean = _blur(self._x)
-        self._var = _COV_NORM * (_blur(self._x * self._x) - self._mean * self._mean)
+        mean = _blur(self._x)
+        var = _COV_NORM * (_blur(self._x * self._x) - mean * mean)
+        self._mean, self._mean_sq, self._var = _inner(mean), _inner(mean * mean), _inner(var)
 
     def score(self, other: np.ndarray) -> float:
         """SSIM in [0, 1] (negative correlation counts as no similarity)."""
@@ -59,16 +60,38 @@ class SsimReference:
         if min(other.shape[:2]) < _WIN:  # below one window scikit-image raises its own clear error, so let it
             value = ssim_reference(self.gray, other)
         else:
+            # In place on the cropped region: each temporary is a 250 KB array, and fewer of them made the
+            # score ~3x faster here (glibc returns freed blocks that size to the OS and faults them back in).
             y = other.astype(np.float32)
-            ux, uy = self._mean, _blur(y)
-            vy = _COV_NORM * (_blur(y * y) - uy * uy)
-            vxy = _COV_NORM * (_blur(self._x * y) - ux * uy)
-            s = ((2 * ux * uy + _C1) * (2 * vxy + _C2)) / ((ux * ux + uy * uy + _C1) * (self._var + vy + _C2))
-            pad = (_WIN - 1) // 2
-            value = float(s[pad:-pad, pad:-pad].mean())
+            uy = _inner(_blur(y))
+            vy = _inner(_blur(y * y))
+            vxy = _inner(_blur(self._x * y))
+            num = self._mean * uy
+            den = uy * uy
+            vy -= den
+            vy *= _COV_NORM
+            vy += self._var
+            vy += _C2  # vx + vy + C2
+            vxy -= num
+            vxy *= 2 * _COV_NORM
+            vxy += _C2  # 2 vxy + C2
+            num *= 2
+            num += _C1  # 2 ux uy + C1
+            den += self._mean_sq
+            den += _C1  # ux^2 + uy^2 + C1
+            num *= vxy
+            den *= vy
+            num /= den
+            value = float(num.mean())
         if not math.isfinite(value):
             return 0.0
         return min(1.0, max(0.0, value))
+
+
+def _inner(img: np.ndarray) -> np.ndarray:
+    """Without the half window at each border, which scikit-image leaves out of the mean."""
+    pad = (_WIN - 1) // 2
+    return img[pad:-pad, pad:-pad]
 
 
 def ssim_score(a: np.ndarray, b: np.ndarray) -> float:
