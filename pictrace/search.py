@@ -28,7 +28,7 @@ from pictrace.features.ssim import SsimReference, gray256
 from pictrace.graph import expand
 from pictrace.index import VectorIndex
 from pictrace.local_index import LocalIndex, Votes
-from pictrace.mirror import mirror_pass
+from pictrace.mirror import mirror_pass, mirrored_orb, needs_mirror
 from pictrace.ranking import (
     CandidateScore,
     GeometricFit,
@@ -135,11 +135,25 @@ class Searcher:
         n_ssim = max(self.settings.ssim_shortlist, top_k)
         best = verified[:n_ssim]
         stored = self.catalogue.rerank_features(c.vec_id for c in best)
+        # A candidate the mirror pass will re-match needs the mirrored query's ORB (~12 ms): on the side thread,
+        # beside the SSIM (which needs nothing the mirror pass changes).
+        mirror_job = (
+            SideJob(lambda: mirrored_orb(rgb, self.settings), self._side)
+            if needs_mirror(best, stored, self.settings)
+            else None
+        )
         gray = gray_job.result()
         shortlist = self._map(
             lambda c: with_ssim(gray, c, stored[c.vec_id], self.settings), [c for c in best if c.vec_id in stored]
         )
-        shortlist = mirror_pass(image.rgb, shortlist, stored, self.settings)
+        shortlist = mirror_pass(
+            rgb,
+            shortlist,
+            stored,
+            self.settings,
+            mirrored=None if mirror_job is None else mirror_job.result,
+            map_each=self._map,
+        )
         ranked = sorted(shortlist + verified[n_ssim:], key=order, reverse=True)
         kept = [c for c in ranked if c.vec_id in exact_set or c.fused >= self.settings.min_score]
         result = SearchResult(

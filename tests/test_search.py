@@ -170,6 +170,28 @@ async def test_search_with_the_embedding_alongside_ranks_as_one_thread_does(
         serial.close()
 
 
+@pytest.mark.parametrize("name", ["astronaut", "rocket"])
+async def test_mirrored_copy_is_found_with_the_mirror_pass_on_the_side_thread(
+    service: Service, photos: dict[str, np.ndarray], name: str
+) -> None:
+    """The mirrored query's ORB is extracted on the side thread while the shortlist's SSIM runs: a mirrored
+    crop is still found first as a flip, with the same answer as on one thread."""
+    from pictrace.search import Searcher
+
+    data = encode(np.ascontiguousarray(crop(photos[name], 0.8, 0.1)[:, ::-1]))
+    serial_settings = service.settings.model_copy(update={"embed_alongside": False})
+    serial = Searcher(service.catalogue, service.index, service.embedder, serial_settings, service.local)
+    try:
+        alongside, ranked = service.searcher.search_ranked(data)
+        alone, ranked_alone = serial.search_ranked(data)
+    finally:
+        serial.close()
+    best = alongside.results[0]
+    assert best.id == name and best.transform is not None and best.transform.flip
+    assert best.scores.orb_inliers >= service.settings.copy_min_inliers
+    assert (ranked, alongside.results) == (ranked_alone, alone.results)
+
+
 async def test_concurrent_searches_sharing_the_side_thread_answer_as_one_at_a_time(
     service: Service, photos: dict[str, np.ndarray]
 ) -> None:
