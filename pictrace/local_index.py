@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from pictrace.features.orb import OrbFeatures
+from pictrace.index.base import ReadWriteLock
+from pictrace.work import MapEach, map_serial
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ END = b"PICTRACE-END\n"
 TOP_SAMPLE_PER_CELL = 512  # codes per top cell its centres are learned from (the sub-centres use all)
 ADD_CELLS = 2  # top cells whose lists a code being added is compared with (vote pairs at 10k: 0.84 with 1, 0.89)
 CHUNK_CODES = 1 << 22  # codes assigned and added at a time while building (64 MB of codes)
+VOTE_CHUNK = 128  # query descriptors looked up at a time, so that two threads can share one query's lookup
 
 KP_BITS = 14  # a descriptor's id is vec_id << KP_BITS | keypoint index (ORB_FEATURES is at most 10,000)
 _KP_MASK = (1 << KP_BITS) - 1
@@ -243,7 +245,8 @@ class Votes:
 
 
 class LocalIndex:
-    """Thread-safe: adds, removals and searches take one lock (FAISS crashed here on concurrent add+search)."""
+    """Thread-safe: searches share a lock that adds, removals and swaps take alone (FAISS crashed here on
+    concurrent add+search; concurrent searches are safe)."""
 
     def __init__(self, params: LocalIndexParams) -> None:
         import faiss
@@ -255,7 +258,7 @@ class LocalIndex:
         self._coarse: faiss.IndexBinaryIVF | None = None  # the two-level quantizer (IVF only; ``_index`` owns it)
         self._trained_on = 0  # codes the inverted file's lists were learned from (0: exact flat index)
         self._held: set[int] = set()  # vec_ids applied: adds and removes are idempotent (replicas replay some)
-        self._lock = threading.Lock()
+        self._lock = ReadWriteLock()
         self._changes = 0  # adds, removes and swaps so far; ``save`` skips writing when none since the last
         self._saved_at: tuple[Path, int] | None = None  # where and at which change count it was last saved
 
@@ -395,7 +398,7 @@ class LocalIndex:
         there. Returns whether it wrote. Searches wait meanwhile (seconds at 100k images)."""
         from pictrace.index.faiss_index import atomic_write
 
-        with self._lock:
+        with self._lock.read():  # adds and removes wait while the file is written; searches go on
             if self._saved_at == (path, self._changes):
                 return False
             held = np.array(sorted(self._held), dtype=np.int64)
@@ -413,7 +416,7 @@ class LocalIndex:
 
     def held_ids(self) -> np.ndarray:
         """The vec_ids whose codes the index holds, sorted."""
-        with self._lock:
+        with self._lock.read():
             return np.array(sorted(self._held), dtype=np.int64)
 
     def needs_training(self, growth: float = 2.0) -> bool:
@@ -424,7 +427,7 @@ class LocalIndex:
 
     def replace_with(self, other: LocalIndex) -> None:
         """Swap in a rebuilt index (same object, so the searcher holding this one sees the new lists)."""
-        with self._lock:
+        with self._lock.write():
             self._index, self._quantizer, self._trained_on = other._index, other._quantizer, other._trained_on
             self._coarse = other._coarse
             self._held = other._held
@@ -433,7 +436,7 @@ class LocalIndex:
     def add(self, vec_id: int, orb: OrbFeatures) -> None:
         """Index an image's codes; an image already held is left as it is."""
         ids, codes = self._codes(vec_id, orb)
-        with self._lock:
+        with self._lock.write():
             if vec_id in self._held:
                 return
             self._held.add(vec_id)
@@ -445,7 +448,7 @@ class LocalIndex:
         """Drop images' codes in one pass over the index (each pass scans every code). Returns images dropped."""
         import faiss
 
-        with self._lock:
+        with self._lock.write():
             gone = [int(v) for v in vec_ids if int(v) in self._held]
             if not gone:
                 return 0
@@ -456,13 +459,21 @@ class LocalIndex:
             self._index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
             return len(gone)
 
-    def vote(self, query: OrbFeatures) -> Votes:
-        """One vote per (query descriptor, gallery image) pair whose codes are within ``max_distance``."""
+    def vote(self, query: OrbFeatures, map_each: MapEach = map_serial) -> Votes:
+        """One vote per (query descriptor, gallery image) pair whose codes are within ``max_distance``.
+
+        The descriptors are looked up ``VOTE_CHUNK`` at a time through ``map_each``: at 100k images the lookup
+        takes ~145 ms on one thread, long after the search's side thread has finished the embedding and could
+        take half of it (``SideThread.map``). Each descriptor's neighbours are the same either way.
+        """
         if len(query) == 0 or len(self) == 0:
             return Votes({})
         codes = np.ascontiguousarray(query.descriptors[:, : self.params.code_bytes])
-        with self._lock:
-            dist, ids = self._index.search(codes, self.params.knn)  # an IVF's lists: its two-level quantizer's
+        chunks = [codes[i : i + VOTE_CHUNK] for i in range(0, len(codes), VOTE_CHUNK)]
+        with self._lock.read():  # held for all chunks, whichever thread looks them up
+            found_parts = map_each(lambda part: self._index.search(part, self.params.knn), chunks)
+        dist = np.vstack([d for d, _ in found_parts])  # an IVF's lists: its two-level quantizer's
+        ids = np.vstack([i for _, i in found_parts])
         ok = (ids >= 0) & (dist <= self.params.max_distance)
         rows = np.nonzero(ok)[0].astype(np.int64)
         found = ids[ok]  # row by row, nearest first

@@ -20,7 +20,7 @@ from pictrace.features.orb import OrbFeatures
 from pictrace.ranking import CandidateScore, match_features, rescore
 from pictrace.store import RerankFeatures
 from pictrace.transform import mirror_matrix, to_pixel_homography
-from pictrace.work import map_serial
+from pictrace.work import MapEach, map_serial
 
 
 def needs_mirror(
@@ -51,9 +51,7 @@ def mirror_pass(
     settings: Settings,
     *,
     mirrored: Callable[[], OrbFeatures] | None = None,
-    map_each: Callable[
-        [Callable[[CandidateScore], CandidateScore], Sequence[CandidateScore]], list[CandidateScore]
-    ] = map_serial,
+    map_each: MapEach = map_serial,
 ) -> list[CandidateScore]:
     """The candidates, with those that had no fit re-verified against the mirrored query.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -15,7 +15,7 @@ from pictrace.features.thumbnail import decode_gray_png
 from pictrace.local_index import Votes
 from pictrace.store import RerankFeatures
 from pictrace.transform import to_pixel_homography
-from pictrace.work import map_serial
+from pictrace.work import MapEach, map_serial
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def screened(
     gallery: Mapping[int, OrbFeatures],
     votes: Votes,
     settings: Settings,
-    map_each: Callable[[Callable[[int], bool], Sequence[int]], list[bool]] = map_serial,
+    map_each: MapEach = map_serial,
 ) -> set[int]:
     """The candidates whose vote pairs pass the screen (all of them when it is off): the cascade's first step.
 

@@ -193,7 +193,7 @@ class Searcher:
         """Which images the query's local descriptors point to (candidates the embedding alone misses)."""
         if self.local is None or self.settings.local_candidates == 0:
             return Votes({})
-        return self.local.vote(query)
+        return self.local.vote(query, self._map)
 
     def _add_cosines(self, cosines: dict[int, float], embedding: np.ndarray, vec_ids: list[int]) -> None:
         missing = [v for v in vec_ids if v not in cosines]

@@ -11,7 +11,7 @@ import functools
 import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, ParamSpec, TypeVar
+from typing import Generic, ParamSpec, Protocol, TypeVar
 
 from pictrace.errors import OverloadedError
 
@@ -69,6 +69,12 @@ class WorkPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class MapEach(Protocol):
+    """``[fn(x) for x in items]``, run however the caller chooses (``map_serial``, ``SideThread.map``)."""
+
+    def __call__(self, fn: Callable[[T], R], items: Sequence[T], /) -> list[R]: ...
 
 
 def map_serial(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:

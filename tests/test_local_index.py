@@ -129,6 +129,45 @@ def test_the_inverted_file_does_not_depend_on_the_order_images_arrived(
         assert forward.vote(query).counts == backward.vote(query).counts
 
 
+@pytest.mark.parametrize("flat_below", [10**9, 1000], ids=["exact", "inverted-file"])
+def test_votes_shared_with_a_side_thread_are_the_votes_of_one_thread(
+    photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures], flat_below: int
+) -> None:
+    """The lookup is split into chunks the side thread can take: every vote and every pair stays the same, and
+    the side thread really takes some of the chunks (a map that records which thread looked up what)."""
+    import threading
+    import time
+
+    from pictrace.local_index import VOTE_CHUNK
+    from pictrace.work import SideThread, map_serial
+
+    index = LocalIndex.build(_params(flat_below), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
+    side = SideThread()
+    threads: set[str] = set()
+    caller = threading.current_thread()
+
+    def recorded(fn, items):  # type: ignore[no-untyped-def]
+        def call(x):  # type: ignore[no-untyped-def]
+            threads.add(threading.current_thread().name)
+            if threading.current_thread() is caller:
+                time.sleep(0.002)  # leaves the side thread chunks to take even on a loaded machine
+            return fn(x)
+
+        return side.map(call, items)
+
+    try:
+        for name in ["astronaut", "coins"]:
+            query = extract_orb(resize(crop(photos[name], 0.7, 0.1), 0.8), n_features=3000)
+            assert len(query) > 4 * VOTE_CHUNK
+            one, two = index.vote(query, map_serial), index.vote(query, recorded)
+            assert one.counts == two.counts and one.counts
+            for field in ("owners", "rows", "keypoints"):
+                assert np.array_equal(getattr(one, field), getattr(two, field))
+    finally:
+        side.shutdown()
+    assert any(t.startswith("pictrace-side") for t in threads), threads
+
+
 def test_vote_pairs_are_the_matching_keypoints(photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]) -> None:
     """Each vote's pair is a query keypoint and the gallery keypoint it found; for a crop they agree on a shift."""
     index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
