@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -17,6 +18,9 @@ from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, extract_orb
 from pictrace.local_index import LocalIndex, LocalIndexCorruptError, LocalIndexParams, train_lists
 from pictrace.service import Service, local_index_params
+from pictrace.store import Catalogue
+
+T = TypeVar("T")
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 
@@ -201,12 +205,8 @@ async def test_a_corrupt_or_foreign_file_is_rebuilt(
     await ingest(settings)
     saved = settings.local_index_path.read_bytes()
     settings.local_index_path.write_bytes(saved[: len(saved) // 2])
-    with caplog.at_level(logging.WARNING, logger="pictrace.service"):
-        service = await Service.start(settings)
+    service = await _start_expecting_a_rebuild(settings, caplog, "rebuilding it from the catalogue", 2, queries)
     try:
-        assert any("rebuilding it from the catalogue" in r.getMessage() for r in caplog.records)
-        assert len(service.local.held_ids()) == 2
-        _same_votes(service.local, _fresh(settings, service), queries)
         assert service.searcher.search_bytes(encode(photos["rocket"])).results[0].id == "rocket"
     finally:
         await service.close()
@@ -223,14 +223,33 @@ async def test_a_corrupt_or_foreign_file_is_rebuilt(
         await service.close()
 
 
-def _catalogue_id(settings: Settings) -> str:
-    from pictrace.store import Catalogue
+async def _start_expecting_a_rebuild(
+    settings: Settings, caplog: pytest.LogCaptureFixture, reason: str, images: int, queries: list[OrbFeatures]
+) -> Service:
+    """Start on a local-index file that must not be used: the log says why, and the index rebuilt from the
+    catalogue holds every image and votes as a fresh one does. The caller closes the service."""
+    with caplog.at_level(logging.WARNING, logger="pictrace.service"):
+        service = await Service.start(settings)
+    try:
+        assert any(reason in r.getMessage() for r in caplog.records)
+        assert len(service.local.held_ids()) == images
+        _same_votes(service.local, _fresh(settings, service), queries)
+    except BaseException:
+        await service.close()
+        raise
+    return service
 
+
+def _catalogue_id(settings: Settings) -> str:
+    found = _read_catalogue(settings, lambda catalogue: catalogue.get_meta("catalogue_id"))
+    assert found is not None
+    return found
+
+
+def _read_catalogue(settings: Settings, read: Callable[[Catalogue], T]) -> T:
     catalogue = Catalogue(settings.catalogue_path)
     try:
-        found = catalogue.get_meta("catalogue_id")
-        assert found is not None
-        return found
+        return read(catalogue)
     finally:
         catalogue.close()
 
@@ -271,23 +290,11 @@ async def test_a_file_in_the_older_format_is_stale_and_rebuilt(
     _write_db(settings, image_server, photos, ["coffee", "rocket", "chelsea"])
     await ingest(settings)
     catalogue_id = _catalogue_id(settings)
-    from pictrace.store import Catalogue
-
-    catalogue = Catalogue(settings.catalogue_path)
-    try:
-        blobs = list(catalogue.orb_blobs())
-    finally:
-        catalogue.close()
+    blobs = _read_catalogue(settings, lambda catalogue: list(catalogue.orb_blobs()))
     _write_older_format(settings.local_index_path, catalogue_id, blobs)
     assert LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_id) is None
-    with caplog.at_level(logging.WARNING, logger="pictrace.service"):
-        service = await Service.start(settings)
-    try:
-        assert any("in an older format" in r.getMessage() for r in caplog.records)
-        assert len(service.local.held_ids()) == 3
-        _same_votes(service.local, _fresh(settings, service), queries)
-    finally:
-        await service.close()
+    service = await _start_expecting_a_rebuild(settings, caplog, "in an older format", 3, queries)
+    await service.close()
     reopened = LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_id)
     assert reopened is not None and len(reopened) == len(service.local)  # saved again, in today's format
 
