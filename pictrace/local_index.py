@@ -395,10 +395,10 @@ class LocalIndex:
 
     def save(self, path: Path, catalogue_id: str) -> bool:
         """Write the index to ``path`` atomically, unless nothing changed since it was saved there or read from
-        there. Returns whether it wrote. Searches wait meanwhile (seconds at 100k images)."""
+        there. Returns whether it wrote. Adds and removes wait meanwhile (seconds at 100k images); searches go on."""
         from pictrace.index.faiss_index import atomic_write
 
-        with self._lock.read():  # adds and removes wait while the file is written; searches go on
+        with self._lock.read():
             if self._saved_at == (path, self._changes):
                 return False
             held = np.array(sorted(self._held), dtype=np.int64)

@@ -168,6 +168,38 @@ def test_votes_shared_with_a_side_thread_are_the_votes_of_one_thread(
     assert any(t.startswith("pictrace-side") for t in threads), threads
 
 
+def test_searches_share_the_index_while_adds_and_removes_take_it_alone(orbs: dict[str, OrbFeatures]) -> None:
+    """A vote holds the index for reading until its lookup is done: another vote goes on meanwhile, an add waits
+    (FAISS crashed here on an add during a search)."""
+    import threading
+
+    index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES[:4], 1)))
+    inside, release = threading.Event(), threading.Event()
+
+    def held_map(fn, items):  # type: ignore[no-untyped-def]
+        inside.set()
+        assert release.wait(10)
+        return [fn(x) for x in items]
+
+    holder = threading.Thread(target=index.vote, args=(orbs["coffee"], held_map))
+    holder.start()
+    try:
+        assert inside.wait(10)
+        other = threading.Thread(target=index.vote, args=(orbs["rocket"],))
+        other.start()
+        other.join(10)
+        assert not other.is_alive()  # readers share the lock
+        adder = threading.Thread(target=index.add, args=(20, orbs["brick"]))
+        adder.start()
+        adder.join(0.3)
+        assert adder.is_alive() and 20 not in index  # the add waits for the vote
+    finally:
+        release.set()
+        holder.join(10)
+    adder.join(10)
+    assert not adder.is_alive() and index.vote(orbs["brick"]).top(1) == [20]
+
+
 def test_vote_pairs_are_the_matching_keypoints(photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]) -> None:
     """Each vote's pair is a query keypoint and the gallery keypoint it found; for a crop they agree on a shift."""
     index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
