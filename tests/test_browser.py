@@ -26,7 +26,9 @@ from pictrace.config import Settings
 from pictrace.web import create_app
 
 pytestmark = pytest.mark.browser
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed: pip install -r requirements-browser.txt"
+)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -84,7 +86,8 @@ def browser() -> Iterator[Any]:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
     except Exception as exc:  # pragma: no cover - depends on the machine
         pw.stop()
-        pytest.skip(f"headless Chromium ({CHROMIUM}) cannot start: {str(exc).splitlines()[0]}")
+        reason = str(exc).splitlines()[0]
+        pytest.skip(f"headless Chromium ({CHROMIUM}) cannot start (apt-get install chromium): {reason}")
     yield browser
     browser.close()
     pw.stop()

@@ -18,6 +18,6 @@ def test_readme_starts_with_install_and_test_commands() -> None:
     first_block = README.split("```bash", 1)[1].split("```", 1)[0]
     lines = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
     assert lines[0] == "pip install -r requirements.txt && python app.py"
-    assert lines[1] == "pip install -r requirements-dev.txt && python -m pytest"
+    assert lines[1] == "bash scripts/test.sh"
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
-    assert "\npython -m pytest\n" in ci
+    assert "\nbash scripts/test.sh\n" in ci

@@ -25,8 +25,10 @@ def unit_vectors(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
 
 
 IndexFactory = Callable[[Path], VectorIndex]
+MILVUS_LITE_MISSING = "milvus-lite is not installed: pip install -r requirements-scale.txt"
 
 def milvus_lite(path: Path) -> VectorIndex:
+    pytest.importorskip("milvus_lite", reason=MILVUS_LITE_MISSING)
     from pictrace.index.milvus_index import MilvusIndex
 
     return MilvusIndex(str(path / "milvus.db"), INFO)
@@ -256,6 +258,8 @@ async def test_service_ingests_and_finds_on_each_backend(
     make_settings: Callable[..., Settings],
     tmp_path: Path,
 ) -> None:
+    if backend_settings == "milvus-lite":
+        pytest.importorskip("milvus_lite", reason=MILVUS_LITE_MISSING)
     overrides: dict[str, object] = (
         {"index_mode": "hnsw-sq8"} if backend_settings.startswith("faiss") else {"milvus_uri": str(tmp_path / "m.db")}
     )

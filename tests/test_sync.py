@@ -134,7 +134,7 @@ async def test_own_writes_and_replayed_rows_change_nothing(
 async def test_shared_milvus_replica_follows_with_its_local_index_only(
     make_settings: Callable[..., Settings], tmp_path: Path, photos: dict[str, np.ndarray]
 ) -> None:
-    pytest.importorskip("milvus_lite")
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install -r requirements-scale.txt")
     settings = make_settings(sync_interval_s=0, milvus_uri=str(tmp_path / "vectors.milvus.db"))
     writer = await Service.start(settings)
     try:
