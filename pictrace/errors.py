@@ -85,3 +85,12 @@ class IndexCorruptError(PicTraceError):
 
 class EvalError(InvalidInputError):
     """An evaluation's ground-truth file or gallery is unusable (wrong format, images that fail)."""
+
+
+class ConfigurationError(PicTraceError):
+    """A tuning file or override that cannot be used (unreadable, unknown field, out of range)."""
+
+
+class FeatureMismatchError(PicTraceError):
+    """The catalogue's stored features were extracted with other parameters than this service's; mixing the two
+    would compare descriptors that mean different things."""

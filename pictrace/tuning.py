@@ -1,0 +1,197 @@
+"""Fitted constants: what the benchmarks measured, as typed, frozen objects (not environment variables).
+
+An operator turns ``Settings`` (pictrace/config.py). These numbers are different: each was chosen from a
+measurement on the shared evaluation data or a benchmark, named next to it, and changing one changes what
+PicTrace answers. For experiments the whole set can be replaced from one JSON file (``Tuning.from_file``; the
+CLI's ``--tuning FILE``; ``bench/`` writes such files), where each group may be given in part:
+``{"cascade": {"candidates": 20}, "fusion": {"orb": 0.7}}``.
+
+Docs: docs/quality.md (ranking levers, cascade sizes, fusion weights), docs/verdicts.md (verdict thresholds),
+docs/scaling.md (vector and local-feature index structure).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pictrace.errors import ConfigurationError
+
+MiB = 1024 * 1024
+
+# Local-feature ids pack (image, keypoint) into one int64 with this many bits for the keypoint, so an image
+# can keep at most 2**KEYPOINT_BITS keypoints. Lives here because it bounds ``OrbExtraction.features``.
+KEYPOINT_BITS = 14
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OrbExtraction(_Frozen):
+    """What the stored ORB features are: recorded in the catalogue and checked at start (a change needs the
+    features extracted again). 1,000 keypoints at 480-640 px: docs/quality.md, "Centre prior and match graph"
+    (more keypoints cost ingest and disk for no mAP; small queries upscaled to 480 px found their crops)."""
+
+    features: Annotated[int, Field(ge=50)] = 1000
+    max_side: Annotated[int, Field(ge=128, le=4096)] = 640
+    min_side: Annotated[int, Field(ge=0, le=4096)] = 480  # 0: never upscale
+
+    @model_validator(mode="after")
+    def _fits_the_ids(self) -> OrbExtraction:
+        if self.features > 1 << KEYPOINT_BITS:
+            raise ValueError(f"orb.features must be at most {1 << KEYPOINT_BITS} (KEYPOINT_BITS of a local id)")
+        return self
+
+
+class GeometricCheck(_Frozen):
+    """ORB ratio matching and RANSAC between a query and one candidate: docs/quality.md, "Centre prior and
+    match graph" (centre_sigma 0.2 took mAP 0.93 to 0.95; full_inliers 30 where copies saturate)."""
+
+    verify_features: Annotated[int, Field(ge=8)] = 10000  # a candidate's strongest keypoints that are matched
+    ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75  # Lowe's ratio test
+    ransac_px: Annotated[float, Field(gt=0)] = 5.0  # reprojection threshold
+    min_inliers: Annotated[int, Field(ge=4)] = 8  # fewer: no geometric match
+    full_inliers: Annotated[int, Field(ge=5)] = 30  # centre-weighted inliers at which the ORB score is 1.0
+    centre_sigma: Annotated[float, Field(ge=0, le=10)] = 0.2  # centre prior, fraction of the longest side; 0: off
+
+
+class LocalVotes(_Frozen):
+    """The local-feature index (ORB descriptor votes): docs/scaling.md, "Local-feature index" (500 descriptors
+    of 16 bytes per image, 10 neighbours within 24 bits: vote recall against memory at 10k-1M images)."""
+
+    per_image: Annotated[int, Field(ge=16, le=1 << KEYPOINT_BITS)] = 500  # strongest descriptors kept per image
+    code_bytes: Annotated[int, Field(ge=4, le=32)] = 16  # prefix of each 32-byte descriptor kept
+    knn: Annotated[int, Field(ge=1, le=100)] = 10  # neighbours looked up per query descriptor
+    max_distance: Annotated[int, Field(ge=0, le=256)] = 24  # Hamming distance beyond which a neighbour is no vote
+    nprobe: Annotated[int, Field(ge=1)] = 16  # inverted lists visited per query descriptor
+    train_max: Annotated[int, Field(ge=1024)] = 262_144  # most descriptors the lists are learned from
+    max_lists: Annotated[int, Field(ge=64)] = 65_536  # most inverted lists
+    train_iterations: Annotated[int, Field(ge=0, le=100)] = 10  # k-means rounds
+    # Lists per top cell of the two-level list assignment; None scans every list's centre (exact, the
+    # default: 0.81 of the vote pairs at 100k against 0.58 with 1,024, for a build ~3.5x slower).
+    cell_lists: Annotated[int, Field(ge=64)] | None = None
+    top_probe: Annotated[int, Field(ge=1)] = 8  # top cells searched for a descriptor's nearest lists
+    persist: bool = True  # keep the index in the data dir between starts (False: rebuilt at every start)
+
+
+class Cascade(_Frozen):
+    """How many candidates each stage passes on: docs/quality.md, "Screening", "Less work on the shortlist"
+    (each size the smallest that kept smvs-dvd-a's mAP and R@1)."""
+
+    candidates: Annotated[int, Field(ge=1, le=1000)] = 10  # nearest embedding vectors considered
+    local_candidates: Annotated[int, Field(ge=0, le=1000)] = 40  # most-voted images screened (0: no votes)
+    local_min_votes: Annotated[int, Field(ge=1)] = 3  # fewer votes make no candidate
+    prescreen_min_inliers: Annotated[int, Field(ge=0, le=1000)] = 7  # votes' own agreeing pairs for a full check
+    verify_embedding_top: Annotated[int, Field(ge=0, le=1000)] = 2  # nearest vectors fully checked regardless
+    ssim_shortlist: Annotated[int, Field(ge=0, le=1000)] = 5  # best candidates that also get SSIM
+    expand_from: Annotated[int, Field(ge=0, le=50)] = 3  # best results whose graph neighbours join (0: off)
+    expand_min_score: Annotated[float, Field(ge=0, le=1)] = 0.2  # a result's score before it is expanded
+    expand_weight: Annotated[float, Field(ge=0, le=1)] = 0.5  # a neighbour's share of its result's score
+    graph_candidates: Annotated[int, Field(ge=0, le=1000)] = 10  # most-voted images linked at ingest (0: no graph)
+    mirror_check: bool = True  # match a mirrored query against the shortlist (ORB is not mirror-invariant)
+    mirror_min_embedding: Annotated[float, Field(ge=0, le=1)] = 0.7  # cosine a candidate needs for it
+    embed_alongside: bool = True  # embed on a second thread while the local-feature half runs
+
+
+class Fusion(_Frozen):
+    """Weights of the three scores in the fused one: docs/quality.md, "Chosen defaults and why" (fitted on
+    smvs-dvd-a with ``eval --details``, checked on copy-public)."""
+
+    embedding: Annotated[float, Field(ge=0)] = 0.15
+    ssim: Annotated[float, Field(ge=0)] = 0.05
+    orb: Annotated[float, Field(ge=0)] = 0.8
+    min_score: Annotated[float, Field(ge=0, le=1)] = 0.0  # candidates below it are not shown
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> Fusion:
+        if self.embedding + self.ssim + self.orb <= 0:
+            raise ValueError("at least one of the fusion weights must be positive")
+        return self
+
+
+class Verdicts(_Frozen):
+    """Exact / copy / similar thresholds: docs/verdicts.md, "The measurement" (bench/thresholds.py)."""
+
+    copy_min_inliers: Annotated[int, Field(ge=4)] = 25  # distinct inliers from which a fit is a copy
+    copy_min_embedding: Annotated[float, Field(ge=0, le=1)] = 0.3  # guards against geometric accidents
+    copy_max_perspective: Annotated[float, Field(ge=0)] = 0.15  # above: another shot of the print, similar
+    similar_min_embedding: Annotated[float, Field(ge=0, le=1)] = 0.8  # cosine from which a non-copy is similar
+
+
+class VectorIndexTuning(_Frozen):
+    """FAISS structure by gallery size: docs/scaling.md, "Vector index" (exact below 20k; HNSW+SQ8 from 100k
+    at a quarter of the memory and recall 0.99)."""
+
+    approx_from: Annotated[int, Field(ge=1)] = 20_000  # auto: images from which HNSW replaces exact search
+    sq8_from: Annotated[int, Field(ge=1)] = 100_000  # auto: images from which HNSW stores 8-bit vectors
+    ef_search: Annotated[int, Field(ge=8, le=4096)] = 128  # HNSW candidates explored per query
+
+
+class Ingest(_Frozen):
+    """Ingest batching: bench/embed_speed.py (batch 16 is where onnxruntime's images/s levels off here)."""
+
+    embed_batch: Annotated[int, Field(ge=1, le=256)] = 16
+
+
+class Fetching(_Frozen):
+    """Download constants no operator has needed to turn (the limits that matter are Settings)."""
+
+    max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
+    user_agent: str = "PicTrace/1.0 (+reverse image search)"
+
+
+class Evidence(_Frozen):
+    """Bounds of the in-memory query store behind the evidence pictures (its lifetime is the operator's
+    ``explain_ttl_s``): 64 queries of up to 1 MiB each cover a few minutes of a busy page."""
+
+    max_entries: Annotated[int, Field(ge=1)] = 64
+    max_bytes: Annotated[int, Field(ge=MiB)] = 64 * MiB
+
+
+class Tuning(_Frozen):
+    """Every fitted constant, in groups. ``Tuning()`` is what PicTrace ships."""
+
+    orb: OrbExtraction = OrbExtraction()
+    check: GeometricCheck = GeometricCheck()
+    local: LocalVotes = LocalVotes()
+    cascade: Cascade = Cascade()
+    fusion: Fusion = Fusion()
+    verdicts: Verdicts = Verdicts()
+    vectors: VectorIndexTuning = VectorIndexTuning()
+    ingest: Ingest = Ingest()
+    fetching: Fetching = Fetching()
+    evidence: Evidence = Evidence()
+
+    @classmethod
+    def from_file(cls, path: Path) -> Tuning:
+        """The shipped constants with the groups' fields that the JSON file names replaced."""
+        try:
+            data: Any = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read the tuning file {path}: {exc}") from exc
+        return cls.from_overrides(data, source=str(path))
+
+    @classmethod
+    def from_overrides(cls, data: Any, source: str = "overrides") -> Tuning:
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"{source}: a tuning override is a JSON object of groups")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigurationError(f"{source}: {exc}") from exc
+
+    def replace(self, **groups: dict[str, Any]) -> Tuning:
+        """A copy with some fields of some groups replaced (tests, bench): ``replace(cascade={"candidates": 5})``."""
+        merged = self.model_dump()
+        for group, fields in groups.items():
+            if group not in merged:
+                raise ConfigurationError(f"no tuning group {group!r}")
+            merged[group] = {**merged[group], **fields}
+        return Tuning.from_overrides(merged)
+
+    def to_file(self, path: Path) -> None:
+        path.write_text(json.dumps(self.model_dump(), indent=2) + "\n")
