@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from pictrace.errors import NotFoundError
-from pictrace.store import Catalogue, CatalogueStore, Source, StoredImage
-from pictrace.store.catalogue import ChangePosition
+from pictrace.store import Catalogue, CatalogueStore, ChangePosition, Source, StoredImage
 
 Opener = Callable[[], Catalogue]
 
@@ -224,7 +223,6 @@ class TestCatalogue:
         assert first.counts() == (20, 0) and len(first.source_states()) == 40
         assert second.generation() == 20
 
-    # ------------------------------------------------------------------------------ change log (issue 4)
     def test_every_add_and_delete_is_logged_with_the_generation_it_made(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()
         start = cat.change_position()

@@ -10,7 +10,7 @@ import numpy as np
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from pictrace.store.catalogue import (
+    from pictrace.store.records import (
         Change,
         ChangePosition,
         FailedSource,
@@ -65,6 +65,8 @@ class CatalogueStore(Protocol):
     def embeddings(
         self, vec_ids: Iterable[int] | None = None, batch: int = 4096
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+    def orb_blobs(self, batch: int = 1024) -> Iterator[tuple[int, bytes]]: ...
 
     def records(self, vec_ids: Iterable[int]) -> dict[int, ImageRecord]: ...
 
