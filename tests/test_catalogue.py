@@ -110,7 +110,7 @@ class TestCatalogue:
         assert cat.generation() > before
         assert cat.vec_ids().tolist() == [shared]
         assert cat.records([shared])[shared].url == "http://h/1-copy.jpg"
-        assert cat.gallery_urls() == {"http://h/1-copy.jpg"}
+        assert cat.gallery_entry_urls() == {"http://h/1-copy.jpg": "http://h/1-copy.jpg"}
         unchanged = cat.generation()
         cat.link_source(source("http://h/1-again.jpg"), stored(1).sha256)  # no image added: no move
         assert cat.generation() == unchanged

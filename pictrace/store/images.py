@@ -125,9 +125,6 @@ class ImageQueries(SqlAccess):
         rows = self._query("SELECT url, status, sha256, error FROM sources")
         return {url: SourceState(status, sha, error) for url, status, sha, error in rows}
 
-    def gallery_urls(self) -> set[str]:
-        return {row[0] for row in self._query("SELECT url FROM sources WHERE origin = 'gallery'")}
-
     def gallery_entry_urls(self) -> dict[str, str]:
         """Gallery sources as {url fetched: url as written in db.json}; shards are assigned by the latter."""
         rows = self._query("SELECT url, entry_url FROM sources WHERE origin = 'gallery'")
