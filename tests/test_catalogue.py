@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pictrace.errors import NotFoundError
-from pictrace.store import Catalogue, CatalogueStore, ChangePosition, Source, StoredImage
+from pictrace.store import Catalogue, CatalogueStore, ChangePosition, CorruptMetaError, Source, StoredImage
 
 Opener = Callable[[], Catalogue]
 
@@ -187,6 +187,25 @@ class TestCatalogue:
         cat.set_meta("backbone", "one")
         cat.set_meta("backbone", "two")
         assert cat.get_meta("backbone") == "two"
+
+    def test_feature_identity_round_trips_as_one_meta_value(self, open_catalogue: Opener) -> None:
+        cat, other_process = open_catalogue(), open_catalogue()
+        assert cat.feature_identity() is None
+        identity: dict[str, object] = {"backbone": "lite2", "orb_features": 500, "scales": (1.0, 0.5), "w": None}
+        cat.record_feature_identity(identity)
+        assert other_process.feature_identity() == {**identity, "scales": [1.0, 0.5]}  # JSON: tuples as lists
+        stored_text = cat.get_meta("feature_identity")
+        cat.record_feature_identity(dict(reversed(identity.items())))  # same identity, other key order
+        assert cat.get_meta("feature_identity") == stored_text  # stored as the same text
+        cat.record_feature_identity({"backbone": "resnet50"})  # replaced, not merged
+        assert other_process.feature_identity() == {"backbone": "resnet50"}
+        assert cat.get_meta("backbone") is None  # check_backbone's own keys are left alone
+        for bad in ("not json", "[1, 2]"):
+            cat.set_meta("feature_identity", bad)
+            with pytest.raises(CorruptMetaError, match="feature_identity"):
+                cat.feature_identity()
+        with pytest.raises(ValueError, match=r"(?i)out of range"):
+            cat.record_feature_identity({"threshold": float("nan")})  # would never compare equal again
 
     def test_a_failed_transaction_leaves_nothing(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()

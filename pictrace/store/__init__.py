@@ -6,6 +6,7 @@ when ``PICTRACE_DATABASE_URL`` is set. ``open_catalogue`` is the one place that 
 
 from pictrace.store.base import CatalogueStore
 from pictrace.store.catalogue import Catalogue
+from pictrace.store.meta import CorruptMetaError
 from pictrace.store.records import (
     Change,
     ChangePosition,
@@ -23,6 +24,7 @@ __all__ = [
     "CatalogueStore",
     "Change",
     "ChangePosition",
+    "CorruptMetaError",
     "FailedSource",
     "GalleryImage",
     "ImageRecord",
