@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from pictrace.errors import NotFoundError
-from pictrace.store import Catalogue, CatalogueStore, Source, StoredImage
-from pictrace.store.catalogue import ChangePosition
+from pictrace.store import Catalogue, CatalogueStore, ChangePosition, CorruptMetaError, Source, StoredImage
 
 Opener = Callable[[], Catalogue]
 
@@ -111,7 +110,7 @@ class TestCatalogue:
         assert cat.generation() > before
         assert cat.vec_ids().tolist() == [shared]
         assert cat.records([shared])[shared].url == "http://h/1-copy.jpg"
-        assert cat.gallery_urls() == {"http://h/1-copy.jpg"}
+        assert cat.gallery_entry_urls() == {"http://h/1-copy.jpg": "http://h/1-copy.jpg"}
         unchanged = cat.generation()
         cat.link_source(source("http://h/1-again.jpg"), stored(1).sha256)  # no image added: no move
         assert cat.generation() == unchanged
@@ -189,6 +188,25 @@ class TestCatalogue:
         cat.set_meta("backbone", "two")
         assert cat.get_meta("backbone") == "two"
 
+    def test_feature_identity_round_trips_as_one_meta_value(self, open_catalogue: Opener) -> None:
+        cat, other_process = open_catalogue(), open_catalogue()
+        assert cat.feature_identity() is None
+        identity: dict[str, object] = {"backbone": "lite2", "orb_features": 500, "scales": (1.0, 0.5), "w": None}
+        cat.record_feature_identity(identity)
+        assert other_process.feature_identity() == {**identity, "scales": [1.0, 0.5]}  # JSON: tuples as lists
+        stored_text = cat.get_meta("feature_identity")
+        cat.record_feature_identity(dict(reversed(identity.items())))  # same identity, other key order
+        assert cat.get_meta("feature_identity") == stored_text  # stored as the same text
+        cat.record_feature_identity({"backbone": "resnet50"})  # replaced, not merged
+        assert other_process.feature_identity() == {"backbone": "resnet50"}
+        assert cat.get_meta("backbone") is None  # check_backbone's own keys are left alone
+        for bad in ("not json", "[1, 2]"):
+            cat.set_meta("feature_identity", bad)
+            with pytest.raises(CorruptMetaError, match="feature_identity"):
+                cat.feature_identity()
+        with pytest.raises(ValueError, match=r"(?i)out of range"):
+            cat.record_feature_identity({"threshold": float("nan")})  # would never compare equal again
+
     def test_a_failed_transaction_leaves_nothing(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()
         cat.add_image(stored(5), source("http://h/5.jpg"))
@@ -224,7 +242,6 @@ class TestCatalogue:
         assert first.counts() == (20, 0) and len(first.source_states()) == 40
         assert second.generation() == 20
 
-    # ------------------------------------------------------------------------------ change log (issue 4)
     def test_every_add_and_delete_is_logged_with_the_generation_it_made(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()
         start = cat.change_position()

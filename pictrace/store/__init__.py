@@ -5,6 +5,31 @@ when ``PICTRACE_DATABASE_URL`` is set. ``open_catalogue`` is the one place that 
 """
 
 from pictrace.store.base import CatalogueStore
-from pictrace.store.catalogue import Catalogue, GalleryImage, ImageRecord, RerankFeatures, Source, StoredImage
+from pictrace.store.catalogue import Catalogue
+from pictrace.store.meta import CorruptMetaError
+from pictrace.store.records import (
+    Change,
+    ChangePosition,
+    FailedSource,
+    GalleryImage,
+    ImageRecord,
+    RerankFeatures,
+    Source,
+    SourceState,
+    StoredImage,
+)
 
-__all__ = ["Catalogue", "CatalogueStore", "GalleryImage", "ImageRecord", "RerankFeatures", "Source", "StoredImage"]
+__all__ = [
+    "Catalogue",
+    "CatalogueStore",
+    "Change",
+    "ChangePosition",
+    "CorruptMetaError",
+    "FailedSource",
+    "GalleryImage",
+    "ImageRecord",
+    "RerankFeatures",
+    "Source",
+    "SourceState",
+    "StoredImage",
+]
