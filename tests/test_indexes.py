@@ -9,6 +9,7 @@ follows its local index only; a start checks the collection.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,6 +133,18 @@ class TestDerivedIndexes:
         reopened = open_indexes()
         assert gone not in reopened.local and len(catalogue.vec_ids()) == 8
         assert_in_step(reopened, catalogue)
+
+    def test_an_unchanged_local_index_is_reopened_not_rewritten(
+        self, settings: Settings, catalogue: Catalogue, open_indexes: Opener
+    ) -> None:
+        for numbers in (range(0), range(3)):  # an empty index too
+            commit(catalogue, numbers)
+            open_indexes()
+            open_indexes.close()
+            os.utime(settings.local_index_path, ns=(0, 0))
+            assert_in_step(open_indexes(), catalogue)
+            open_indexes.close()
+            assert settings.local_index_path.stat().st_mtime_ns == 0
 
     def test_add_and_remove_follow_the_catalogue_commits(self, catalogue: Catalogue, open_indexes: Opener) -> None:
         indexes = open_indexes()

@@ -95,9 +95,8 @@ class DerivedIndexes:
             params = local_index_params(settings)
             local_path = settings.local_index_path if settings.local_persist else None
             reopened = None if rebuild or local_path is None else _open_local(local_path, params, catalogue)
-            indexes = cls(
-                catalogue, vector, reopened or LocalIndex(params), shares_vectors=shared, local_path=local_path
-            )
+            local = reopened if reopened is not None else LocalIndex(params)  # (an empty index is falsy)
+            indexes = cls(catalogue, vector, local, shares_vectors=shared, local_path=local_path)
             with all_threads():
                 if rebuild:
                     log.info("building the indexes from the catalogue (%d images)", indexes.rebuild())
@@ -106,7 +105,6 @@ class DerivedIndexes:
         except BaseException:
             vector.close()
             raise
-        local = indexes.local
         log.info("local-feature index: %d descriptors, ~%d bytes per image", len(local), local.bytes_per_image)
         return indexes
 
