@@ -51,7 +51,7 @@ from pictrace.decode import decode_image
 from pictrace.features.embed import build_embedder
 from pictrace.features.extract import local_features
 from pictrace.features.orb import OrbFeatures
-from pictrace.index import FaissIndex, FaissParams, IndexInfo, VectorIndex
+from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo, VectorIndex
 from pictrace.store import Catalogue, Source
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,7 +82,7 @@ OPEN_PROBE = """
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from pictrace.index import FaissIndex, FaissParams, IndexInfo
+from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo
 def rss():
     return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 before = rss()
@@ -96,8 +96,8 @@ print(json.dumps({{"open_s": round(time.perf_counter() - t0, 3), "open_cpu_s": r
 MILVUS_OPEN_PROBE = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-from pictrace.index import IndexInfo
-from pictrace.index.milvus_index import MilvusIndex
+from pictrace.indexes.vector import IndexInfo
+from pictrace.indexes.vector.milvus_index import MilvusIndex
 def rss_mb():
     return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 before = rss_mb()
@@ -160,7 +160,7 @@ def build(mode: str, vectors: np.ndarray, workdir: Path, params: FaissParams) ->
     started = time.perf_counter()
     index: VectorIndex
     if mode == "milvus-lite":
-        from pictrace.index.milvus_index import MilvusIndex
+        from pictrace.indexes.vector.milvus_index import MilvusIndex
 
         index = MilvusIndex(str(workdir / "milvus.db"), info)
         for s in range(0, len(ids), 10_000):
@@ -187,7 +187,7 @@ def build(mode: str, vectors: np.ndarray, workdir: Path, params: FaissParams) ->
         row["build_memory_mb"] = round(rss_mb() - before, 1)  # Milvus Lite runs in this process
         index.close()  # single-process: the probe opens the file alone, then this process again
         row.update(open_in_fresh_process(workdir / "milvus.db", mode, vectors.shape[1]))
-        from pictrace.index.milvus_index import MilvusIndex
+        from pictrace.indexes.vector.milvus_index import MilvusIndex
 
         index = MilvusIndex(str(workdir / "milvus.db"), info)
     return index, row
@@ -351,7 +351,7 @@ async def e2e(real: dict[str, Any], n: int, workdir: Path, settings_overrides: d
         await service.close()
         service = await Service.start(settings)
         reopen_s = time.perf_counter() - t0
-        searcher, index, embedder = service.searcher, service.index, service.embedder
+        searcher, index, embedder = service.searcher, service.indexes.vector, service.embedder
         queries = real["queries"]
         for q in queries[:3]:
             searcher.search_bytes(q)

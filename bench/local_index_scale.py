@@ -43,7 +43,8 @@ import faiss
 from pictrace.config import Settings
 from pictrace.decode import decode_image
 from pictrace.features.orb import OrbFeatures, extract_orb
-from pictrace.local_index import LocalIndex, LocalIndexParams, list_count
+from pictrace.indexes.local import LocalIndex, LocalIndexParams
+from pictrace.indexes.local.lists import list_count
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -102,7 +103,7 @@ OPEN_PROBE = """
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from pictrace.local_index import LocalIndex, LocalIndexParams
+from pictrace.indexes.local import LocalIndex, LocalIndexParams
 def rss():
     return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 before = rss()
@@ -179,7 +180,7 @@ def estimate(n: int, params: LocalIndexParams, add_codes: int, seed: int = 1) ->
     Learns the lists it would learn (the same nlist and sample size, on random codes), then adds ``add_codes``
     codes to them; the add is linear in the codes, so it is scaled to n.
     """
-    from pictrace.local_index import train_two_level, two_level_quantizer
+    from pictrace.indexes.local.lists import train_two_level, two_level_quantizer
 
     codes = n * PER_IMAGE
     nlist = list_count(codes, params.max_lists)

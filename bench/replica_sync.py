@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
-from pictrace.index import FaissIndex, FaissParams, IndexInfo
-from pictrace.local_index import LocalIndex
-from pictrace.service import local_index_params
+from pictrace.indexes import DerivedIndexes
+from pictrace.indexes.local import LocalIndex, local_index_params
+from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo
 from pictrace.store import Catalogue, Source, StoredImage
 from pictrace.sync import Follower
 
@@ -74,7 +74,7 @@ def run(n: int, changes: list[int], workdir: Path) -> list[dict[str, Any]]:
     replica = Catalogue(path)
     index = FaissIndex(IndexInfo("bench", "bench", DIM), None, FaissParams(mode="exact"))
     local = LocalIndex(local_index_params(Settings(_env_file=None)))  # type: ignore[call-arg]
-    follower = Follower(replica, index, local)
+    follower = Follower(replica, DerivedIndexes(replica, index, local))
     full_s, result = timed(follower)  # no position yet: the full path
     rows = [{"n": n, "what": "full reconcile (start, fallback)", "changes": n, "sync_s": round(full_s, 3),
              "added": result.added, "removed": result.removed}]

@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, ".")
 from pictrace.config import Settings
 from pictrace.eval import GroundTruth, _embed_one_ms
-from pictrace.ingest import read_local_file
+from pictrace.files import read_local_file
 from pictrace.service import Service
 
 async def main() -> None:

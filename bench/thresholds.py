@@ -82,7 +82,7 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
         assert path is not None, q["query"]
         image = decode_image(path.read_bytes(), max_pixels=settings.max_pixels)
         embedding = service.embedder.embed([image.rgb])[0]
-        scores, found = service.index.search(embedding[None, :], CANDIDATES + 1)
+        scores, found = service.indexes.vector.search(embedding[None, :], CANDIDATES + 1)
         cosines = {int(i): float(s) for s, i in zip(scores[0], found[0], strict=True) if i >= 0}
         relevant = {by_name[r] for r in q["relevant"] if r in by_name}
         for vec_id in relevant - set(cosines):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from pictrace.config import Settings, load_settings
 from pictrace.errors import PicTraceError
+from pictrace.files import read_local_file
 from pictrace.gallery import Shard, load_gallery
-from pictrace.ingest import IngestProgress, read_local_file
+from pictrace.ingest import IngestProgress
 from pictrace.schemas import IngestReport, SearchResult
 from pictrace.service import Service
 
@@ -81,7 +82,7 @@ async def _reindex(settings: Settings) -> int:
     """Build the index afresh from the catalogue's stored embeddings: nothing is downloaded or re-embedded."""
     service = await Service.start(settings, rebuild_index=True)
     try:
-        return len(service.index)
+        return len(service.indexes.vector)
     finally:
         await service.close()  # saves the index atomically
 

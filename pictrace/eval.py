@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pictrace.config import Settings
 from pictrace.errors import EvalError
+from pictrace.files import read_local_file
 from pictrace.gallery import load_gallery
-from pictrace.ingest import read_local_file
 from pictrace.service import Service
 
 

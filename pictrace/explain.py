@@ -32,7 +32,7 @@ from pictrace.decode import decode_image
 from pictrace.errors import NotFoundError, PicTraceError
 from pictrace.features.extract import orb_of
 from pictrace.features.orb import OrbFeatures, ratio_matches
-from pictrace.ingest import read_local_file
+from pictrace.files import read_local_file
 from pictrace.schemas import Match, SearchResult
 from pictrace.store import Catalogue
 

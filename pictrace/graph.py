@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
-from pictrace.local_index import LocalIndex
+from pictrace.indexes.local import LocalIndex
 from pictrace.ranking import CandidateScore, match_features, rescore
 from pictrace.store import Catalogue
 

@@ -1,4 +1,4 @@
-"""Gallery → fetch → decode → features (batched embedding) → catalogue + vector index.
+"""Gallery → fetch → decode → features (batched embedding) → catalogue, then the derived indexes.
 
 Work is done once per image: a URL already indexed is not fetched again, the same bytes under another URL are
 linked instead of stored twice, failures are recorded with their reason and retried by the next run, and each
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +18,16 @@ import numpy as np
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
-from pictrace.errors import FetchError, NotFoundError, OverloadedError, PicTraceError, TooLargeError
+from pictrace.errors import NotFoundError, OverloadedError, PicTraceError
 from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
 from pictrace.features.orb import OrbFeatures
 from pictrace.fetch import Fetcher
+from pictrace.files import read_local_file
 from pictrace.gallery import Gallery, LocatedEntry, Shard
 from pictrace.graph import link_images
-from pictrace.index import VectorIndex
-from pictrace.local_index import LocalIndex
+from pictrace.indexes import DerivedIndexes
 from pictrace.schemas import FailedEntry, IngestReport
 from pictrace.store import Catalogue, Source, StoredImage
 from pictrace.work import WorkPool
@@ -104,35 +103,18 @@ def _source(item: LocatedEntry, origin: str = "gallery") -> Source:
     )
 
 
-def read_local_file(path: Path, max_bytes: int) -> bytes:
-    """Read a gallery file with the same byte cap as downloads."""
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise TooLargeError(f"{path.name} is {size} bytes; the limit is {max_bytes}")
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise FetchError(f"file not found: {path}") from exc
-    except IsADirectoryError as exc:
-        raise FetchError(f"not a file: {path}") from exc
-    except PermissionError as exc:
-        raise FetchError(f"cannot read {path}: permission denied") from exc
-
-
 class Ingestor:
     def __init__(
         self,
         catalogue: Catalogue,
-        index: VectorIndex,
+        indexes: DerivedIndexes,
         embedder: Embedder,
         fetcher: Fetcher,
         pool: WorkPool,
         settings: Settings,
-        local: LocalIndex | None = None,
     ) -> None:
         self.catalogue = catalogue
-        self.index = index
-        self.local = local
+        self.indexes = indexes
         self.embedder = embedder
         self.fetcher = fetcher
         self.pool = pool
@@ -169,40 +151,23 @@ class Ingestor:
             ]
             if gone:
                 removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
-                await self.pool.run_background(self.index.remove, np.array(removed, dtype=np.int64))
-                if self.local is not None:
-                    await self.pool.run_background(self.local.remove, removed)
+                await self.pool.run_background(self.indexes.remove, removed)
                 report.removed = len(gone)
             self.progress = IngestProgress(total=len(todo), running=True)
             try:
                 try:
                     outcome = await self._run(todo, on_progress)
                 finally:
-                    await self.pool.run_background(self.index.save)
-                    await self.pool.run_background(maintain, self.index, self.catalogue)
-                    await self.pool.run_background(self._retrain_local, True)
-                    await self.pool.run_background(self._save_local)
+                    # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by a
+                    # quarter since (not the doubling that triggers it while the ingest runs)
+                    await self.pool.run_background(self.indexes.maintain, 1.25)
+                    await self.pool.run_background(self.indexes.save)
                 await self.pool.run_background(self._link_unlinked)
             finally:
                 self.progress.running = False
             report.added, report.duplicates = outcome.added, outcome.duplicates
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
-
-    def _retrain_local(self, final: bool = False) -> None:
-        """Relearn the local index's inverted lists from the catalogue once the gallery has doubled (or, at the
-        end of an ingest, grown by a quarter: lists learned mid-ingest from part of it lose votes)."""
-        if self.local is not None and self.local.needs_training(1.25 if final else 2.0):
-            relearn_local(self.local, self.catalogue)
-
-    def _save_local(self) -> None:
-        """Save the local index once an ingest settled it, so the next start reopens it (a failure to write
-        derived data is logged, not raised: the next start rebuilds it from the catalogue)."""
-        if self.local is not None:
-            try:
-                save_local_index(self.settings, self.catalogue, self.local)
-            except OSError:
-                log.exception("could not save the local-feature index; it will be rebuilt at the next start")
 
     def _refresh_details(self, entries: list[LocatedEntry]) -> None:
         self.catalogue.update_sources_details([_source(e) for e in entries])
@@ -321,32 +286,30 @@ class Ingestor:
         vectors = self.embedder.embed(pixels)
         new_ids: list[int] = []
         new_vectors: list[np.ndarray] = []
+        new_orbs: list[OrbFeatures] = []
         for (fetched, stored), vector in zip(ready, vectors, strict=True):
             stored = StoredImage(**{**stored.__dict__, "embedding": vector})
             vec_id, is_new = self.catalogue.add_image(stored, fetched.source)
             if is_new:
-                if self.local is not None:
-                    self.local.add(vec_id, OrbFeatures.from_bytes(stored.orb))
                 new_ids.append(vec_id)
                 new_vectors.append(vector)
+                new_orbs.append(OrbFeatures.from_bytes(stored.orb))
                 outcome.added += 1
             else:
                 outcome.duplicates += 1
         if new_ids:
-            self.index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
-            # a first ingest grows the local index from nothing: learn its lists as it doubles, or every
-            # search scans all descriptors meanwhile
-            self._retrain_local()
+            self.indexes.add(new_ids, np.stack(new_vectors), new_orbs)
+            self.indexes.relearn_if_outgrown()
         return outcome
 
     @property
     def _links_enabled(self) -> bool:
-        return self.local is not None and self.settings.graph_candidates > 0
+        return self.settings.graph_candidates > 0
 
     def _link(self, vec_ids: list[int]) -> None:
         """Store the new images' verified matches (the match graph, pictrace/graph.py)."""
-        if self.local is not None and self._links_enabled:
-            link_images(self.catalogue, self.local, self.settings, vec_ids)
+        if self._links_enabled:
+            link_images(self.catalogue, self.indexes.local, self.settings, vec_ids)
 
     def _link_unlinked(self) -> int:
         """Link the images added by this ingest, once the local index holds all of them and has learned its
@@ -376,8 +339,8 @@ class Ingestor:
     ) -> AddedImage:
         """Add one image (an upload, or bytes fetched from a user's URL) with origin 'api'.
 
-        Goes through the bounded pool like a search (503 when it is full). The index is not saved here: the
-        catalogue commit is what counts, and the index is reconciled with it at every start.
+        Goes through the bounded pool like a search (503 when it is full). The indexes are not saved here: the
+        catalogue commit is what counts, and the indexes are reconciled with it at every start.
         """
         return await self.pool.run(self._add_one, data, url, entry_id, metadata)
 
@@ -396,9 +359,7 @@ class Ingestor:
             vector = self.embedder.embed([rgb])[0]
             vec_id, added = self.catalogue.add_image(StoredImage(**{**stored.__dict__, "embedding": vector}), source)
             if added:
-                self.index.add(np.array([vec_id], dtype=np.int64), vector[None, :])
-                if self.local is not None:
-                    self.local.add(vec_id, OrbFeatures.from_bytes(stored.orb))
+                self.indexes.add([vec_id], vector[None, :], [OrbFeatures.from_bytes(stored.orb)])
                 self._link([vec_id])
         return AddedImage(sha, source.entry_id or key, key, added, stored.width, stored.height)
 
@@ -412,98 +373,12 @@ class Ingestor:
         # tombstone first: an ingest running now must not re-add the bytes between the two writes
         self.catalogue.set_meta(tombstone_key(sha256), "api")
         vec_id = self.catalogue.remove_image(sha256)
-        self.index.remove(np.array([vec_id], dtype=np.int64))
-        if self.local is not None:
-            self.local.remove([vec_id])
+        self.indexes.remove([vec_id])
 
     async def reindex(self) -> int:
-        """Rebuild the vector index from the catalogue and save it. Refused (503) while an ingest runs."""
+        """Rebuild the indexes from the catalogue and save them. Refused (503) while an ingest runs."""
         if self._lock.locked():
             raise OverloadedError("an ingest is running; reindex when it is done", retry_after_s=30)
         async with self._lock:
-            count = await self.pool.run_background(rebuild, self.index, self.catalogue)
-            await self.pool.run_background(self.index.save)
-            if self.local is not None:
-                await self.pool.run_background(relearn_local, self.local, self.catalogue)
-                await self.pool.run_background(self._save_local)
-            return count
+            return await self.pool.run_background(self.indexes.rebuild)
 
-
-def rebuild(index: VectorIndex, catalogue: Catalogue) -> int:
-    """Replace every vector of the index with the catalogue's (a fresh structure, chosen for their count).
-
-    The index keeps serving the old structure meanwhile and replays writes made during the build, so searches
-    and an API add keep working during a rebuild. Returns the vector count.
-    """
-    count = catalogue.counts()[0]
-    index.rebuild(catalogue.embeddings(), expected=count)
-    return count
-
-
-def reconcile(index: VectorIndex, catalogue: Catalogue) -> tuple[int, int]:
-    """Make the index hold exactly the catalogue's images (after a crash, a lost index, or another process's
-    writes). Returns (added, removed).
-
-    The index's ids are read before the catalogue's: vectors reach the index only after their catalogue commit,
-    so an id held but no longer catalogued was really deleted, never merely not yet visible.
-    """
-    held = index.ids()
-    wanted = catalogue.vec_ids()
-    missing = np.setdiff1d(wanted, held)
-    extra = np.setdiff1d(held, wanted)
-    if len(extra):
-        index.remove(extra)
-    for ids, vectors in catalogue.embeddings(missing.tolist()):
-        index.add(ids, vectors)
-    return len(missing), len(extra)
-
-
-def maintain(index: VectorIndex, catalogue: Catalogue) -> bool:
-    """Rebuild the index from the catalogue when deletes or growth call for it. Returns whether it did."""
-    if not index.needs_rebuild():
-        return False
-    index.rebuild(catalogue.embeddings(), expected=catalogue.counts()[0])
-    index.save()
-    return True
-
-
-def catalogue_identity(catalogue: Catalogue) -> str:
-    """A random id the catalogue keeps in its meta table: a saved local index names the catalogue it follows
-    (vec_ids are never reused within one catalogue, but a new catalogue starts them again)."""
-    found = catalogue.get_meta("catalogue_id")
-    if found is None:
-        found = uuid.uuid4().hex
-        catalogue.set_meta("catalogue_id", found)
-    return found
-
-
-def reconcile_local(local: LocalIndex, catalogue: Catalogue) -> tuple[int, int]:
-    """Make the local index hold exactly the catalogue's images. Returns (added, removed)."""
-    held = local.held_ids()
-    wanted = catalogue.vec_ids()
-    return update_local(local, catalogue, np.setdiff1d(wanted, held).tolist(), np.setdiff1d(held, wanted).tolist())
-
-
-def update_local(local: LocalIndex, catalogue: Catalogue, adds: list[int], removes: list[int]) -> tuple[int, int]:
-    """Drop ``removes`` from the local index and add those of ``adds`` it does not hold yet (read from the
-    catalogue; images deleted meanwhile are not read back). Returns (added, removed)."""
-    removed = local.remove(removes)
-    added = 0
-    for vec_id, blob in catalogue.orb_blobs_of([v for v in adds if v not in local]):
-        local.add(vec_id, OrbFeatures.from_bytes(blob))
-        added += 1
-    return added, removed
-
-
-def relearn_local(local: LocalIndex, catalogue: Catalogue) -> None:
-    """Rebuild the local index from the catalogue (new lists) and swap it in; then apply what was added or
-    deleted while it was built (an API write during a build of minutes), which the swap would otherwise drop."""
-    local.replace_with(LocalIndex.build(local.params, catalogue.orb_blobs()))
-    reconcile_local(local, catalogue)
-
-
-def save_local_index(settings: Settings, catalogue: Catalogue, local: LocalIndex) -> bool:
-    """Write the local index to the data dir when it changed since it was saved (and persisting is on)."""
-    if not settings.local_persist:
-        return False
-    return local.save(settings.local_index_path, catalogue_identity(catalogue))

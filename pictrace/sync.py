@@ -10,6 +10,7 @@ The full reconcile stays as the fallback, whenever the log cannot be trusted to 
 position: at start (the position is kept in memory only), and when the new rows do not account for every
 generation since it, which is what a trimmed log or a writer that does not log (an older PicTrace) leave.
 Applying a row twice is harmless (adds of held images are skipped), so the position may lag the snapshot.
+A shared vector collection (Milvus) is not followed: every writer updates it (pictrace/indexes/keeper.py).
 """
 
 from __future__ import annotations
@@ -18,11 +19,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import numpy as np
-
-from pictrace.index import VectorIndex
-from pictrace.ingest import reconcile, reconcile_local, relearn_local, update_local
-from pictrace.local_index import LocalIndex
+from pictrace.indexes import DerivedIndexes
 from pictrace.store import Catalogue
 from pictrace.store.catalogue import Change, ChangePosition
 
@@ -57,7 +54,7 @@ def net_effect(changes: list[Change]) -> tuple[list[int], list[int]]:
 
 
 class Follower:
-    """Keeps one process's vector index (``None``: shared Milvus, nothing to do) and local index in step.
+    """Keeps one process's indexes in step with the catalogue's change log.
 
     Thread-safe: one sync at a time (the timer and ``Service.sync_now`` may overlap).
     """
@@ -65,13 +62,11 @@ class Follower:
     def __init__(
         self,
         catalogue: Catalogue,
-        index: VectorIndex | None,
-        local: LocalIndex,
+        indexes: DerivedIndexes,
         position: ChangePosition | None = None,
     ) -> None:
         self.catalogue = catalogue
-        self.index = index
-        self.local = local
+        self.indexes = indexes
         self.position = position  # read before the indexes were built from the catalogue, or None
         self.full_syncs = 0
         self.incremental_syncs = 0
@@ -94,37 +89,18 @@ class Follower:
             return self._apply(changes)
 
     def _apply(self, changes: list[Change]) -> SyncResult:
-        adds, removes = net_effect(changes)
-        added = removed = 0
-        if self.index is not None:
-            if removes:
-                removed = self.index.remove(np.array(removes, dtype=np.int64))
-            missing = np.array(adds, dtype=np.int64)
-            missing = missing[~self.index.contains(missing)]  # it may hold some: its own writes, or since start
-            for ids, vectors in self.catalogue.embeddings(missing.tolist()):
-                self.index.add(ids, vectors)
-                added += len(ids)
-        local_added, local_removed = update_local(self.local, self.catalogue, adds, removes)
-        if self.index is None:  # shared Milvus: the local index is all this process keeps
-            added, removed = local_added, local_removed
-        if self.local.needs_training():  # the gallery doubled since the lists were learned (amortised O(1))
-            relearn_local(self.local, self.catalogue)
+        added, removed = self.indexes.apply_changes(*net_effect(changes))
+        self.indexes.relearn_if_outgrown()  # the gallery doubled since the lists were learned (amortised O(1))
         self.position = ChangePosition(changes[-1].seq, max(c.generation for c in changes))
         self.incremental_syncs += 1
         return SyncResult(added, removed, full=False, changes_read=len(changes))
 
     def _full(self) -> SyncResult:
-        """Compare every vec_id with both indexes and apply the difference: O(gallery) reads, O(change) writes
+        """Compare every vec_id with the indexes and apply the difference: O(gallery) reads, O(change) writes
         (the local index is relearned only when it outgrew its lists, as on the incremental path)."""
         position = self.catalogue.change_position()  # before reading: rows after it are applied again, harmlessly
-        added = removed = 0
-        if self.index is not None:
-            added, removed = reconcile(self.index, self.catalogue)
-        local_added, local_removed = reconcile_local(self.local, self.catalogue)
-        if self.index is None:
-            added, removed = local_added, local_removed
-        if self.local.needs_training():
-            relearn_local(self.local, self.catalogue)
+        added, removed = self.indexes.reconcile()
+        self.indexes.relearn_if_outgrown()
         self.position = position
         self.full_syncs += 1
         return SyncResult(added, removed, full=True)

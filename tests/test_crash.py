@@ -114,7 +114,7 @@ def test_kill_9_mid_ingest_then_restart_resumes_consistently(tmp_path: Path, ima
         assert image_server.hits[path] == hits_at_kill[path], url
     # the index holds exactly the catalogue's vectors, once each; every image is found by its bytes
     from pictrace.features.embed import build_embedder
-    from pictrace.index import FaissIndex, IndexInfo
+    from pictrace.indexes.vector import FaissIndex, IndexInfo
 
     embedder = build_embedder("efficientnet-lite2", Settings(_env_file=None).model_path, threads=1)
     index = FaissIndex.open(data_dir / "vectors.faiss", IndexInfo(embedder.name, embedder.fingerprint, embedder.dim))
@@ -257,11 +257,11 @@ async def test_corrupt_index_is_detected_and_rebuilt(
     else:
         raw = raw[: raw.index(b"\n", 20) + 1]
     settings.index_path.write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="pictrace.service"):
+    with caplog.at_level(logging.WARNING, logger="pictrace.indexes.keeper"):
         service = await Service.start(settings)
     try:
         assert any("rebuilding it from the catalogue" in r.getMessage() for r in caplog.records)
-        assert len(service.index) == 3
+        assert len(service.indexes.vector) == 3
         assert service.searcher.search_bytes(picture(301)).results[0].exact
     finally:
         await service.close()

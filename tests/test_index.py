@@ -13,7 +13,7 @@ from conftest import ImageServer, crop, encode
 from pictrace.config import Settings
 from pictrace.errors import IndexCorruptError, IndexMismatchError
 from pictrace.gallery import load_gallery
-from pictrace.index import FaissIndex, FaissParams, IndexInfo, VectorIndex
+from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo, VectorIndex
 from pictrace.service import Service
 
 INFO = IndexInfo("test-backbone", "abc123", 64)
@@ -29,7 +29,7 @@ MILVUS_LITE_MISSING = "milvus-lite is not installed: pip install -r requirements
 
 def milvus_lite(path: Path) -> VectorIndex:
     pytest.importorskip("milvus_lite", reason=MILVUS_LITE_MISSING)
-    from pictrace.index.milvus_index import MilvusIndex
+    from pictrace.indexes.vector.milvus_index import MilvusIndex
 
     return MilvusIndex(str(path / "milvus.db"), INFO)
 
@@ -280,7 +280,7 @@ async def test_service_ingests_and_finds_on_each_backend(
         await service.close()
     service = await Service.start(settings)  # after a restart
     try:
-        assert len(service.index) == 3
+        assert len(service.indexes.vector) == 3
         for name in names[1:]:
             result = await service.pool.run(service.searcher.search_bytes, encode(crop(photos[name], 0.7)), 1)
             assert result.results[0].id == name

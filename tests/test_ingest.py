@@ -84,7 +84,7 @@ async def test_same_bytes_stored_once(
     service = await Service.start(settings)
     try:
         assert service.catalogue.counts() == (1, 0)
-        assert len(service.index) == 1
+        assert len(service.indexes.vector) == 1
     finally:
         await service.close()
 
@@ -103,7 +103,7 @@ async def test_removed_entries_leave_the_index(
     assert report.removed == 1 and report.unchanged == 1
     service = await Service.start(settings)
     try:
-        assert len(service.index) == 1
+        assert len(service.indexes.vector) == 1
         result = service.searcher.search_bytes(encode(photos["rocket"]))
         assert all(m.id != "rocket" for m in result.results)
     finally:
@@ -134,13 +134,13 @@ async def test_lost_index_is_rebuilt_from_catalogue(
     settings.index_path.write_bytes(b"corrupted beyond repair")
     service = await Service.start(settings)
     try:
-        assert len(service.index) == 2
+        assert len(service.indexes.vector) == 2
         assert service.searcher.search_bytes(encode(photos["rocket"])).results[0].id == "rocket"
     finally:
         await service.close()
     settings.index_path.unlink()
     service = await Service.start(settings)
     try:
-        assert len(service.index) == 2
+        assert len(service.indexes.vector) == 2
     finally:
         await service.close()

@@ -9,7 +9,8 @@ from conftest import crop, resize
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, consensus, extract_orb
-from pictrace.local_index import LocalIndex, LocalIndexParams, stable_sample, train_two_level, two_level_quantizer
+from pictrace.indexes.local import LocalIndex, LocalIndexParams
+from pictrace.indexes.local.lists import stable_sample, train_two_level, two_level_quantizer
 from pictrace.ranking import QueryFeatures, nearest_by_embedding, screened
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
@@ -138,7 +139,7 @@ def test_votes_shared_with_a_side_thread_are_the_votes_of_one_thread(
     import threading
     import time
 
-    from pictrace.local_index import VOTE_CHUNK
+    from pictrace.indexes.local.index import VOTE_CHUNK
     from pictrace.work import SideThread, map_serial
 
     index = LocalIndex.build(_params(flat_below), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))

@@ -16,8 +16,9 @@ from conftest import ImageServer, crop, encode, ingest, resize
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, extract_orb
-from pictrace.local_index import LocalIndex, LocalIndexCorruptError, LocalIndexParams, train_lists
-from pictrace.service import Service, local_index_params
+from pictrace.indexes.local import LocalIndex, LocalIndexCorruptError, LocalIndexParams, local_index_params
+from pictrace.indexes.local.lists import train_lists
+from pictrace.service import Service
 from pictrace.store import Catalogue
 
 T = TypeVar("T")
@@ -159,8 +160,8 @@ async def test_the_service_reopens_the_saved_index(
     written = settings.local_index_path.stat().st_mtime_ns
     service = await Service.start(settings)
     try:
-        assert service.local.held_ids().tolist() == sorted(service.catalogue.vec_ids().tolist())
-        _same_votes(service.local, _fresh(settings, service), queries)
+        assert service.indexes.local.held_ids().tolist() == sorted(service.catalogue.vec_ids().tolist())
+        _same_votes(service.indexes.local, _fresh(settings, service), queries)
     finally:
         await service.close()
     assert settings.local_index_path.stat().st_mtime_ns == written  # reopened and unchanged: not rewritten
@@ -185,8 +186,8 @@ async def test_a_stale_file_is_brought_in_step_with_the_catalogue(
     service = await Service.start(settings)
     try:
         wanted = sorted(service.catalogue.vec_ids().tolist())
-        assert len(wanted) == 3 and service.local.held_ids().tolist() == wanted
-        _same_votes(service.local, _fresh(settings, service), queries)
+        assert len(wanted) == 3 and service.indexes.local.held_ids().tolist() == wanted
+        _same_votes(service.indexes.local, _fresh(settings, service), queries)
         assert all(m.id != "rocket" for m in service.searcher.search_bytes(encode(photos["rocket"])).results)
     finally:
         await service.close()
@@ -218,7 +219,7 @@ async def test_a_corrupt_or_foreign_file_is_rebuilt(
     other.local_index_path.write_bytes(settings.local_index_path.read_bytes())
     service = await Service.start(other)
     try:
-        assert len(service.local) == 0
+        assert len(service.indexes.local) == 0
     finally:
         await service.close()
 
@@ -228,12 +229,12 @@ async def _start_expecting_a_rebuild(
 ) -> Service:
     """Start on a local-index file that must not be used: the log says why, and the index rebuilt from the
     catalogue holds every image and votes as a fresh one does. The caller closes the service."""
-    with caplog.at_level(logging.WARNING, logger="pictrace.service"):
+    with caplog.at_level(logging.WARNING, logger="pictrace.indexes.keeper"):
         service = await Service.start(settings)
     try:
         assert any(reason in r.getMessage() for r in caplog.records)
-        assert len(service.local.held_ids()) == images
-        _same_votes(service.local, _fresh(settings, service), queries)
+        assert len(service.indexes.local.held_ids()) == images
+        _same_votes(service.indexes.local, _fresh(settings, service), queries)
     except BaseException:
         await service.close()
         raise
@@ -259,7 +260,7 @@ def _write_older_format(path: Path, catalogue_id: str, blobs: list[tuple[int, by
     centres, parameters without the two-level ones."""
     import faiss
 
-    from pictrace.index.faiss_index import write_framed
+    from pictrace.indexes.storage import write_framed
 
     ids = np.concatenate([(np.int64(v) << 14) | np.arange(500, dtype=np.int64) for v, _ in blobs])
     codes = np.concatenate([OrbFeatures.from_bytes(b).descriptors[:500, :16] for _, b in blobs])
@@ -296,7 +297,7 @@ async def test_a_file_in_the_older_format_is_stale_and_rebuilt(
     service = await _start_expecting_a_rebuild(settings, caplog, "in an older format", 3, queries)
     await service.close()
     reopened = LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_id)
-    assert reopened is not None and len(reopened) == len(service.local)  # saved again, in today's format
+    assert reopened is not None and len(reopened) == len(service.indexes.local)  # saved again, in today's format
 
 
 async def test_reindex_rebuilds_the_local_index_too(

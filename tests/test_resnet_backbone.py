@@ -36,7 +36,7 @@ from pictrace.features.keras_resnet import (
     resolve_weights,
 )
 from pictrace.gallery import load_gallery
-from pictrace.index import FaissIndex, IndexInfo
+from pictrace.indexes.vector import FaissIndex, IndexInfo
 from pictrace.service import Service
 
 # TensorFlow 2.21 under numpy 2 warns on every tensor→array conversion (np.array(tensor, copy=False) fallback);

@@ -155,7 +155,8 @@ async def test_search_with_the_embedding_alongside_ranks_as_one_thread_does(
     from pictrace.search import Searcher
 
     serial_settings = service.settings.model_copy(update={"embed_alongside": False})
-    serial = Searcher(service.catalogue, service.index, service.embedder, serial_settings, service.local)
+    indexes = service.indexes
+    serial = Searcher(service.catalogue, indexes.vector, service.embedder, serial_settings, indexes.local)
     assert service.settings.embed_alongside
     try:
         for name in ["astronaut", "rocket", "coins"]:
@@ -180,7 +181,8 @@ async def test_mirrored_copy_is_found_with_the_mirror_pass_on_the_side_thread(
 
     data = encode(np.ascontiguousarray(crop(photos[name], 0.8, 0.1)[:, ::-1]))
     serial_settings = service.settings.model_copy(update={"embed_alongside": False})
-    serial = Searcher(service.catalogue, service.index, service.embedder, serial_settings, service.local)
+    indexes = service.indexes
+    serial = Searcher(service.catalogue, indexes.vector, service.embedder, serial_settings, indexes.local)
     try:
         alongside, ranked = service.searcher.search_ranked(data)
         alone, ranked_alone = serial.search_ranked(data)

@@ -74,7 +74,7 @@ async def test_two_shard_workers_fill_one_catalogue_and_replicas_follow(
     # a replica serving before the workers start: it must follow the catalogue they fill
     replica = await Service.start(pg_settings(data_dir=tmp_path / "replica", sync_interval_s=0.2))
     try:
-        assert len(replica.index) == 0
+        assert len(replica.indexes.vector) == 0
         env = {"PICTRACE_DATABASE_URL": postgres_url, "PICTRACE_FETCH_RETRIES": "0"}
         workers = [
             run_cli("--data-dir", str(tmp_path / f"worker{i}"), "index", str(db), "--shard", f"{i}/2", "--quiet",
@@ -88,9 +88,9 @@ async def test_two_shard_workers_fill_one_catalogue_and_replicas_follow(
             assert image_server.hits[str(entry["url"]).removeprefix(image_server.base)] == 1
 
         deadline = time.monotonic() + 30
-        while len(replica.index) < len(NAMES) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls the timer)
+        while len(replica.indexes.vector) < len(NAMES) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls the timer)
             await asyncio.sleep(0.1)
-        assert len(replica.index) == len(NAMES)
+        assert len(replica.indexes.vector) == len(NAMES)
         for name in NAMES:  # an edited copy finds its original, whichever shard indexed it
             result = await replica.pool.run(replica.searcher.search_bytes, encode(crop(photos[name], 0.7)), 1)
             assert result.results and result.results[0].id == name
@@ -100,7 +100,7 @@ async def test_two_shard_workers_fill_one_catalogue_and_replicas_follow(
     # a replica started afterwards builds its index from the catalogue at start
     fresh = await Service.start(pg_settings(data_dir=tmp_path / "fresh"))
     try:
-        assert len(fresh.index) == len(NAMES)
+        assert len(fresh.indexes.vector) == len(NAMES)
         indexed, failed = fresh.catalogue.counts()
         assert (indexed, failed) == (len(NAMES), 0)
     finally:

@@ -16,7 +16,7 @@ from conftest import crop, encode
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
-from pictrace.local_index import LocalIndex, LocalIndexParams
+from pictrace.indexes.local import LocalIndex, LocalIndexParams
 from pictrace.service import Service
 from pictrace.store.catalogue import Change, ChangePosition
 from pictrace.sync import covers, net_effect
@@ -60,8 +60,8 @@ async def test_replica_applies_only_the_new_log_rows(pair: Pair, photos: dict[st
     await writer.ingestor.remove_image(added["rocket"].sha256)
     assert await replica.sync_now() == (0, 1)
     assert await top_id(replica, photos["rocket"]) != "rocket"
-    assert len(replica.index) == 2 and "rocket" not in {
-        r.entry_id for r in replica.catalogue.records(replica.index.ids().tolist()).values()
+    assert len(replica.indexes.vector) == 2 and "rocket" not in {
+        r.entry_id for r in replica.catalogue.records(replica.indexes.vector.ids().tolist()).values()
     }
     assert await replica.sync_now() == (0, 0)  # nothing new: the counter alone was read
 
@@ -72,19 +72,21 @@ async def test_replica_applies_only_the_new_log_rows(pair: Pair, photos: dict[st
         conn.execute("DELETE FROM sources WHERE sha256 = ?", (added["coins"].sha256,))
         conn.execute("DELETE FROM images WHERE sha256 = ?", (added["coins"].sha256,))
     await writer.ingestor.add_image(encode(photos["chelsea"]), entry_id="chelsea")
-    local_before = len(replica.local)
+    local_before = len(replica.indexes.local)
     assert await replica.sync_now() == (1, 0)
     assert replica.follower.incremental_syncs == 3 and replica.follower.full_syncs == 0
     assert await top_id(replica, photos["chelsea"]) == "chelsea"
-    assert replica.index.contains(np.array([vec_coins])).tolist() == [True] and vec_coins in replica.local
-    assert len(replica.local) > local_before  # chelsea's codes were added to the structure it already had
+    assert replica.indexes.vector.contains(np.array([vec_coins])).tolist() == [True]
+    assert vec_coins in replica.indexes.local
+    assert len(replica.indexes.local) > local_before  # chelsea's codes were added to the structure it already had
 
     # a writer that does not log (an older PicTrace) moves the counter only: the replica reconciles in full
     with writer.catalogue._transaction() as conn:
         conn.execute("UPDATE changes SET generation = generation + 1 WHERE id = 1")
     assert await replica.sync_now() == (0, 1)
     assert replica.follower.full_syncs == 1
-    assert replica.index.contains(np.array([vec_coins])).tolist() == [False] and vec_coins not in replica.local
+    assert replica.indexes.vector.contains(np.array([vec_coins])).tolist() == [False]
+    assert vec_coins not in replica.indexes.local
     assert await top_id(replica, photos["chelsea"]) == "chelsea"
 
 
@@ -123,8 +125,8 @@ async def test_own_writes_and_replayed_rows_change_nothing(
         service.follower.position = ChangePosition(0, 0)
         await service.ingestor.add_image(encode(photos["rocket"]), entry_id="rocket")
         assert await service.sync_now() == (0, 0)
-        assert len(service.index) == 2 and service.index.tombstones == 0  # type: ignore[attr-defined]
-        assert len(service.local) == sum(
+        assert len(service.indexes.vector) == 2 and service.indexes.vector.tombstones == 0  # type: ignore[attr-defined]
+        assert len(service.indexes.local) == sum(
             min(len(OrbFeatures.from_bytes(b)), settings.local_per_image) for _, b in service.catalogue.orb_blobs()
         )
     finally:
@@ -138,10 +140,9 @@ async def test_shared_milvus_replica_follows_with_its_local_index_only(
     settings = make_settings(sync_interval_s=0, milvus_uri=str(tmp_path / "vectors.milvus.db"))
     writer = await Service.start(settings)
     try:
-        follower = writer.follower
-        assert follower.index is None  # the collection is shared: nothing of the vectors to follow
+        assert writer.indexes.shares_vectors  # the collection is shared: nothing of the vectors to follow
         await writer.ingestor.add_image(encode(photos["coffee"]), entry_id="coffee")
-        follower.local.remove(writer.catalogue.vec_ids().tolist())  # as if another process had added it
+        writer.indexes.local.remove(writer.catalogue.vec_ids().tolist())  # as if another process had added it
         assert await writer.sync_now() == (1, 0)
         assert await top_id(writer, photos["coffee"]) == "coffee"
     finally:

@@ -228,14 +228,14 @@ def test_delete_is_final_also_after_restart_and_reingest(
 
 
 def test_reindex_rebuilds_from_the_catalogue(client: TestClient, photos: dict[str, np.ndarray]) -> None:
-    service = client.app.state.service  # type: ignore[attr-defined]
-    service.local.remove(service.index.ids().tolist())  # the local-feature index too (it finds crops alone)
-    service.index.remove(service.index.ids())  # the in-memory index loses everything
+    indexes = client.app.state.service.indexes  # type: ignore[attr-defined]
+    indexes.local.remove(indexes.vector.ids().tolist())  # the local-feature index too (it finds crops alone)
+    indexes.vector.remove(indexes.vector.ids())  # the in-memory index loses everything
     assert "camera" not in ids_found(client, encode(crop(photos["camera"])))
     response = client.post("/api/reindex", headers=AUTH)
     assert response.status_code == 200, response.text
     assert response.json() == {"vectors": len(GALLERY)}
-    assert len(service.index) == len(GALLERY)
+    assert len(indexes.vector) == len(GALLERY)
     assert ids_found(client, encode(crop(photos["camera"])))[0] == "camera"
 
 
@@ -257,7 +257,7 @@ def test_cli_reindex_replaces_a_bad_index_file(settings: Settings, capsys: pytes
     assert cli_main(["--data-dir", str(settings.data_dir), "reindex"]) == 0
     assert f"{len(GALLERY)} vectors" in capsys.readouterr().out
     from pictrace.features.embed import build_embedder
-    from pictrace.index import FaissIndex, IndexInfo
+    from pictrace.indexes.vector import FaissIndex, IndexInfo
 
     embedder = build_embedder(settings.backbone, settings.model_path, threads=1)
     index = FaissIndex.open(settings.index_path, IndexInfo(embedder.name, embedder.fingerprint, embedder.dim))

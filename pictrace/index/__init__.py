@@ -1,6 +1,5 @@
-"""Vector indexes behind one protocol; the catalogue is the system of record, an index is derived from it."""
+"""The former home of the vector index, now ``pictrace.indexes.vector``; kept for modules not moved over yet."""
 
-from pictrace.index.base import IndexInfo, VectorIndex
-from pictrace.index.faiss_index import FaissIndex, FaissParams
+from pictrace.indexes.vector import VectorIndex
 
-__all__ = ["FaissIndex", "FaissParams", "IndexInfo", "VectorIndex"]
+__all__ = ["VectorIndex"]

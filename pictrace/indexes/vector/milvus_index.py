@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pictrace.index.base import IndexInfo
+from pictrace.indexes.vector.base import IndexInfo
 
 _BATCH = 2000
 

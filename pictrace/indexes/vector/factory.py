@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pictrace.config import Settings
-from pictrace.index.base import IndexInfo, VectorIndex
-from pictrace.index.faiss_index import FaissIndex, FaissParams
+from pictrace.indexes.vector.base import IndexInfo, VectorIndex
+from pictrace.indexes.vector.faiss_index import FaissIndex, FaissParams
 
 
 def faiss_params(settings: Settings) -> FaissParams:
@@ -16,6 +16,12 @@ def faiss_params(settings: Settings) -> FaissParams:
     )
 
 
+def vectors_are_shared(settings: Settings) -> bool:
+    """Milvus is one collection that every writer (ingest worker, API replica) updates: a process neither
+    follows other processes' vector changes nor builds a private copy of it. FAISS is this process's own."""
+    return bool(settings.milvus_uri)
+
+
 def build_index(settings: Settings, info: IndexInfo) -> VectorIndex:
     """Milvus when ``PICTRACE_MILVUS_URI`` is set, else the embedded FAISS file beside the catalogue.
 
@@ -23,12 +29,12 @@ def build_index(settings: Settings, info: IndexInfo) -> VectorIndex:
     IndexMismatchError for vectors of another backbone.
     """
     if settings.milvus_uri:
-        from pictrace.index.milvus_index import MilvusIndex
+        from pictrace.indexes.vector.milvus_index import MilvusIndex
 
         return MilvusIndex(settings.milvus_uri, info, token=settings.milvus_token or "")
     return FaissIndex.open(settings.index_path, info, faiss_params(settings))
 
 
 def empty_index(settings: Settings, info: IndexInfo) -> VectorIndex:
-    """A fresh FAISS index at the usual path (used when the file on disk was corrupt)."""
+    """A fresh FAISS index at the usual path (the file on disk was corrupt, or is being rebuilt)."""
     return FaissIndex(info, settings.index_path, faiss_params(settings))

@@ -1,0 +1,44 @@
+"""How the local-feature index is built and queried."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pictrace.config import Settings
+
+
+@dataclass(frozen=True)
+class LocalIndexParams:
+    per_image: int  # strongest descriptors of each gallery image that are indexed
+    code_bytes: int  # prefix of each 32-byte ORB descriptor that is indexed
+    knn: int  # neighbours looked up per query descriptor
+    max_distance: int  # Hamming distance (on the prefix) beyond which a neighbour is no vote
+    nprobe: int  # inverted lists visited per query descriptor (IVF only)
+    flat_below: int = 50_000  # exact search is fast enough below this many descriptors, and needs no training
+    train_max: int = 262_144  # most codes the lists are learned from (64 per list below that)
+    max_lists: int = 65_536  # most inverted lists
+    train_iterations: int = 10  # k-means rounds
+    cell_lists: int = 65_536  # lists per top cell of the two-level coarse quantizer (one cell: exact assignment)
+    top_probe: int = 8  # top cells whose lists are candidates for a query descriptor's nprobe nearest
+
+    def structure(self) -> dict[str, int]:
+        """The parameters a built index depends on (the others apply at query time, also to a reopened one)."""
+        built = asdict(self)
+        for query_time in ("knn", "max_distance", "nprobe", "top_probe"):
+            built.pop(query_time)
+        return built
+
+
+def local_index_params(settings: Settings) -> LocalIndexParams:
+    return LocalIndexParams(
+        per_image=settings.local_per_image,
+        code_bytes=settings.local_code_bytes,
+        knn=settings.local_knn,
+        max_distance=settings.local_max_distance,
+        nprobe=settings.local_nprobe,
+        train_max=settings.local_train_max,
+        max_lists=settings.local_max_lists,
+        train_iterations=settings.local_train_iterations,
+        cell_lists=settings.local_cell_lists,
+        top_probe=settings.local_top_probe,
+    )
