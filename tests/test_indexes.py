@@ -75,7 +75,7 @@ def assert_in_step(indexes: DerivedIndexes, catalogue: Catalogue) -> None:
 def settings(request: pytest.FixtureRequest, make_settings: Callable[..., Settings], tmp_path: Path) -> Settings:
     if request.param == "faiss":
         return make_settings()
-    pytest.importorskip("milvus_lite")
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install -r requirements-scale.txt")
     return make_settings(milvus_uri=str(tmp_path / "vectors.milvus.db"))
 
 
