@@ -442,6 +442,15 @@ class Catalogue:
         rows = self._query(f"SELECT vec_id, gray, orb FROM images WHERE vec_id IN ({marks})", wanted)
         return {int(v): RerankFeatures(bytes(g), bytes(o)) for v, g, o in rows}
 
+    def grays_of(self, vec_ids: Iterable[int]) -> dict[int, bytes]:
+        """The SSIM shortlist's stored grey thumbnails (PNG), without the ORB blobs a search has already read."""
+        wanted = [int(v) for v in vec_ids]
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        rows = self._query(f"SELECT vec_id, gray FROM images WHERE vec_id IN ({marks})", wanted)
+        return {int(v): bytes(g) for v, g in rows}
+
     def thumbnail(self, sha256: str) -> bytes:
         rows = self._query("SELECT thumbnail FROM images WHERE sha256 = ?", (sha256,))
         if not rows:
