@@ -12,8 +12,10 @@ how each candidate threshold separates
 
     python bench/thresholds.py [--eval ../shared/eval] [--work /tmp/pictrace-thresholds]
 
-Galleries are indexed once into --work (kept between runs). Rows go to bench/results/thresholds_rows.json,
-the summary to bench/results/thresholds.json. The eval images never leave ../shared/eval.
+The evidence is what the search's own stage functions find (pictrace/search/, pictrace/matching/), except that
+every candidate gets the full check. Galleries are indexed once into --work (kept between runs). Rows go to
+bench/results/thresholds_rows.json, the summary to bench/results/thresholds.json. The eval images never leave
+../shared/eval.
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
-from pictrace.features.orb import OrbFeatures
+from pictrace.features.extract import orb_of
 from pictrace.gallery import load_gallery
-from pictrace.mirror import mirror_pass
-from pictrace.ranking import QueryFeatures, verify
+from pictrace.matching.mirror import mirrored_orb
+from pictrace.matching.scores import scored
+from pictrace.matching.transform import read_transform
+from pictrace.search.candidates import nearest
+from pictrace.search.reads import QueryReads
+from pictrace.search.rerank import mirror_pass, needs_mirror
+from pictrace.search.schedule import map_serial
+from pictrace.search.verify import fit_all
 from pictrace.service import Service
-from pictrace.transform import read_transform
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CANDIDATES = 20  # hardest distractors per query (the embedding's top 20)
@@ -77,27 +84,34 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
     edits = gt.get("edits", {})
     rows: list[dict[str, Any]] = []
     mirror_ms: list[float] = []
+    widest = settings.model_copy(update={"candidates": CANDIDATES + 1})  # the query itself may be one of them
     for n, q in enumerate(gt["queries"]):
         path = (dataset / "images" / q["query"]) if (dataset / "images" / q["query"]).exists() else None
         assert path is not None, q["query"]
         image = decode_image(path.read_bytes(), max_pixels=settings.max_pixels)
         embedding = service.embedder.embed([image.rgb])[0]
-        scores, found = service.indexes.vector.search(embedding[None, :], CANDIDATES + 1)
-        cosines = {int(i): float(s) for s, i in zip(scores[0], found[0], strict=True) if i >= 0}
+        # The search's own stages, except that every candidate gets the full check (no screen): the thresholds
+        # judge the evidence a check finds, whichever candidates the search then spends it on.
+        reads = QueryReads(service.catalogue)
+        cosines = nearest(service.indexes.vector, embedding, widest)
+        reads.know_cosines(cosines)
         relevant = {by_name[r] for r in q["relevant"] if r in by_name}
-        for vec_id in relevant - set(cosines):
-            for _, vectors in service.catalogue.embeddings([vec_id]):
-                cosines[vec_id] = float(vectors[0] @ embedding)
+        cosines |= reads.cosines(embedding, relevant - set(cosines))
         cosines.pop(by_name.get(q["query"], -1), None)  # smvs: the query itself is in the gallery
-        query = QueryFeatures.compute(image.rgb, settings)
-        stored = service.catalogue.rerank_features(cosines)
-        orbs = {v: OrbFeatures.from_bytes(stored[v].orb) for v in cosines}
-        direct = [verify(query, v, cosines[v], orbs[v], settings) for v in cosines]
+        query = orb_of(image.rgb, settings)
+        orbs = reads.orbs(cosines)
+        fits = fit_all(query, orbs, set(cosines), settings, map_serial)
+        direct = [scored(v, cosine, fits.get(v), settings) for v, cosine in cosines.items() if v in orbs]
         t0 = time.perf_counter()
         no_fit = [c for c in direct if c.homography is None or c.orb_inliers < settings.copy_min_inliers]
-        mirrored = {c.vec_id: c for c in mirror_pass(image.rgb, no_fit, stored, settings)}
+        rechecked = (
+            mirror_pass(mirrored_orb(image.rgb, settings), no_fit, orbs, settings, map_serial)
+            if needs_mirror(no_fit, orbs, settings)
+            else no_fit
+        )
+        mirrored = {c.vec_id: c for c in rechecked}
         mirror_ms.append((time.perf_counter() - t0) * 1000 / max(1, len(no_fit)))
-        records = service.catalogue.records(cosines)
+        records = reads.records(cosines)
         for c in direct:
             m = mirrored.get(c.vec_id)
             row: dict[str, Any] = {
@@ -201,7 +215,7 @@ def edit_type(detail: str) -> str:
 
 
 def verdict(row: dict[str, Any], rule: tuple[int, float, float], similar: float) -> str | None:
-    """pictrace.verdict.classify, on a measured row (kept in step with it by test_verdict's cases)."""
+    """pictrace.matching.verdict.classify, on a measured row (kept in step with it by test_verdict's cases)."""
     inliers, persp = best_geom(row)
     if is_copy(row, *rule):
         return "copy"

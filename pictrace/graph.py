@@ -1,4 +1,5 @@
-"""The match graph: verified geometric links between gallery images, built at ingest, used for query expansion.
+"""The match graph: verified geometric links between gallery images, built at ingest, used for query expansion
+(pictrace/search/expand.py).
 
 A phone photo of a cover in glare matches that cover's clean scan with many inliers, and the scan matches every
 other photo of the cover, but two phone photos (glare against blur, tilt against clutter) often share too few
@@ -15,12 +16,12 @@ live in the catalogue (system of record, shared by replicas) and are deleted wit
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.local import LocalIndex
-from pictrace.ranking import CandidateScore, match_features, rescore
+from pictrace.matching.geometry import match_features
 from pictrace.store import Catalogue
 
 log = logging.getLogger(__name__)
@@ -60,48 +61,3 @@ def link_images(
         catalogue.add_links(vec_id, find_links(catalogue, local, settings, vec_id)) for vec_id in vec_ids
     )
 
-
-def expand(
-    ranked: list[CandidateScore],
-    exact: set[int],
-    catalogue: Catalogue,
-    settings: Settings,
-    cosine_of: Callable[[list[int]], dict[int, float]],
-) -> list[CandidateScore]:
-    """Add (or lift) the links of the best verified results. ``ranked`` is sorted best first; the answer is not
-    sorted (the caller orders it its own way: exact hits first).
-
-    Sources: exact matches (their stored links are the query's own verified neighbours) and the best
-    ``expand_from`` results with a geometric fit scoring at least ``expand_min_score``.
-    """
-    if settings.expand_from == 0 or settings.expand_weight == 0:
-        return ranked
-    verified = [
-        c
-        for c in ranked
-        if c.vec_id not in exact and c.homography is not None and c.fused >= settings.expand_min_score
-    ]
-    sources = [c for c in ranked if c.vec_id in exact] + verified[: settings.expand_from]
-    if not sources:
-        return ranked
-    links = catalogue.links_of(c.vec_id for c in sources)
-    offers: dict[int, tuple[float, int]] = {}  # other -> (score through the link, source)
-    for source in sources:
-        base = 1.0 if source.vec_id in exact else source.fused
-        for other, inliers in links.get(source.vec_id, []):
-            if other in exact:
-                continue
-            score = settings.expand_weight * base * min(1.0, inliers / settings.orb_full_inliers)
-            if score > offers.get(other, (0.0, 0))[0]:
-                offers[other] = (score, source.vec_id)
-    by_id = {c.vec_id: c for c in ranked}
-    cosines = cosine_of([v for v in offers if v not in by_id])
-    for other, (score, source_id) in offers.items():
-        current = by_id.get(other)
-        if current is None:
-            if other not in cosines:  # deleted meanwhile
-                continue
-            current = CandidateScore(other, max(0.0, min(1.0, cosines[other])), 0.0, 0.0, 0, 0.0)
-        if score > current.fused:
-            by_id[other] = rescore(current, settings, linked=score, via=source_id)
-    return list(by_id.values())

@@ -51,7 +51,7 @@ class ComponentScores(BaseModel):
 
 
 class TransformInfo(BaseModel):
-    """What was done to a copy, read off the fitted homography (see pictrace/transform.py)."""
+    """What was done to a copy, read off the fitted homography (see pictrace/matching/transform.py)."""
 
     crop: tuple[int, int, int, int] = Field(
         description="Box (x0, y0, x1, y1) of the gallery image the query shows, in gallery pixels."

@@ -83,6 +83,7 @@ class TestCatalogue:
         feats = cat.rerank_features(ids[1:3])
         assert set(feats) == set(ids[1:3])
         assert feats[ids[1]].gray_png == stored(1).gray_png and feats[ids[1]].orb == stored(1).orb
+        assert cat.grays_of([*ids[1:3], 10**6]) == {ids[1]: stored(1).gray_png, ids[2]: stored(2).gray_png}
         all_ids, vectors = zip(*cat.embeddings(batch=2), strict=True)
         got = dict(zip(np.concatenate(all_ids).tolist(), np.concatenate(vectors), strict=True))
         assert np.array_equal(got[ids[4]], stored(4).embedding)

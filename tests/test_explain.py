@@ -18,8 +18,8 @@ from pictrace.errors import NotFoundError
 from pictrace.explain import QueryMemory, difference_map, inlier_pairs
 from pictrace.features.extract import orb_of
 from pictrace.features.orb import extract_orb, match_orb
+from pictrace.matching.transform import to_pixel_homography
 from pictrace.schemas import QueryInfo, SearchResult
-from pictrace.transform import to_pixel_homography
 from pictrace.web import create_app
 
 LOCAL = ["astronaut", "chelsea", "coffee", "rocket", "camera"]

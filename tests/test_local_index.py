@@ -8,10 +8,12 @@ import pytest
 from conftest import crop, resize
 
 from pictrace.config import Settings
+from pictrace.features.extract import orb_of
 from pictrace.features.orb import OrbFeatures, consensus, extract_orb
 from pictrace.indexes.local import LocalIndex, LocalIndexParams
 from pictrace.indexes.local.lists import stable_sample, train_two_level, two_level_quantizer
-from pictrace.ranking import QueryFeatures, nearest_by_embedding, screened
+from pictrace.search.schedule import map_serial
+from pictrace.search.verify import nearest_by_embedding, screen
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 
@@ -140,7 +142,7 @@ def test_votes_shared_with_a_side_thread_are_the_votes_of_one_thread(
     import time
 
     from pictrace.indexes.local.index import VOTE_CHUNK
-    from pictrace.work import SideThread, map_serial
+    from pictrace.search.schedule import SideThread
 
     index = LocalIndex.build(_params(flat_below), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
     side = SideThread()
@@ -236,16 +238,17 @@ def test_only_screened_and_nearest_candidates_get_the_full_check(
 ) -> None:
     index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
     rgb = resize(crop(photos["rocket"], 0.6, 0.2), 0.7)
-    query = QueryFeatures.compute(rgb, Settings(_env_file=None))
+    query = orb_of(rgb, Settings(_env_file=None))
     gallery = {i: orbs[name] for i, name in enumerate(NAMES, 1)}
     cosines = {i: 0.1 * i for i in gallery}  # by embedding, the last two images are nearest
-    votes = index.vote(query.orb)
+    votes = index.vote(query)
     rocket = NAMES.index("rocket") + 1
 
     def chosen(**settings: int) -> set[int]:
         """What the search checks fully: the screened candidates and the nearest by embedding."""
         configured = Settings(_env_file=None, **settings)  # type: ignore[arg-type]
-        return screened(query.orb, gallery, votes, configured) | nearest_by_embedding(cosines, gallery, configured)
+        passed = screen(query, gallery, votes, configured, map_serial)
+        return passed | nearest_by_embedding(cosines, gallery, configured)
 
     passed = chosen(verify_embedding_top=0)
     assert rocket in passed and len(passed) <= 2, passed  # chance agreement of 7 keypoints is rare

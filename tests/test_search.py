@@ -79,12 +79,12 @@ async def test_same_pixels_other_encoding_is_exact(service: Service, tmp_path: P
 
 
 async def test_a_re_upload_is_the_identity_with_every_keypoint_agreeing(service: Service, tmp_path: Path) -> None:
-    """Exact matches skip the full ORB check (ranking.identical_fit): its answer must be what the check finds."""
+    """Exact matches skip the full ORB check (geometry.identical_fit): its answer must be what the check finds."""
     from PIL import Image
 
     from pictrace.features.extract import orb_of
     from pictrace.features.orb import OrbFeatures
-    from pictrace.ranking import fit_geometry, identical_fit
+    from pictrace.matching.geometry import fit_geometry, identical_fit
 
     result = service.searcher.search_bytes((tmp_path / "g" / "coffee.jpg").read_bytes())
     _assert_identity_fit(service, result.results[0])

@@ -15,16 +15,12 @@ import pytest
 
 from pictrace.features.extract import orb_of
 from pictrace.features.orb import extract_orb, match_orb
-from pictrace.mirror import mirror_pass
-from pictrace.ranking import CandidateScore
-from pictrace.store import RerankFeatures
-from pictrace.transform import (
-    mirror_matrix,
-    perspective_strength,
-    read_transform,
-    to_pixel_homography,
-    transform_info,
-)
+from pictrace.matching.mirror import mirrored_orb
+from pictrace.matching.scores import CandidateScore
+from pictrace.matching.transform import mirror_matrix, perspective_strength, read_transform, to_pixel_homography
+from pictrace.search.present import transform_info
+from pictrace.search.rerank import mirror_pass
+from pictrace.search.schedule import map_serial
 
 BOX_TOL = 0.03
 SCALE_TOL = 0.03
@@ -169,14 +165,14 @@ def test_mirrored_copy_needs_the_mirror_pass(photos: dict[str, np.ndarray], make
     g = extract_orb(gallery, n_features=settings.orb_features, max_side=settings.orb_max_side)
     direct = match_orb(extract_orb(query), g)
     assert direct.homography is None
-    stored = {7: RerankFeatures(gray_png=b"", orb=g.to_bytes())}
     before = [CandidateScore(7, 0.8, 0.0, 0.0, direct.inliers, 0.4)]
-    (after,) = mirror_pass(query, before, stored, settings)
+    (after,) = mirror_pass(mirrored_orb(query, settings), before, {7: g}, settings, map_serial)
     assert after.homography is not None and after.orb_inliers >= settings.orb_min_inliers
     out = read_transform(after.homography, (query.shape[1], query.shape[0]), (w, h))
     assert out.flip and angle_diff(out.rotation, 0) < ANGLE_TOL and abs(out.scale - 1) < SCALE_TOL
     assert_box(out.crop, box, max(h, w))
-    assert mirror_pass(query, before, stored, make_settings(mirror_check=False)) == before
+    off = make_settings(mirror_check=False)
+    assert mirror_pass(mirrored_orb(query, off), before, {7: g}, off, map_serial) == before
 
 
 def test_mirror_matrix_is_its_own_inverse() -> None:
@@ -196,8 +192,8 @@ def test_small_mirrored_copy_is_upscaled_like_any_query(  # type: ignore[no-unty
     query = np.ascontiguousarray(cv2.resize(gallery, (side, side * h // w), interpolation=cv2.INTER_AREA)[:, ::-1])
     settings = make_settings()
     g = orb_of(gallery, settings)  # extracted as at ingest
-    stored = {7: RerankFeatures(gray_png=b"", orb=g.to_bytes())}
-    (after,) = mirror_pass(query, [CandidateScore(7, 0.8, 0.0, 0.0, 0, 0.4)], stored, settings)
+    candidate = CandidateScore(7, 0.8, 0.0, 0.0, 0, 0.4)
+    (after,) = mirror_pass(mirrored_orb(query, settings), [candidate], {7: g}, settings, map_serial)
     assert after.homography is not None and after.orb_inliers >= settings.orb_min_inliers
     out = read_transform(after.homography, (query.shape[1], query.shape[0]), (w, h))
     assert out.flip and abs(out.scale - side / w) < SCALE_TOL * side / w

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from pictrace.config import Settings
-from pictrace.verdict import VerdictThresholds, classify
+from pictrace.matching.verdict import VerdictThresholds, classify
 
 T = VerdictThresholds(
     copy_min_inliers=12, copy_min_embedding=0.3, copy_max_perspective=0.1, similar_min_embedding=0.7,

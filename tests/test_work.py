@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pictrace.work import SideJob, SideThread, map_serial
+from pictrace.search.schedule import SideJob, SideThread, map_serial
 
 
 @pytest.fixture

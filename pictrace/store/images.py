@@ -208,6 +208,14 @@ class ImageQueries(SqlAccess):
             for sha, w, h, fmt, nbytes, entry_id, entry_url, url, n in rows
         ]
 
+    def grays_of(self, vec_ids: Iterable[int]) -> dict[int, bytes]:
+        """The SSIM shortlist's stored grey thumbnails (PNG), without the ORB blobs a search has already read."""
+        wanted = [int(v) for v in vec_ids]
+        if not wanted:
+            return {}
+        rows = self._query(f"SELECT vec_id, gray FROM images WHERE vec_id IN ({marks(len(wanted))})", wanted)
+        return {int(v): bytes(g) for v, g in rows}
+
     def thumbnail(self, sha256: str) -> bytes:
         rows = self._query("SELECT thumbnail FROM images WHERE sha256 = ?", (sha256,))
         if not rows:

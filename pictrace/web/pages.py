@@ -11,8 +11,8 @@ from starlette.datastructures import UploadFile
 from starlette.templating import Jinja2Templates
 
 from pictrace.errors import InvalidInputError, PicTraceError
+from pictrace.matching.verdict import Verdict
 from pictrace.schemas import SearchResult
-from pictrace.verdict import Verdict
 from pictrace.web.deps import ServiceDep, query_bytes, run_search
 from pictrace.web.errors import headers_for, status_for
 

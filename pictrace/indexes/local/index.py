@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,7 +33,9 @@ from pictrace.indexes.local.params import LocalIndexParams
 from pictrace.indexes.local.votes import Votes
 from pictrace.indexes.lock import ReadWriteLock
 from pictrace.indexes.storage import atomic_write
-from pictrace.work import MapEach, map_serial
+
+if TYPE_CHECKING:  # the schedule's module imports the search, which imports this one
+    from pictrace.search.schedule import MapEach
 
 log = logging.getLogger(__name__)
 
@@ -258,19 +260,25 @@ class LocalIndex:
             self._index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
             return len(gone)
 
-    def vote(self, query: OrbFeatures, map_each: MapEach = map_serial) -> Votes:
+    def vote(self, query: OrbFeatures, map_each: MapEach | None = None) -> Votes:
         """One vote per (query descriptor, gallery image) pair whose codes are within ``max_distance``.
 
         The descriptors are looked up ``VOTE_CHUNK`` at a time through ``map_each``: at 100k images the lookup
         takes ~145 ms on one thread, long after the search's side thread has finished the embedding and could
-        take half of it (``SideThread.map``). Each descriptor's neighbours are the same either way.
+        take half of it (``SideThread.map``; None: all on this thread). Each descriptor's neighbours are the
+        same either way.
         """
         if len(query) == 0 or len(self) == 0:
             return Votes({})
         codes = np.ascontiguousarray(query.descriptors[:, : self.params.code_bytes])
         chunks = [codes[i : i + VOTE_CHUNK] for i in range(0, len(codes), VOTE_CHUNK)]
         with self._lock.read():  # held for all chunks, whichever thread looks them up
-            found_parts = map_each(lambda part: self._index.search(part, self.params.knn), chunks)
+
+            def lookup(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                dist, ids = self._index.search(part, self.params.knn)
+                return dist, ids
+
+            found_parts = [lookup(part) for part in chunks] if map_each is None else map_each(lookup, chunks)
         dist = np.vstack([d for d, _ in found_parts])  # an IVF's lists: its two-level quantizer's
         ids = np.vstack([i for _, i in found_parts])
         ok = (ids >= 0) & (dist <= self.params.max_distance)

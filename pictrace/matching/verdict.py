@@ -10,7 +10,7 @@ data; docs/verdicts.md has the measurement.
   at least a little (a floor that stops a geometric accident on a flat background).
 * **similar**: the same object or scene, another shot: a high embedding cosine, or a geometric match whose
   homography has a clear perspective (a photo of the same print taken at an angle), or a link through another
-  result that matches both (the match graph, pictrace/graph.py).
+  result that matches both (the match graph, pictrace/graph.py and pictrace/search/expand.py).
 * anything else is unrelated and not shown at all.
 """
 
@@ -56,7 +56,7 @@ def classify(
     """The verdict for one candidate, or None when it is unrelated and must not be shown.
 
     ``inliers`` are distinct-keypoint RANSAC inliers of an *accepted* homography (0 when none was accepted);
-    ``perspective`` is :func:`pictrace.transform.perspective_strength` of that homography (None without one);
+    ``perspective`` is :func:`pictrace.matching.transform.perspective_strength` of that homography (None without one);
     ``linked``: reached through the match graph (another result matches both), which makes it at least similar.
     """
     if exact:

@@ -1,8 +1,9 @@
 """What was done to a copy, read off the homography that ORB + RANSAC fitted: crop box, scale, rotation, flip.
 
-Pure functions over numbers. The homography the matcher returns maps the query's *working* coordinates (the
-downscaled image ORB ran on) to the gallery image's working coordinates; everything here is first brought to
-original pixel coordinates, so the read-out speaks in the pixels of the images the user sees.
+Pure functions over numbers (the API's view of a read-out is pictrace/search/present.py). The homography the
+matcher returns maps the query's *working* coordinates (the downscaled image ORB ran on) to the gallery image's
+working coordinates; everything here is first brought to original pixel coordinates, so the read-out speaks in
+the pixels of the images the user sees.
 
 Conventions (what the user reads):
 
@@ -22,8 +23,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from pictrace.schemas import TransformInfo
 
 _MIRROR = np.diag([-1.0, 1.0])
 
@@ -142,16 +141,3 @@ def _jacobian(hom: np.ndarray, point: np.ndarray) -> np.ndarray:
         ]
     )
 
-
-def transform_info(readout: TransformReadout) -> TransformInfo:
-    """The API's view of a read-out."""
-    return TransformInfo(
-        crop=readout.crop,
-        crop_fraction=readout.crop_fraction,
-        query_box=readout.query_box,
-        scale=readout.scale,
-        rotation=readout.rotation,
-        flip=readout.flip,
-        perspective=readout.perspective,
-        homography=[[round(float(v), 6) for v in row] for row in readout.homography],
-    )

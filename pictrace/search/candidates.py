@@ -1,0 +1,62 @@
+"""Stage 1, candidates: the images worth ranking for one query, and what made each one a candidate.
+
+Three sources: the query's exact bytes or decoded pixels (hash lookups), the images its local descriptors vote
+for (pictrace/indexes/local/: they find a small, tilted, glared copy the embedding misses), and the nearest
+vectors by embedding. The first two need no embedding, so the search verifies them while it is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from pictrace.config import Settings
+from pictrace.features.orb import OrbFeatures
+from pictrace.indexes.local import LocalIndex, Votes
+from pictrace.indexes.vector import VectorIndex
+from pictrace.matching.scores import CandidateScore
+from pictrace.search.schedule import MapEach
+
+
+@dataclass(frozen=True)
+class Candidates:
+    exact: frozenset[int]  # the query's own bytes or decoded pixels: always ranked first
+    votes: Votes
+    voted: tuple[int, ...]  # the most-voted images, most votes first
+    # the query embedding's cosine with each candidate: the index's nearest first (best first), then the exact
+    # and voted candidates' own in the catalogue's order; this order breaks ties between equal scores
+    cosines: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def local(self) -> list[int]:
+        """The candidates found without the embedding."""
+        return [*self.exact, *self.voted]
+
+    def best_first(self, scores: Iterable[CandidateScore]) -> list[CandidateScore]:
+        """Exact matches first, then by fused score; a stable sort, so ties keep their order."""
+        return sorted(scores, key=lambda c: (c.vec_id in self.exact, c.fused), reverse=True)
+
+
+def votes_for(query: OrbFeatures, local: LocalIndex, settings: Settings, map_each: MapEach) -> Votes:
+    """Which images the query's local descriptors point to (none when ``local_candidates`` is 0)."""
+    if settings.local_candidates == 0:
+        return Votes({})
+    return local.vote(query, map_each)
+
+
+def local_candidates(exact: Iterable[int], votes: Votes, settings: Settings) -> Candidates:
+    """The candidates without the embedding: exact matches and the most-voted images."""
+    return Candidates(frozenset(exact), votes, tuple(votes.top(settings.local_candidates, settings.local_min_votes)))
+
+
+def nearest(index: VectorIndex, embedding: np.ndarray, settings: Settings) -> dict[int, float]:
+    """The ``candidates`` nearest vectors and their cosines, best first."""
+    scores, ids = index.search(embedding[None, :], settings.candidates)
+    return {int(i): float(s) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0}
+
+
+def with_nearest(found: Candidates, nearest: Mapping[int, float], own: Mapping[int, float]) -> Candidates:
+    """The candidates joined by the nearest vectors; ``own``: the cosines of the candidates found before."""
+    return replace(found, cosines={**nearest, **own})

@@ -1,0 +1,57 @@
+"""Stage 4, rerank: the shortlist that will be shown gets SSIM and the mirror check.
+
+SSIM is the costliest per-pair signal and the least discriminative, and the mirror check needs one more ORB
+extraction, so only the best ``max(ssim_shortlist, top_k)`` candidates pay for them; the others keep their
+provisional score and stay in the ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping, Sequence
+
+from pictrace.config import Settings
+from pictrace.features.orb import OrbFeatures
+from pictrace.features.ssim import SsimReference
+from pictrace.matching.mirror import mirror_fit, worth_mirroring
+from pictrace.matching.scores import CandidateScore, with_ssim
+from pictrace.search.schedule import MapEach
+
+
+def shortlist(
+    ranked: list[CandidateScore], top_k: int, settings: Settings
+) -> tuple[list[CandidateScore], list[CandidateScore]]:
+    """(the best, which get SSIM and the mirror check; the rest)."""
+    size = max(settings.ssim_shortlist, top_k)
+    return ranked[:size], ranked[size:]
+
+
+def needs_mirror(
+    candidates: Sequence[CandidateScore], orbs: Container[int], settings: Settings
+) -> list[CandidateScore]:
+    """The candidates worth a match against the mirrored query (with stored features to match)."""
+    return [c for c in candidates if worth_mirroring(c, settings) and c.vec_id in orbs]
+
+
+def with_ssim_all(
+    reference: SsimReference,
+    candidates: Sequence[CandidateScore],
+    grays: Mapping[int, bytes],
+    settings: Settings,
+    map_each: MapEach,
+) -> list[CandidateScore]:
+    """The candidates with SSIM against their stored grey thumbnail (those without one are dropped: deleted)."""
+    todo = [c for c in candidates if c.vec_id in grays]
+    return map_each(lambda c: with_ssim(reference, c, grays[c.vec_id], settings), todo)
+
+
+def mirror_pass(
+    mirrored: OrbFeatures,
+    candidates: list[CandidateScore],
+    orbs: Mapping[int, OrbFeatures],
+    settings: Settings,
+    map_each: MapEach,
+) -> list[CandidateScore]:
+    """The candidates, those that ``needs_mirror`` picks re-verified against the mirrored query's features."""
+    todo = needs_mirror(candidates, orbs, settings)
+    found = {c.vec_id: c for c in map_each(lambda c: mirror_fit(mirrored, c, orbs[c.vec_id], settings), todo)}
+    return [found.get(c.vec_id, c) for c in candidates]

@@ -1,0 +1,93 @@
+"""Stage 2, verify: which candidates get the full geometric check, and its outcome.
+
+The full check (ORB + RANSAC, pictrace/matching/geometry.py) costs ~2 ms a candidate. The cascade: exact
+matches take ``identical_fit`` for free; the others pass a screen on the pairs behind their votes first; the
+``verify_embedding_top`` nearest by embedding are checked whatever their screen (an edited copy can be too
+small or too blurred for its keypoints to reach the index); the rest keep their embedding score.
+
+``verify`` runs once on the candidates found without the embedding (while it is computed) and once more when
+the nearest vectors have joined them, each time on the candidates it has not considered yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field
+
+from pictrace.config import Settings
+from pictrace.features.orb import OrbFeatures
+from pictrace.indexes.local import Votes
+from pictrace.matching.geometry import GeometricFit, fit_geometry, identical_fit, passes_screen
+from pictrace.matching.scores import CandidateScore, scored
+from pictrace.search.candidates import Candidates
+from pictrace.search.schedule import MapEach
+
+
+@dataclass(frozen=True)
+class Checks:
+    fits: dict[int, GeometricFit] = field(default_factory=dict)  # the candidates fully checked
+    considered: frozenset[int] = frozenset()  # screened (passed or not) or exact: never screened again
+
+
+def verify(
+    query: OrbFeatures,
+    found: Candidates,
+    orbs: Mapping[int, OrbFeatures],
+    done: Checks,
+    settings: Settings,
+    map_each: MapEach,
+) -> Checks:
+    """``done`` plus the checks of the candidates in ``orbs`` it has not considered (``map_each`` runs them)."""
+    new = [v for v in orbs if v not in done.considered]
+    fits = dict(done.fits)
+    fits.update((v, identical_fit(orbs[v])) for v in new if v in found.exact and v not in fits)
+    passed = screen(query, {v: orbs[v] for v in new if v not in fits}, found.votes, settings, map_each)
+    checked = passed | nearest_by_embedding(found.cosines, orbs, settings)
+    fits |= fit_all(query, orbs, checked - fits.keys(), settings, map_each)
+    return Checks(fits, done.considered | frozenset(new))
+
+
+def screen(
+    query: OrbFeatures, gallery: Mapping[int, OrbFeatures], votes: Votes, settings: Settings, map_each: MapEach
+) -> set[int]:
+    """The candidates whose vote pairs pass the screen (all of them when it is off, or without votes).
+
+    Matching every query keypoint against every keypoint of a candidate costs ~2 ms; the local index's votes
+    already paired some of them up, and a RANSAC over those few dozen pairs costs ~0.2 ms. Measured on the
+    shared sets, this checks ~8 of ~27 candidates a query and drops ~1 % of the relevant matches the full
+    check would have found (docs/quality.md).
+    """
+    if settings.local_candidates == 0 or settings.prescreen_min_inliers == 0:
+        return set(gallery)
+    todo = sorted(gallery)
+    passed = map_each(lambda v: passes_screen(query, gallery[v], votes.pairs(v), settings), todo)
+    return {v for v, ok in zip(todo, passed, strict=True) if ok}
+
+
+def nearest_by_embedding(cosines: Mapping[int, float], among: Container[int], settings: Settings) -> set[int]:
+    """The ``verify_embedding_top`` candidates nearest by embedding, of those in ``among`` (ties: cosines' order)."""
+    candidates = [v for v in cosines if v in among]
+    return set(sorted(candidates, key=lambda v: -cosines[v])[: settings.verify_embedding_top])
+
+
+def fit_all(
+    query: OrbFeatures,
+    gallery: Mapping[int, OrbFeatures],
+    vec_ids: set[int],
+    settings: Settings,
+    map_each: MapEach,
+) -> dict[int, GeometricFit]:
+    """The full check of these candidates (those in ``gallery``)."""
+    todo = sorted(v for v in vec_ids if v in gallery)
+    return dict(zip(todo, map_each(lambda v: fit_geometry(query, gallery[v], settings), todo), strict=True))
+
+
+def scores(
+    found: Candidates, orbs: Container[int], checks: Checks, settings: Settings
+) -> list[CandidateScore]:
+    """Every candidate with stored features, scored (not yet sorted): embedding and fit, SSIM still 0."""
+    return [
+        scored(v, cosine, checks.fits.get(v), settings, found.votes.counts.get(v, 0))
+        for v, cosine in found.cosines.items()
+        if v in orbs
+    ]
