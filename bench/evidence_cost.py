@@ -44,27 +44,27 @@ async def run(repeat: int) -> dict[str, Any]:
         service = await Service.start(base)
         try:
             await service.ingestor.ingest_gallery(load_gallery(base.db))
-            settings = {m: base.model_copy(update={"mirror_check": m}) for m in (False, True)}
+            tunings = {m: service.tuning.replace(cascade={"mirror_check": m}) for m in (False, True)}
             service.searcher.search_bytes(data[0])  # warm-up
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(repeat):
                 for d in data:
                     for mirror in (False, True):  # interleaved, so a busy machine weighs on both alike
-                        service.searcher.settings = settings[mirror]
+                        service.searcher.tuning = tunings[mirror]
                         t0 = time.perf_counter()
                         service.searcher.search_bytes(d)
                         times[mirror].append((time.perf_counter() - t0) * 1000)
             for mirror, values in times.items():
                 out[f"search_ms_mirror_{'on' if mirror else 'off'}"] = {
                     "p50": statistics.median(values), "p95": pct(values, 0.95)}
-            service.searcher.settings = base
+            service.searcher.tuning = service.tuning
             draw = []
             for d in data:
                 result = service.searcher.search_bytes(d)
                 kept = KeptQuery(d, result, time.monotonic() + 60)
                 for m in result.results:
                     t0 = time.perf_counter()
-                    explain_match(service.catalogue, kept, m.sha256, base)
+                    explain_match(service.catalogue, kept, m.sha256, base, service.tuning)
                     draw.append((time.perf_counter() - t0) * 1000)
             out["explain_ms"] = {"n": len(draw), "p50": statistics.median(draw), "p95": pct(draw, 0.95)}
         finally:

@@ -53,6 +53,8 @@ from pictrace.features.extract import local_features
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo, VectorIndex
 from pictrace.store import Catalogue, Source
+from pictrace.store.images import upsert_source
+from pictrace.tuning import Tuning
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIM = 1280
@@ -275,7 +277,7 @@ def real_set(settings: Settings, per_photo: int, queries_per_photo: int) -> dict
             img = decode_image(edit(photo, rng), max_pixels=settings.max_pixels)
             gallery.append(img)
             g_photo.append(p)
-            feats.append(local_features(img, settings))
+            feats.append(local_features(img, Tuning()))
         for _ in range(queries_per_photo):
             queries.append(edit(photo, rng))
             q_photo.append(p)
@@ -331,20 +333,22 @@ def make_catalogue(path: Path, real: dict[str, Any], n: int) -> None:
                 (sha, sha if i >= len(gallery) else f.pixel_sha256, gallery[j].width, gallery[j].height, "JPEG",
                  100_000, f.dhash, vectors[i].tobytes(), f.gray_png, orb, f.thumbnail, time.time()),
             )
-            cat._upsert_source(conn, Source(url=f"https://example.com/{i}.jpg", entry_id=str(i), position=i),
-                               "ok", sha, None)
+            upsert_source(conn, Source(url=f"https://example.com/{i}.jpg", entry_id=str(i), position=i),
+                          "ok", sha, None)
     cat.close()
     print(f"  catalogue of {n} rows written in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-async def e2e(real: dict[str, Any], n: int, workdir: Path, settings_overrides: dict[str, Any]) -> dict[str, Any]:
+async def e2e(
+    real: dict[str, Any], n: int, workdir: Path, settings_overrides: dict[str, Any], tuning: Tuning
+) -> dict[str, Any]:
     from pictrace.service import Service
 
     settings = Settings(_env_file=None, data_dir=workdir, index_on_start=False, **settings_overrides)  # type: ignore[call-arg]
     make_catalogue(settings.catalogue_path, real, n)
     settings.index_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    service = await Service.start(settings)
+    service = await Service.start(settings, tuning=tuning)
     start_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
@@ -365,7 +369,7 @@ async def e2e(real: dict[str, Any], n: int, workdir: Path, settings_overrides: d
             t1 = time.perf_counter()
             vec = embedder.embed([img.rgb])[0]
             t2 = time.perf_counter()
-            index.search(vec[None, :], settings.candidates)
+            index.search(vec[None, :], service.tuning.cascade.candidates)
             t3 = time.perf_counter()
             decode_ms.append((t1 - t0) * 1000)
             embed_ms.append((t2 - t1) * 1000)
@@ -440,8 +444,8 @@ def main() -> None:
     if "e2e" in args.parts and real is not None:
         print(f"end to end at {args.e2e_size} images", flush=True)
         args.workdir.mkdir(parents=True, exist_ok=True)
-        overrides = {"index_mode": args.e2e_mode, "index_ef_search": args.ef_search}
-        out["e2e"] = asyncio.run(e2e(real, args.e2e_size, args.workdir, overrides))
+        tuning = Tuning().replace(vectors={"ef_search": args.ef_search})
+        out["e2e"] = asyncio.run(e2e(real, args.e2e_size, args.workdir, {"index_mode": args.e2e_mode}, tuning))
         print("  " + json.dumps(out["e2e"]), flush=True)
     out["loadavg_end"] = os.getloadavg()
 

@@ -45,6 +45,7 @@ from pictrace.decode import decode_image
 from pictrace.features.orb import OrbFeatures, extract_orb
 from pictrace.indexes.local import LocalIndex, LocalIndexParams
 from pictrace.indexes.local.lists import list_count
+from pictrace.tuning import Tuning
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -71,12 +72,12 @@ def real_features() -> tuple[list[str], list[OrbFeatures], dict[str, list[str]]]
         data = np.load(CACHE, allow_pickle=False)
         blobs = [bytes(data[f"b{i}"]) for i in range(len(names))]
     else:
-        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        settings, tuning = Settings(_env_file=None), Tuning()  # type: ignore[call-arg]
         blobs = []
         for name in names:
             rgb = decode_image((EVAL / "images" / name).read_bytes(), max_pixels=settings.max_pixels).rgb
             orb = extract_orb(
-                rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+                rgb, n_features=tuning.orb.features, max_side=tuning.orb.max_side, min_side=tuning.orb.min_side
             )
             blobs.append(orb.to_bytes())
         RESULTS.mkdir(exist_ok=True)
@@ -216,13 +217,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=250, help="real photos used as queries (of 250)")
-    defaults = Settings.model_fields
-    parser.add_argument("--train-max", type=int, default=defaults["local_train_max"].default)
-    parser.add_argument("--max-lists", type=int, default=defaults["local_max_lists"].default)
-    parser.add_argument("--iterations", type=int, default=defaults["local_train_iterations"].default)
-    parser.add_argument("--nprobe", type=int, default=defaults["local_nprobe"].default)
-    parser.add_argument("--cell-lists", type=int, default=defaults["local_cell_lists"].default)
-    parser.add_argument("--top-probe", type=int, default=defaults["local_top_probe"].default)
+    defaults = Tuning().local
+    parser.add_argument("--train-max", type=int, default=defaults.train_max)
+    parser.add_argument("--max-lists", type=int, default=defaults.max_lists)
+    parser.add_argument("--iterations", type=int, default=defaults.train_iterations)
+    parser.add_argument("--nprobe", type=int, default=defaults.nprobe)
+    parser.add_argument("--cell-lists", type=int, default=defaults.cell_lists or defaults.max_lists)
+    parser.add_argument("--top-probe", type=int, default=defaults.top_probe)
     parser.add_argument("--estimate", type=int, nargs="*", default=[],
                         help="sizes only estimated: lists learned in full, then --add-part codes added and scaled")
     parser.add_argument("--add-part", type=int, default=2_000_000)
@@ -230,8 +231,8 @@ def main() -> None:
     args = parser.parse_args()
     names, real, relevant = real_features()
     params = LocalIndexParams(
-        per_image=PER_IMAGE, code_bytes=16, knn=defaults["local_knn"].default,
-        max_distance=defaults["local_max_distance"].default, nprobe=args.nprobe,
+        per_image=PER_IMAGE, code_bytes=16, knn=defaults.knn,
+        max_distance=defaults.max_distance, nprobe=args.nprobe,
         train_max=args.train_max, max_lists=args.max_lists, train_iterations=args.iterations,
         cell_lists=args.cell_lists, top_probe=args.top_probe,
     )

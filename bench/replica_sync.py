@@ -24,13 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes import DerivedIndexes
 from pictrace.indexes.local import LocalIndex, local_index_params
 from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo
 from pictrace.store import Catalogue, Source, StoredImage
+from pictrace.store.images import upsert_source
 from pictrace.sync import Follower
+from pictrace.tuning import Tuning
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIM = 1280
@@ -56,7 +57,7 @@ def fill(catalogue: Catalogue, n: int, rng: np.random.Generator) -> None:
                 (im.sha256, im.pixel_sha256, im.width, im.height, im.format, im.nbytes, im.dhash,
                  im.embedding.tobytes(), im.gray_png, im.orb, im.thumbnail, time.time()),
             )
-            catalogue._upsert_source(conn, Source(url=f"https://example.com/{i}.jpg"), "ok", im.sha256, None)
+            upsert_source(conn, Source(url=f"https://example.com/{i}.jpg"), "ok", im.sha256, None)
 
 
 def timed(follower: Follower) -> tuple[float, Any]:
@@ -73,7 +74,7 @@ def run(n: int, changes: list[int], workdir: Path) -> list[dict[str, Any]]:
     fill(writer, n, rng)
     replica = Catalogue(path)
     index = FaissIndex(IndexInfo("bench", "bench", DIM), None, FaissParams(mode="exact"))
-    local = LocalIndex(local_index_params(Settings(_env_file=None)))  # type: ignore[call-arg]
+    local = LocalIndex(local_index_params(Tuning().local))
     follower = Follower(replica, DerivedIndexes(replica, index, local))
     full_s, result = timed(follower)  # no position yet: the full path
     rows = [{"n": n, "what": "full reconcile (start, fallback)", "changes": n, "sync_s": round(full_s, 3),

@@ -121,14 +121,15 @@ async def original_way(service: Service, query: bytes, urls: list[str]) -> float
     started = time.perf_counter()
     q = decode_image(query, max_pixels=settings.max_pixels)
     q_emb = service.embedder.embed([q.rgb])[0]
-    q_gray, q_orb = gray256(q.rgb), extract_orb(q.rgb, n_features=settings.orb_features)
+    tuning = service.tuning
+    q_gray, q_orb = gray256(q.rgb), extract_orb(q.rgb, n_features=tuning.orb.features)
     scores = []
     for url in urls:
         data = await service.fetcher.fetch_gallery(url)
         g = decode_image(data, max_pixels=settings.max_pixels)
         emb = float(service.embedder.embed([g.rgb])[0] @ q_emb)
         ssim = ssim_score(q_gray, gray256(g.rgb))
-        orb = match_orb(q_orb, extract_orb(g.rgb, n_features=settings.orb_features)).score
+        orb = match_orb(q_orb, extract_orb(g.rgb, n_features=tuning.orb.features)).score
         scores.append(emb + ssim + orb)
     np.argsort(scores)
     return (time.perf_counter() - started) * 1000

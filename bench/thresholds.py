@@ -84,7 +84,8 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
     edits = gt.get("edits", {})
     rows: list[dict[str, Any]] = []
     mirror_ms: list[float] = []
-    widest = settings.model_copy(update={"candidates": CANDIDATES + 1})  # the query itself may be one of them
+    tuning = service.tuning
+    widest = tuning.replace(cascade={"candidates": CANDIDATES + 1})  # the query itself may be one of them
     for n, q in enumerate(gt["queries"]):
         path = (dataset / "images" / q["query"]) if (dataset / "images" / q["query"]).exists() else None
         assert path is not None, q["query"]
@@ -98,15 +99,15 @@ def query_rows(service: Service, dataset: Path, gt: dict[str, Any], settings: Se
         relevant = {by_name[r] for r in q["relevant"] if r in by_name}
         cosines |= reads.cosines(embedding, relevant - set(cosines))
         cosines.pop(by_name.get(q["query"], -1), None)  # smvs: the query itself is in the gallery
-        query = orb_of(image.rgb, settings)
+        query = orb_of(image.rgb, tuning)
         orbs = reads.orbs(cosines)
-        fits = fit_all(query, orbs, set(cosines), settings, map_serial)
-        direct = [scored(v, cosine, fits.get(v), settings) for v, cosine in cosines.items() if v in orbs]
+        fits = fit_all(query, orbs, set(cosines), tuning, map_serial)
+        direct = [scored(v, cosine, fits.get(v), tuning) for v, cosine in cosines.items() if v in orbs]
         t0 = time.perf_counter()
-        no_fit = [c for c in direct if c.homography is None or c.orb_inliers < settings.copy_min_inliers]
+        no_fit = [c for c in direct if c.homography is None or c.orb_inliers < tuning.verdicts.copy_min_inliers]
         rechecked = (
-            mirror_pass(mirrored_orb(image.rgb, settings), no_fit, orbs, settings, map_serial)
-            if needs_mirror(no_fit, orbs, settings)
+            mirror_pass(mirrored_orb(image.rgb, tuning), no_fit, orbs, tuning, map_serial)
+            if needs_mirror(no_fit, orbs, tuning)
             else no_fit
         )
         mirrored = {c.vec_id: c for c in rechecked}

@@ -17,6 +17,7 @@ from pictrace.gallery import Shard, load_gallery
 from pictrace.ingest import IngestProgress
 from pictrace.schemas import IngestReport, SearchResult
 from pictrace.service import Service
+from pictrace.tuning import Tuning
 
 
 def _shard(text: str) -> Shard:
@@ -29,6 +30,10 @@ def _shard(text: str) -> Shard:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pictrace", description="PicTrace reverse image search")
     parser.add_argument("--data-dir", type=Path, help="override PICTRACE_DATA_DIR")
+    parser.add_argument(
+        "--tuning", type=Path, metavar="FILE",
+        help="replace fitted constants from this JSON file, for experiments (see pictrace/tuning.py)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     index = sub.add_parser("index", help="build or update the index from a gallery file (db.json)")
@@ -60,11 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _index(settings: Settings, db: Path, quiet: bool, shard: Shard | None = None) -> IngestReport:
+async def _index(
+    settings: Settings, tuning: Tuning, db: Path, quiet: bool, shard: Shard | None = None
+) -> IngestReport:
     from tqdm import tqdm
 
     gallery = load_gallery(db)
-    service = await Service.start(settings)
+    service = await Service.start(settings, tuning=tuning)
     bar = tqdm(total=len(gallery.entries), unit="img", disable=quiet, desc="indexing")
     try:
 
@@ -78,9 +85,9 @@ async def _index(settings: Settings, db: Path, quiet: bool, shard: Shard | None 
         await service.close()
 
 
-async def _reindex(settings: Settings) -> int:
+async def _reindex(settings: Settings, tuning: Tuning) -> int:
     """Build the index afresh from the catalogue's stored embeddings: nothing is downloaded or re-embedded."""
-    service = await Service.start(settings, rebuild_index=True)
+    service = await Service.start(settings, tuning=tuning, rebuild_index=True)
     try:
         return len(service.indexes.vector)
     finally:
@@ -98,8 +105,8 @@ def _print_report(report: IngestReport) -> None:
         print(f"  failed entry {failure.position} ({failure.url}): {failure.reason}")
 
 
-async def _search(settings: Settings, image: str, top_k: int | None) -> SearchResult:
-    service = await Service.start(settings)
+async def _search(settings: Settings, tuning: Tuning, image: str, top_k: int | None) -> SearchResult:
+    service = await Service.start(settings, tuning=tuning)
     try:
         if image.startswith(("http://", "https://")):
             data = await service.fetcher.fetch_gallery(image)  # the operator's own command: trusted
@@ -125,7 +132,7 @@ def _print_results(result: SearchResult) -> None:
         )
 
 
-def _eval(settings: Settings, args: argparse.Namespace) -> int:
+def _eval(settings: Settings, tuning: Tuning, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pictrace.eval import run_eval
@@ -137,7 +144,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        report = asyncio.run(run_eval(args.gt, settings, args.images, on_query))
+        report = asyncio.run(run_eval(args.gt, settings, args.images, on_query, tuning=tuning))
     finally:
         bar.close()
     if args.out:
@@ -148,12 +155,12 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings, tuning: Tuning) -> None:
     import uvicorn
 
     from pictrace.web import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings, tuning=tuning), host=settings.host, port=settings.port, log_level="info")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,31 +170,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
     try:
+        tuning = Tuning.from_file(args.tuning) if args.tuning else Tuning()
         if args.command == "serve":
             if args.host:
                 overrides["host"] = args.host
             if args.port:
                 overrides["port"] = args.port
-            _serve(load_settings(**overrides))
+            _serve(load_settings(**overrides), tuning)
             return 0
         settings = load_settings(**overrides)
         if args.command == "index":
-            report = asyncio.run(_index(settings, args.db or settings.db, args.quiet, args.shard))
+            report = asyncio.run(_index(settings, tuning, args.db or settings.db, args.quiet, args.shard))
             _print_report(report)
             return 0
         if args.command == "reindex":
-            count = asyncio.run(_reindex(settings))
+            count = asyncio.run(_reindex(settings, tuning))
             print(f"rebuilt {settings.milvus_uri or settings.index_path} from the catalogue: {count} vectors")
             return 0
         if args.command == "search":
-            result = asyncio.run(_search(settings, args.image, args.top_k))
+            result = asyncio.run(_search(settings, tuning, args.image, args.top_k))
             if args.json:
                 print(json.dumps(result.model_dump(mode="json"), indent=2))
             else:
                 _print_results(result)
             return 0
         if args.command == "eval":
-            return _eval(settings, args)
+            return _eval(settings, tuning, args)
     except PicTraceError as exc:
         print(f"pictrace: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from pictrace.errors import EvalError
 from pictrace.files import read_local_file
 from pictrace.gallery import load_gallery
 from pictrace.service import Service
+from pictrace.tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ async def run_eval(
     settings: Settings,
     images: Path | None = None,
     on_query: Callable[[int, int], None] | None = None,
+    *,
+    tuning: Tuning | None = None,
 ) -> EvalReport:
     """Index the gallery of ``gt_path`` into a throw-away data dir and search every query against it.
 
@@ -191,7 +194,7 @@ async def run_eval(
         workdir = Path(tmp)
         db = _write_gallery_file(gt, images.resolve(), workdir)
         run_settings = settings.model_copy(update={"data_dir": workdir / "data", "index_on_start": False})
-        service = await Service.start(run_settings)
+        service = await Service.start(run_settings, tuning=tuning)
         try:
             ingest = await service.ingestor.ingest_gallery(load_gallery(db))
             if ingest.failed:

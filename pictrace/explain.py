@@ -35,6 +35,7 @@ from pictrace.features.orb import OrbFeatures, ratio_matches
 from pictrace.files import read_local_file
 from pictrace.schemas import Match, SearchResult
 from pictrace.store import Catalogue
+from pictrace.tuning import Evidence, Tuning
 
 PANEL_HEIGHT = 320
 GAP = 8
@@ -66,8 +67,8 @@ class QueryMemory:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> QueryMemory:
-        return cls(settings.explain_ttl_s, settings.explain_max_entries, settings.explain_max_bytes)
+    def from_settings(cls, settings: Settings, bounds: Evidence) -> QueryMemory:
+        return cls(settings.explain_ttl_s, bounds.max_entries, bounds.max_bytes)
 
     @property
     def enabled(self) -> bool:
@@ -149,7 +150,9 @@ def gallery_picture(catalogue: Catalogue, sha256: str, settings: Settings) -> np
     return cv2.cvtColor(thumb, cv2.COLOR_BGR2RGB)
 
 
-def explain_match(catalogue: Catalogue, kept: KeptQuery, sha256: str, settings: Settings) -> bytes:
+def explain_match(
+    catalogue: Catalogue, kept: KeptQuery, sha256: str, settings: Settings, tuning: Tuning
+) -> bytes:
     """PNG evidence for one match of a kept query. Runs on the WorkPool (decode, ORB, warp, SSIM)."""
     match = next((m for m in kept.result.results if m.sha256 == sha256), None)
     if match is None:
@@ -157,7 +160,7 @@ def explain_match(catalogue: Catalogue, kept: KeptQuery, sha256: str, settings: 
     query = decode_image(kept.data, max_pixels=settings.max_pixels).rgb
     gallery = gallery_picture(catalogue, sha256, settings)
     orb_blob, width, height = catalogue.orb_by_sha256(sha256)
-    return render_evidence(query, gallery, (width, height), OrbFeatures.from_bytes(orb_blob), match, settings)
+    return render_evidence(query, gallery, (width, height), OrbFeatures.from_bytes(orb_blob), match, tuning)
 
 
 def _fit_height(rgb: np.ndarray, height: int) -> tuple[np.ndarray, float]:
@@ -168,7 +171,7 @@ def _fit_height(rgb: np.ndarray, height: int) -> tuple[np.ndarray, float]:
 
 
 def inlier_pairs(
-    query_rgb: np.ndarray, gallery_orb: OrbFeatures, hom: np.ndarray, flip: bool, settings: Settings
+    query_rgb: np.ndarray, gallery_orb: OrbFeatures, hom: np.ndarray, flip: bool, tuning: Tuning
 ) -> tuple[np.ndarray, np.ndarray]:
     """Matched points (query pixels, gallery pixels) that agree with the fitted homography ``hom``.
 
@@ -176,11 +179,11 @@ def inlier_pairs(
     gallery's are the stored ones; pairs pass the same ratio test and then the same reprojection tolerance.
     """
     source = np.ascontiguousarray(query_rgb[:, ::-1]) if flip else query_rgb
-    q = orb_of(source, settings)
+    q = orb_of(source, tuning)
     empty = np.zeros((0, 2)), np.zeros((0, 2))
     if len(q) < 2 or len(gallery_orb) < 2:
         return empty
-    qi, gi = ratio_matches(q.descriptors, gallery_orb.descriptors, settings.orb_ratio)  # the search's own
+    qi, gi = ratio_matches(q.descriptors, gallery_orb.descriptors, tuning.check.ratio)  # the search's own
     if len(qi) == 0:
         return empty
     qpts = q.points[qi].astype(np.float64)
@@ -190,7 +193,7 @@ def inlier_pairs(
     gpts = gallery_orb.points[gi].astype(np.float64) / gallery_orb.scale
     proj = np.hstack([qpts, np.ones((len(qpts), 1))]) @ hom.T
     proj = proj[:, :2] / proj[:, 2:3]
-    tolerance = settings.orb_ransac_px / gallery_orb.scale
+    tolerance = tuning.check.ransac_px / gallery_orb.scale
     keep = np.linalg.norm(proj - gpts, axis=1) <= tolerance
     return qpts[keep], gpts[keep]
 
@@ -226,7 +229,7 @@ def render_evidence(
     gallery_size: tuple[int, int],
     gallery_orb: OrbFeatures,
     match: Match,
-    settings: Settings,
+    tuning: Tuning,
 ) -> bytes:
     """Query | gallery with inlier lines | SSIM difference map, as one PNG.
 
@@ -240,7 +243,7 @@ def render_evidence(
     count = 0
     if transform is not None:
         hom = np.array(transform.homography, dtype=np.float64)
-        qpts, gpts = inlier_pairs(query_rgb, gallery_orb, hom, transform.flip, settings)
+        qpts, gpts = inlier_pairs(query_rgb, gallery_orb, hom, transform.flip, tuning)
         count = len(qpts)
         drawn = np.diag([g_factor, g_factor, 1.0]) @ hom @ np.diag([1 / q_factor, 1 / q_factor, 1.0])
         panels.append(_caption(difference_map(q_img, g_img, drawn), "difference after alignment (1 - SSIM)"))

@@ -30,6 +30,7 @@ from aiohttp.abc import AbstractResolver
 from pictrace.config import Settings
 from pictrace.errors import FetchError, TooLargeError, UnsafeURLError
 from pictrace.ssrf import ALLOWED_SCHEMES, GuardedResolver, check_url, parse_allow
+from pictrace.tuning import Fetching
 
 __all__ = ["Fetcher", "HTTPStatusError"]
 
@@ -103,11 +104,13 @@ class Fetcher:
         self,
         settings: Settings,
         *,
+        constants: Fetching | None = None,
         resolver: AbstractResolver | None = None,
         backoff_base_s: float = 0.5,
         retry_after_cap_s: float = 10.0,
     ) -> None:
         self._settings = settings
+        self._constants = constants or Fetching()
         self._base_resolver = resolver
         self._owns_resolver = False
         self._allow = parse_allow(settings.fetch_allow)
@@ -133,7 +136,7 @@ class Fetcher:
             total=None, connect=s.fetch_connect_timeout_s, sock_connect=s.fetch_connect_timeout_s
         )
         # Images are already compressed; asking for identity keeps Content-Length comparable with the body.
-        headers = {"User-Agent": s.user_agent, "Accept-Encoding": "identity"}
+        headers = {"User-Agent": self._constants.user_agent, "Accept-Encoding": "identity"}
         self._guarded = GuardedResolver(self._base_resolver, self._allow)
         self._gallery = self._make_session(self._base_resolver, timeout, headers)
         self._user = self._make_session(self._guarded, timeout, headers)
@@ -224,7 +227,7 @@ class Fetcher:
         """
         current = start
         seen = {str(current.with_fragment(None))}
-        max_redirects = self._settings.fetch_max_redirects
+        max_redirects = self._constants.max_redirects
         deadline: float | None = None
         async with self._global:
             for hop in range(max_redirects + 1):

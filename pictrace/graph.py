@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.local import LocalIndex
 from pictrace.matching.geometry import match_features
 from pictrace.store import Catalogue
+from pictrace.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,21 @@ log = logging.getLogger(__name__)
 def find_links(
     catalogue: Catalogue,
     local: LocalIndex,
-    settings: Settings,
+    tuning: Tuning,
     vec_id: int,
 ) -> list[tuple[int, int]]:
     """Verified matches ``(other, inliers)`` of one stored image against its most-voted gallery images."""
-    if settings.graph_candidates == 0:
+    if tuning.cascade.graph_candidates == 0:
         return []
     own = dict(catalogue.orb_blobs_of([vec_id])).get(vec_id)
     if own is None:  # deleted meanwhile
         return []
     orb = OrbFeatures.from_bytes(own)
-    ranked = local.vote(orb).top(settings.graph_candidates + 1, settings.local_min_votes)
-    others = [v for v in ranked if v != vec_id][: settings.graph_candidates]
+    ranked = local.vote(orb).top(tuning.cascade.graph_candidates + 1, tuning.cascade.local_min_votes)
+    others = [v for v in ranked if v != vec_id][: tuning.cascade.graph_candidates]
     links = []
     for other, blob in catalogue.orb_blobs_of(others):  # images deleted meanwhile are not read back
-        match = match_features(orb, OrbFeatures.from_bytes(blob), settings)
+        match = match_features(orb, OrbFeatures.from_bytes(blob), tuning)
         if match.homography is not None:
             links.append((other, match.inliers))
     return links
@@ -53,11 +53,11 @@ def find_links(
 def link_images(
     catalogue: Catalogue,
     local: LocalIndex,
-    settings: Settings,
+    tuning: Tuning,
     vec_ids: Iterable[int],
 ) -> int:
     """Compute and store the links of ``vec_ids`` (new images at ingest, or a backfill). Returns links stored."""
     return sum(
-        catalogue.add_links(vec_id, find_links(catalogue, local, settings, vec_id)) for vec_id in vec_ids
+        catalogue.add_links(vec_id, find_links(catalogue, local, tuning, vec_id)) for vec_id in vec_ids
     )
 

@@ -30,6 +30,7 @@ from pictrace.graph import link_images
 from pictrace.indexes import DerivedIndexes
 from pictrace.schemas import FailedEntry, IngestReport
 from pictrace.store import Catalogue, Source, StoredImage
+from pictrace.tuning import Tuning
 from pictrace.work import WorkPool
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Ingestor:
         fetcher: Fetcher,
         pool: WorkPool,
         settings: Settings,
+        tuning: Tuning,
     ) -> None:
         self.catalogue = catalogue
         self.indexes = indexes
@@ -119,6 +121,7 @@ class Ingestor:
         self.fetcher = fetcher
         self.pool = pool
         self.settings = settings
+        self.tuning = tuning
         self.progress = IngestProgress()
         self._lock = asyncio.Lock()
 
@@ -179,7 +182,7 @@ class Ingestor:
         entries: asyncio.Queue[LocatedEntry] = asyncio.Queue()
         for entry in todo:
             entries.put_nowait(entry)
-        fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.settings.embed_batch * 2)
+        fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.tuning.ingest.embed_batch * 2)
         n_fetchers = max(1, min(self.settings.fetch_concurrency, len(todo)))
 
         def advance(n: int, failures: list[FailedEntry]) -> None:
@@ -217,7 +220,7 @@ class Ingestor:
                 item = await fetched.get()
                 while item is not None:
                     batch.append(item)
-                    if len(batch) >= self.settings.embed_batch or fetched.empty():
+                    if len(batch) >= self.tuning.ingest.embed_batch or fetched.empty():
                         break
                     item = await fetched.get()
                 done = item is None
@@ -241,7 +244,7 @@ class Ingestor:
     def _prepare(self, data: bytes, sha: str) -> tuple[StoredImage, np.ndarray]:
         """Decode and featurise one image (everything but the batched embedding). Raises on bad bytes."""
         image = decode_image(data, max_pixels=self.settings.max_pixels)
-        local = local_features(image, self.settings)
+        local = local_features(image, self.tuning)
         stored = StoredImage(
             sha256=sha,
             pixel_sha256=local.pixel_sha256,
@@ -304,12 +307,12 @@ class Ingestor:
 
     @property
     def _links_enabled(self) -> bool:
-        return self.settings.graph_candidates > 0
+        return self.tuning.cascade.graph_candidates > 0
 
     def _link(self, vec_ids: list[int]) -> None:
         """Store the new images' verified matches (the match graph, pictrace/graph.py)."""
         if self._links_enabled:
-            link_images(self.catalogue, self.indexes.local, self.settings, vec_ids)
+            link_images(self.catalogue, self.indexes.local, self.tuning, vec_ids)
 
     def _link_unlinked(self) -> int:
         """Link the images added by this ingest, once the local index holds all of them and has learned its

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 
-from pictrace.config import Settings
-from pictrace.errors import IndexMismatchError
+from pictrace.config import Settings, unknown_environment
+from pictrace.errors import FeatureMismatchError, IndexMismatchError
 from pictrace.explain import QueryMemory
 from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
@@ -17,6 +18,7 @@ from pictrace.ingest import Ingestor
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.sync import Follower
+from pictrace.tuning import OrbExtraction, Tuning
 from pictrace.work import WorkPool, one_openmp_thread
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,24 @@ def check_backbone(catalogue: Catalogue, embedder: Embedder) -> None:
     catalogue.set_meta("fingerprint", embedder.fingerprint)
 
 
+def check_features(catalogue: Catalogue, orb: OrbExtraction) -> None:
+    """Refuse to compare a query's ORB features with stored ones extracted with other parameters (another
+    keypoint count or image size): their matches would mean something else, silently. A catalogue that has
+    images but no record predates the record, and was extracted with what this service uses."""
+    current = orb.model_dump()
+    stored = catalogue.feature_identity()
+    if stored is None or catalogue.counts()[0] == 0:
+        catalogue.record_feature_identity(current)
+        return
+    if stored != current:
+        raise FeatureMismatchError(
+            f"the catalogue {catalogue.location} holds ORB features extracted with {stored}, this service "
+            f"extracts {current}; extract them again: point PICTRACE_DATA_DIR at a new directory and run "
+            "`python -m pictrace index` (`reindex` rebuilds the indexes from the stored features), or use the "
+            "tuning that built it."
+        )
+
+
 def open_catalogue(settings: Settings) -> Catalogue:
     """PostgreSQL when ``PICTRACE_DATABASE_URL`` is set (shared by replicas and workers), else SQLite."""
     if settings.database_url:
@@ -58,6 +78,7 @@ def index_info(embedder: Embedder) -> IndexInfo:
 @dataclass
 class Service:
     settings: Settings
+    tuning: Tuning
     catalogue: Catalogue
     embedder: Embedder
     indexes: DerivedIndexes  # the vector and the local-feature index, kept in step with the catalogue
@@ -71,9 +92,19 @@ class Service:
 
     @classmethod
     async def start(
-        cls, settings: Settings, *, fetcher: Fetcher | None = None, rebuild_index: bool = False
+        cls,
+        settings: Settings,
+        *,
+        tuning: Tuning | None = None,
+        fetcher: Fetcher | None = None,
+        rebuild_index: bool = False,
     ) -> Service:
+        """``tuning``: the fitted constants (pictrace/tuning.py), the shipped ones unless an experiment says."""
         import faiss
+
+        tuning = tuning or Tuning()
+        for name in unknown_environment(os.environ):
+            log.warning("%s is not a setting (a typo, or a constant now in pictrace/tuning.py): ignored", name)
 
         faiss.omp_set_num_threads(1)  # one query on 2 OpenMP threads was ~7x slower here than on 1
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -86,24 +117,26 @@ class Service:
                 resnet50_weights=settings.resnet50_weights,
             )
             check_backbone(catalogue, embedder)
+            check_features(catalogue, tuning.orb)
             position = catalogue.change_position()  # before the indexes read the catalogue: see pictrace/sync.py
-            indexes = DerivedIndexes.open(settings, catalogue, index_info(embedder), rebuild=rebuild_index)
+            indexes = DerivedIndexes.open(settings, catalogue, index_info(embedder), tuning, rebuild=rebuild_index)
         except BaseException:
             catalogue.close()
             raise
-        fetcher = fetcher or Fetcher(settings)
+        fetcher = fetcher or Fetcher(settings, constants=tuning.fetching)
         await fetcher.start()
         pool = WorkPool(settings.workers, settings.queue_limit, initializer=one_openmp_thread)
         service = cls(
             settings=settings,
+            tuning=tuning,
             catalogue=catalogue,
             embedder=embedder,
             indexes=indexes,
             pool=pool,
             fetcher=fetcher,
-            searcher=Searcher(catalogue, indexes.vector, embedder, settings, indexes.local),
-            ingestor=Ingestor(catalogue, indexes, embedder, fetcher, pool, settings),
-            queries=QueryMemory.from_settings(settings),
+            searcher=Searcher(catalogue, indexes.vector, embedder, settings, indexes.local, tuning),
+            ingestor=Ingestor(catalogue, indexes, embedder, fetcher, pool, settings, tuning),
+            queries=QueryMemory.from_settings(settings, tuning.evidence),
             follower=Follower(catalogue, indexes, position),
         )
         if settings.sync_interval_s > 0:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from pictrace.config import Settings
 from pictrace.schemas import IngestReport
+from pictrace.tuning import Tuning
 
 
 def encode(rgb: np.ndarray, fmt: str = "JPEG", **options: object) -> bytes:
@@ -150,12 +151,12 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     return make
 
 
-async def ingest(settings: Settings) -> IngestReport:
+async def ingest(settings: Settings, tuning: Tuning | None = None) -> IngestReport:
     """Index ``settings.db`` once with a service of its own (what `pictrace index` does)."""
     from pictrace.gallery import load_gallery
     from pictrace.service import Service
 
-    service = await Service.start(settings)
+    service = await Service.start(settings, tuning=tuning)
     try:
         return await service.ingestor.ingest_gallery(load_gallery(settings.db))
     finally:

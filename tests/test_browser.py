@@ -174,7 +174,7 @@ def section_ids(page: Any, key: str) -> list[str]:
 def test_upload_shows_three_sections_and_evidence(page: Any, live: LiveServer, files: Path) -> None:
     page.goto(live.url)
     page.set_input_files("#file", str(files / "query.jpg"))
-    assert page.locator("#preview").is_visible()  # the query preview, before searching
+    page.locator("#preview").wait_for(state="visible")  # the query preview, before searching (read async)
     page.click("#search-button")
     page.wait_for_selector("#results-title")
     assert section_ids(page, "exact") == ["Chelsea"]

@@ -51,3 +51,30 @@ def test_index_then_search(tmp_path: Path, image_server: ImageServer, photos: di
 
     bad = run_cli("search", "missing.jpg", cwd=tmp_path)
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_tuning_file_replaces_constants_and_guards_the_stored_features(
+    tmp_path: Path, image_server: ImageServer, photos: dict[str, np.ndarray]
+) -> None:
+    """``--tuning FILE`` reaches the search; one that would extract ORB features unlike the stored ones is
+    refused in one line before anything is mixed; an unreadable one is refused too."""
+    entries = [{"id": n, "url": image_server.add(f"{n}.jpg", encode(photos[n]))} for n in ("coffee", "rocket")]
+    (tmp_path / "db.json").write_text(json.dumps(entries))
+    assert run_cli("index", "db.json", "--quiet", cwd=tmp_path).returncode == 0
+    (tmp_path / "q.jpg").write_bytes(encode(crop(photos["rocket"], 0.6, 0.2)))
+
+    (tmp_path / "strict.json").write_text(json.dumps({"verdicts": {"copy_min_inliers": 100000}}))
+    strict = run_cli("--tuning", "strict.json", "search", "q.jpg", "--json", cwd=tmp_path)
+    assert strict.returncode == 0, strict.stderr
+    (rocket,) = json.loads(strict.stdout)["results"]
+    assert rocket["id"] == "rocket" and rocket["verdict"] == "similar"  # no fit has 100,000 inliers
+
+    (tmp_path / "orb.json").write_text(json.dumps({"orb": {"features": 500}}))
+    other = run_cli("--tuning", "orb.json", "search", "q.jpg", cwd=tmp_path)
+    assert other.returncode == 2
+    (line,) = [line for line in other.stderr.splitlines() if line.startswith("pictrace:")]
+    assert "ORB features extracted with" in line and "'features': 1000" in line and "python -m pictrace index" in line
+
+    (tmp_path / "typo.json").write_text(json.dumps({"cascade": {"candidatez": 3}}))
+    typo = run_cli("--tuning", "typo.json", "search", "q.jpg", cwd=tmp_path)
+    assert typo.returncode == 2 and "candidatez" in typo.stderr

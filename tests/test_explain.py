@@ -20,6 +20,7 @@ from pictrace.features.extract import orb_of
 from pictrace.features.orb import extract_orb, match_orb
 from pictrace.matching.transform import to_pixel_homography
 from pictrace.schemas import QueryInfo, SearchResult
+from pictrace.tuning import Tuning
 from pictrace.web import create_app
 
 LOCAL = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
@@ -74,15 +75,15 @@ def test_difference_map_highlights_an_added_caption(photos: dict[str, np.ndarray
     assert inside > outside + 60, (inside, outside)
 
 
-def test_inlier_pairs_agree_with_the_homography(photos: dict[str, np.ndarray], make_settings) -> None:  # type: ignore[no-untyped-def]
-    settings = make_settings()
+def test_inlier_pairs_agree_with_the_homography(photos: dict[str, np.ndarray]) -> None:
+    tuning = Tuning()
     gallery = photos["astronaut"]
     query = crop(gallery, 0.6, 0.2)
-    q, g = orb_of(query, settings), orb_of(gallery, settings)  # as the search extracts them
+    q, g = orb_of(query, tuning), orb_of(gallery, tuning)  # as the search extracts them
     match = match_orb(q, g)
     assert match.homography is not None
     hom = to_pixel_homography(match.homography, q.scale, g.scale)
-    qpts, gpts = inlier_pairs(query, g, hom, False, settings)
+    qpts, gpts = inlier_pairs(query, g, hom, False, tuning)
     assert len(qpts) >= match.inliers * 0.8
     offset = np.array([gallery.shape[1] * 0.2, gallery.shape[0] * 0.2])
     assert np.median(np.linalg.norm(qpts + offset - gpts, axis=1)) < 3
@@ -195,7 +196,7 @@ def test_gallery_page_lists_pages_and_failures(client: TestClient, monkeypatch: 
     assert client.get("/gallery?page=99").text.count('class="tile"') == 2  # clamped to the last page
 
 
-def test_similar_without_geometry_is_drawn_side_by_side(photos: dict[str, np.ndarray], make_settings) -> None:  # type: ignore[no-untyped-def]
+def test_similar_without_geometry_is_drawn_side_by_side(photos: dict[str, np.ndarray]) -> None:
     from pictrace.explain import render_evidence
     from pictrace.schemas import ComponentScores, Match
 
@@ -205,7 +206,7 @@ def test_similar_without_geometry_is_drawn_side_by_side(photos: dict[str, np.nda
         scores=ComponentScores(embedding=0.85, ssim=0.2, orb=0.0), verdict="similar", thumbnail_url="/t",
     )
     png = render_evidence(photos["coffee"], gallery, (gallery.shape[1], gallery.shape[0]), extract_orb(gallery),
-                          match, make_settings())
+                          match, Tuning())
     width, height = png_size(png)
     q_w = round(photos["coffee"].shape[1] * 320 / photos["coffee"].shape[0])
     g_w = round(gallery.shape[1] * 320 / gallery.shape[0])

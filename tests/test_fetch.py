@@ -18,6 +18,7 @@ from resolvers import MapResolver
 from pictrace.config import Settings
 from pictrace.errors import FetchError, TooLargeError, UnsafeURLError
 from pictrace.fetch import Fetcher
+from pictrace.tuning import Fetching
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40  # opaque bytes: fetch.py never decodes
 CAP = 64 * 1024
@@ -43,11 +44,9 @@ def settings(**overrides: object) -> Settings:
         "fetch_timeout_s": 1.0,
         "fetch_connect_timeout_s": 1.0,
         "fetch_retries": 2,
-        "fetch_max_redirects": 3,
         "fetch_concurrency": 16,
         "fetch_per_host": 4,
         "max_download_bytes": CAP,
-        "user_agent": "PicTraceTest/9.9",
         "fetch_allow": [],
     }
     values.update(overrides)
@@ -205,9 +204,14 @@ async def server() -> AsyncIterator[Server]:
     await runner.cleanup()
 
 
+def constants(max_redirects: int = 3) -> Fetching:
+    return Fetching(max_redirects=max_redirects, user_agent="PicTraceTest/9.9")
+
+
 @contextlib.asynccontextmanager
 async def open_fetcher(s: Settings, **kwargs: Any) -> AsyncIterator[Fetcher]:
     """A started Fetcher with the test resolver and a tiny backoff (settings differ per test)."""
+    kwargs.setdefault("constants", constants())
     kwargs.setdefault("resolver", resolver())
     kwargs.setdefault("backoff_base_s", 0.01)
     async with Fetcher(s, **kwargs) as fetcher:
@@ -296,7 +300,7 @@ async def test_gallery_refuses_other_schemes(url: str) -> None:
 
 
 async def test_gallery_follows_redirects_within_limit(server: Server) -> None:
-    async with open_fetcher(settings(fetch_max_redirects=3)) as fetcher:
+    async with open_fetcher(settings(), constants=constants(max_redirects=3)) as fetcher:
         assert await fetcher.fetch_gallery(server.url("/chain/3")) == IMAGE
         with pytest.raises(FetchError, match="too many redirects"):
             await fetcher.fetch_gallery(server.url("/chain/5"))
@@ -515,8 +519,8 @@ async def test_user_redirect_to_forbidden_target_refused(target: str, server: Se
 
 
 async def test_user_follows_allowed_redirects(server: Server) -> None:
-    s = settings(fetch_allow=["test-host.test"], fetch_max_redirects=3)
-    async with open_fetcher(s) as fetcher:
+    s = settings(fetch_allow=["test-host.test"])
+    async with open_fetcher(s, constants=constants(max_redirects=3)) as fetcher:
         assert await fetcher.fetch_user(server.url("/chain/3", host="test-host.test")) == IMAGE
         relative = server.url("/redirect", host="test-host.test") + "?to=/ok"
         assert await fetcher.fetch_user(relative) == IMAGE
@@ -525,8 +529,8 @@ async def test_user_follows_allowed_redirects(server: Server) -> None:
 
 
 async def test_user_too_many_redirects(server: Server) -> None:
-    s = settings(fetch_allow=["test-host.test"], fetch_max_redirects=3)
-    async with open_fetcher(s) as fetcher:
+    s = settings(fetch_allow=["test-host.test"])
+    async with open_fetcher(s, constants=constants(max_redirects=3)) as fetcher:
         with pytest.raises(FetchError, match="too many redirects"):
             await fetcher.fetch_user(server.url("/chain/4", host="test-host.test"))
     assert server.hits["/chain/0"] == 0
@@ -534,16 +538,16 @@ async def test_user_too_many_redirects(server: Server) -> None:
 
 
 async def test_user_zero_redirects_allowed(server: Server) -> None:
-    s = settings(fetch_allow=["test-host.test"], fetch_max_redirects=0)
-    async with open_fetcher(s) as fetcher:
+    s = settings(fetch_allow=["test-host.test"])
+    async with open_fetcher(s, constants=constants(max_redirects=0)) as fetcher:
         with pytest.raises(FetchError, match="too many redirects"):
             await fetcher.fetch_user(server.url("/chain/1", host="test-host.test"))
         assert await fetcher.fetch_user(server.url("/chain/0", host="test-host.test")) == IMAGE
 
 
 async def test_user_redirect_loop(server: Server) -> None:
-    s = settings(fetch_allow=["test-host.test"], fetch_max_redirects=10)
-    async with open_fetcher(s) as fetcher:
+    s = settings(fetch_allow=["test-host.test"])
+    async with open_fetcher(s, constants=constants(max_redirects=10)) as fetcher:
         with pytest.raises(FetchError, match="redirect loop"):
             await fetcher.fetch_user(server.url("/loop/a", host="test-host.test"))
     assert server.hits["/loop/a"] == 1

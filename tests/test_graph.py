@@ -15,6 +15,7 @@ from pictrace.config import Settings
 from pictrace.features.orb import centre_weights
 from pictrace.gallery import load_gallery
 from pictrace.service import Service
+from pictrace.tuning import Tuning
 
 
 def left(rgb: np.ndarray) -> np.ndarray:
@@ -41,8 +42,8 @@ def write_gallery(tmp_path: Path, settings: Settings, photos: dict[str, np.ndarr
     settings.db.write_text(json.dumps([{"id": name, "url": f"g/{name}.jpg"} for name in images]))
 
 
-async def start_and_ingest(settings: Settings) -> Service:
-    service = await Service.start(settings)
+async def start_and_ingest(settings: Settings, tuning: Tuning | None = None) -> Service:
+    service = await Service.start(settings, tuning=tuning)
     report = await service.ingestor.ingest_gallery(load_gallery(settings.db))
     assert not report.failed
     return service
@@ -66,9 +67,9 @@ async def test_a_query_finds_what_only_its_match_matches(
         assert not {"chelsea", "coffee", "rocket"} & set(results)
 
         # without expansion the same query does not find it
-        service.settings.expand_from = 0
+        service.searcher.tuning = service.tuning.replace(cascade={"expand_from": 0})
         assert "right-part" not in {m.id for m in service.searcher.search_bytes(query).results}
-        service.settings.expand_from = 3
+        service.searcher.tuning = service.tuning
 
         # deleting the intermediate image deletes its links: nothing leads to the right part any more
         await service.ingestor.remove_image(results["whole"].sha256)
@@ -82,7 +83,7 @@ async def test_images_ingested_without_links_are_linked_by_the_next_ingest(
     tmp_path: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
 ) -> None:
     write_gallery(tmp_path, make_settings(), photos)
-    service = await start_and_ingest(make_settings(graph_candidates=0))
+    service = await start_and_ingest(make_settings(), Tuning().replace(cascade={"graph_candidates": 0}))
     try:
         assert len(service.catalogue.unlinked()) == 5
         assert service.catalogue.links_of(service.catalogue.vec_ids().tolist()) == {}
@@ -96,7 +97,7 @@ async def test_images_ingested_without_links_are_linked_by_the_next_ingest(
         names = {r.entry_id: v for v, r in catalogue.records(catalogue.vec_ids().tolist()).items()}
         links = catalogue.links_of([names["whole"]])[names["whole"]]
         assert [other for other, _ in links] == [names["right-part"]]
-        assert dict(links)[names["right-part"]] >= service.settings.orb_min_inliers
+        assert dict(links)[names["right-part"]] >= service.tuning.check.min_inliers
     finally:
         await service.close()
 

@@ -23,8 +23,10 @@ from pictrace.indexes.keeper import catalogue_identity
 from pictrace.indexes.local import LocalIndex, LocalIndexParams, local_index_params
 from pictrace.indexes.vector import FaissIndex, IndexInfo
 from pictrace.store import Catalogue, Source, StoredImage
+from pictrace.tuning import Tuning
 
 INFO = IndexInfo("test-backbone", "abc123", 64)
+LOCAL_PARAMS = local_index_params(Tuning().local)
 DESCRIPTORS = 200
 
 
@@ -96,7 +98,7 @@ class Opener:
 
     def __call__(self, rebuild: bool = False) -> DerivedIndexes:
         self.close()
-        self.current = DerivedIndexes.open(self.settings, self.catalogue, INFO, rebuild=rebuild)
+        self.current = DerivedIndexes.open(self.settings, self.catalogue, INFO, Tuning(), rebuild=rebuild)
         return self.current
 
     def close(self) -> None:
@@ -121,7 +123,7 @@ class TestDerivedIndexes:
         assert indexes.shares_vectors == bool(settings.milvus_uri)
         assert_in_step(indexes, catalogue)
         open_indexes.close()
-        saved = LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_identity(catalogue))
+        saved = LocalIndex.open(settings.local_index_path, LOCAL_PARAMS, catalogue_identity(catalogue))
         assert saved is not None and saved.held_ids().tolist() == sorted(images)
         if not indexes.shares_vectors:
             assert sorted(FaissIndex.open(settings.index_path, INFO).ids().tolist()) == sorted(images)
@@ -216,7 +218,7 @@ class TestDerivedIndexes:
         indexes.local.remove(list(images))
         assert indexes.rebuild() == 5
         assert_in_step(indexes, catalogue)
-        saved = LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_identity(catalogue))
+        saved = LocalIndex.open(settings.local_index_path, LOCAL_PARAMS, catalogue_identity(catalogue))
         assert saved is not None and saved.held_ids().tolist() == sorted(images)
         if not indexes.shares_vectors:
             assert sorted(FaissIndex.open(settings.index_path, INFO).ids().tolist()) == sorted(images)
@@ -226,7 +228,7 @@ class TestDerivedIndexes:
         if not indexes.shares_vectors:
             settings.index_path.write_bytes(b"not an index")
         assert_in_step(open_indexes(rebuild=True), catalogue)
-        assert LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_identity(catalogue))
+        assert LocalIndex.open(settings.local_index_path, LOCAL_PARAMS, catalogue_identity(catalogue))
 
     def test_maintain_rebuilds_a_worn_vector_index(self, catalogue: Catalogue, open_indexes: Opener) -> None:
         images = commit(catalogue, range(40))

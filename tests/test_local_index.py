@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from conftest import crop, resize
 
-from pictrace.config import Settings
 from pictrace.features.extract import orb_of
 from pictrace.features.orb import OrbFeatures, consensus, extract_orb
 from pictrace.indexes.local import LocalIndex, LocalIndexParams
 from pictrace.indexes.local.lists import stable_sample, train_two_level, two_level_quantizer
 from pictrace.search.schedule import map_serial
 from pictrace.search.verify import nearest_by_embedding, screen
+from pictrace.tuning import Tuning
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 
@@ -228,7 +228,7 @@ def test_consensus_screens_related_from_unrelated(
     agreeing = {
         name: consensus(query, orbs[name], *votes.pairs(i)) for i, name in enumerate(NAMES, 1) if i in votes.counts
     }
-    threshold = Settings.model_fields["prescreen_min_inliers"].default
+    threshold = Tuning().cascade.prescreen_min_inliers
     assert agreeing["rocket"] >= 2 * threshold, agreeing  # the cropped, shrunk copy passes the screen easily
     assert max(v for name, v in agreeing.items() if name != "rocket") < threshold, agreeing
 
@@ -238,15 +238,15 @@ def test_only_screened_and_nearest_candidates_get_the_full_check(
 ) -> None:
     index = LocalIndex.build(_params(10**9), ((i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)))
     rgb = resize(crop(photos["rocket"], 0.6, 0.2), 0.7)
-    query = orb_of(rgb, Settings(_env_file=None))
+    query = orb_of(rgb, Tuning())
     gallery = {i: orbs[name] for i, name in enumerate(NAMES, 1)}
     cosines = {i: 0.1 * i for i in gallery}  # by embedding, the last two images are nearest
     votes = index.vote(query)
     rocket = NAMES.index("rocket") + 1
 
-    def chosen(**settings: int) -> set[int]:
+    def chosen(**cascade: int) -> set[int]:
         """What the search checks fully: the screened candidates and the nearest by embedding."""
-        configured = Settings(_env_file=None, **settings)  # type: ignore[arg-type]
+        configured = Tuning().replace(cascade=cascade)
         passed = screen(query, gallery, votes, configured, map_serial)
         return passed | nearest_by_embedding(cosines, gallery, configured)
 

@@ -20,6 +20,7 @@ from pictrace.indexes.local import LocalIndex, LocalIndexCorruptError, LocalInde
 from pictrace.indexes.local.lists import train_lists
 from pictrace.service import Service
 from pictrace.store import Catalogue
+from pictrace.tuning import Tuning
 
 T = TypeVar("T")
 
@@ -144,7 +145,7 @@ def _write_db(settings: Settings, server: ImageServer, photos: dict[str, np.ndar
 
 
 def _fresh(settings: Settings, service: Service) -> LocalIndex:
-    return LocalIndex.build(local_index_params(settings), service.catalogue.orb_blobs())
+    return LocalIndex.build(local_index_params(Tuning().local), service.catalogue.orb_blobs())
 
 
 async def test_the_service_reopens_the_saved_index(
@@ -211,7 +212,7 @@ async def test_a_corrupt_or_foreign_file_is_rebuilt(
         assert service.searcher.search_bytes(encode(photos["rocket"])).results[0].id == "rocket"
     finally:
         await service.close()
-    assert LocalIndex.open(settings.local_index_path, local_index_params(settings), _catalogue_id(settings))
+    assert LocalIndex.open(settings.local_index_path, local_index_params(Tuning().local), _catalogue_id(settings))
 
     # another catalogue (the SQLite file replaced): its vec_ids would mean other images, so the file is not used
     other = make_settings(data_dir=settings.data_dir.parent / "other")
@@ -293,10 +294,10 @@ async def test_a_file_in_the_older_format_is_stale_and_rebuilt(
     catalogue_id = _catalogue_id(settings)
     blobs = _read_catalogue(settings, lambda catalogue: list(catalogue.orb_blobs()))
     _write_older_format(settings.local_index_path, catalogue_id, blobs)
-    assert LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_id) is None
+    assert LocalIndex.open(settings.local_index_path, local_index_params(Tuning().local), catalogue_id) is None
     service = await _start_expecting_a_rebuild(settings, caplog, "in an older format", 3, queries)
     await service.close()
-    reopened = LocalIndex.open(settings.local_index_path, local_index_params(settings), catalogue_id)
+    reopened = LocalIndex.open(settings.local_index_path, local_index_params(Tuning().local), catalogue_id)
     assert reopened is not None and len(reopened) == len(service.indexes.local)  # saved again, in today's format
 
 
@@ -309,13 +310,13 @@ async def test_reindex_rebuilds_the_local_index_too(
     settings.local_index_path.write_bytes(b"will be replaced")
     service = await Service.start(settings, rebuild_index=True)
     await service.close()
-    assert LocalIndex.open(settings.local_index_path, local_index_params(settings), _catalogue_id(settings))
+    assert LocalIndex.open(settings.local_index_path, local_index_params(Tuning().local), _catalogue_id(settings))
 
 
 async def test_persisting_can_be_turned_off(
     image_server: ImageServer, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings(local_persist=False)
+    settings = make_settings()
     _write_db(settings, image_server, photos, ["coffee"])
-    await ingest(settings)
+    await ingest(settings, Tuning().replace(local={"persist": False}))
     assert not settings.local_index_path.exists()

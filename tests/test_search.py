@@ -56,7 +56,7 @@ async def test_edited_copy_is_found_first(
     best = result.results[0]
     assert best.id == name, [(m.id, m.score) for m in result.results]
     assert not best.exact
-    assert best.scores.orb_inliers >= service.settings.orb_min_inliers
+    assert best.scores.orb_inliers >= service.tuning.check.min_inliers
     if len(result.results) > 1:
         assert best.score > result.results[1].score
 
@@ -92,7 +92,7 @@ async def test_a_re_upload_is_the_identity_with_every_keypoint_agreeing(service:
     ((_, blob),) = service.catalogue.orb_blobs_of([vec_id])
     stored = OrbFeatures.from_bytes(blob)
     pixels = np.asarray(Image.open(tmp_path / "g" / "coffee.jpg").convert("RGB"))
-    checked = fit_geometry(orb_of(pixels, service.settings), stored, service.settings)
+    checked = fit_geometry(orb_of(pixels, service.tuning), stored, service.tuning)
     shortcut = identical_fit(stored)
     assert (checked.score, checked.inliers) == (shortcut.score, shortcut.inliers)
     assert checked.homography is not None and shortcut.homography is not None
@@ -154,10 +154,10 @@ async def test_search_with_the_embedding_alongside_ranks_as_one_thread_does(
     """The side thread only changes where the work runs: every score and every rank stay the same."""
     from pictrace.search import Searcher
 
-    serial_settings = service.settings.model_copy(update={"embed_alongside": False})
+    one_thread = service.tuning.replace(cascade={"embed_alongside": False})
     indexes = service.indexes
-    serial = Searcher(service.catalogue, indexes.vector, service.embedder, serial_settings, indexes.local)
-    assert service.settings.embed_alongside
+    serial = Searcher(service.catalogue, indexes.vector, service.embedder, service.settings, indexes.local, one_thread)
+    assert service.tuning.cascade.embed_alongside
     try:
         for name in ["astronaut", "rocket", "coins"]:
             for edit in ["crop", "crop-rotate-q30"]:
@@ -180,9 +180,9 @@ async def test_mirrored_copy_is_found_with_the_mirror_pass_on_the_side_thread(
     from pictrace.search import Searcher
 
     data = encode(np.ascontiguousarray(crop(photos[name], 0.8, 0.1)[:, ::-1]))
-    serial_settings = service.settings.model_copy(update={"embed_alongside": False})
+    one_thread = service.tuning.replace(cascade={"embed_alongside": False})
     indexes = service.indexes
-    serial = Searcher(service.catalogue, indexes.vector, service.embedder, serial_settings, indexes.local)
+    serial = Searcher(service.catalogue, indexes.vector, service.embedder, service.settings, indexes.local, one_thread)
     try:
         alongside, ranked = service.searcher.search_ranked(data)
         alone, ranked_alone = serial.search_ranked(data)
@@ -190,7 +190,7 @@ async def test_mirrored_copy_is_found_with_the_mirror_pass_on_the_side_thread(
         serial.close()
     best = alongside.results[0]
     assert best.id == name and best.transform is not None and best.transform.flip
-    assert best.scores.orb_inliers >= service.settings.copy_min_inliers
+    assert best.scores.orb_inliers >= service.tuning.verdicts.copy_min_inliers
     assert (ranked, alongside.results) == (ranked_alone, alone.results)
 
 

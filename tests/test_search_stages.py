@@ -33,6 +33,7 @@ from pictrace.search.schedule import Schedule, map_serial
 from pictrace.search.verify import Checks, scores, verify
 from pictrace.service import Service
 from pictrace.store import Catalogue, ImageRecord
+from pictrace.tuning import Tuning
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 ROCKET = NAMES.index("rocket") + 1  # vec_ids below are positions in NAMES, from 1
@@ -40,14 +41,14 @@ COFFEE = NAMES.index("coffee") + 1
 
 
 @pytest.fixture(scope="module")
-def settings() -> Settings:
-    return Settings(_env_file=None)
+def tuning() -> Tuning:
+    return Tuning()
 
 
 @pytest.fixture(scope="module")
-def gallery(photos: dict[str, np.ndarray], settings: Settings) -> dict[int, OrbFeatures]:
+def gallery(photos: dict[str, np.ndarray], tuning: Tuning) -> dict[int, OrbFeatures]:
     """Each photo's ORB features as ingest stores them, by vec_id."""
-    return {i: orb_of(photos[name], settings) for i, name in enumerate(NAMES, 1)}
+    return {i: orb_of(photos[name], tuning) for i, name in enumerate(NAMES, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,8 @@ def local(gallery: dict[int, OrbFeatures]) -> LocalIndex:
 
 
 def score(vec_id: int, embedding: float, orb: float = 0.0, inliers: int = 0, *, fit: bool = False) -> CandidateScore:
-    settings = Settings(_env_file=None)
     return CandidateScore(
-        vec_id, embedding, 0.0, orb, inliers, fuse(embedding, 0.0, orb, settings), np.eye(3) if fit else None
+        vec_id, embedding, 0.0, orb, inliers, fuse(embedding, 0.0, orb, Tuning()), np.eye(3) if fit else None
     )
 
 
@@ -67,15 +67,15 @@ def score(vec_id: int, embedding: float, orb: float = 0.0, inliers: int = 0, *, 
 
 
 def test_local_candidates_are_the_exact_matches_and_the_most_voted(
-    photos: dict[str, np.ndarray], local: LocalIndex, settings: Settings
+    photos: dict[str, np.ndarray], local: LocalIndex, tuning: Tuning
 ) -> None:
-    query = orb_of(resize(crop(photos["rocket"], 0.6, 0.2), 0.7), settings)
-    votes = votes_for(query, local, settings, map_serial)
-    found = local_candidates([COFFEE], votes, settings)
+    query = orb_of(resize(crop(photos["rocket"], 0.6, 0.2), 0.7), tuning)
+    votes = votes_for(query, local, tuning, map_serial)
+    found = local_candidates([COFFEE], votes, tuning)
     assert found.voted[0] == ROCKET and found.exact == {COFFEE}
     assert found.local == [COFFEE, *found.voted]
-    assert all(votes.counts[v] >= settings.local_min_votes for v in found.voted)
-    off = settings.model_copy(update={"local_candidates": 0})
+    assert all(votes.counts[v] >= tuning.cascade.local_min_votes for v in found.voted)
+    off = tuning.replace(cascade={"local_candidates": 0})
     assert votes_for(query, local, off, map_serial).counts == {}
     assert local_candidates([], votes_for(query, local, off, map_serial), off).voted == ()
 
@@ -91,45 +91,45 @@ def test_nearest_vectors_come_first_and_ties_keep_that_order() -> None:
 
 
 def test_verify_checks_the_voted_copy_fully_and_takes_the_exact_match_as_identical(
-    photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], local: LocalIndex, settings: Settings
+    photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], local: LocalIndex, tuning: Tuning
 ) -> None:
-    query = orb_of(resize(crop(photos["rocket"], 0.6, 0.2), 0.7), settings)
-    found = local_candidates([COFFEE], votes_for(query, local, settings, map_serial), settings)
+    query = orb_of(resize(crop(photos["rocket"], 0.6, 0.2), 0.7), tuning)
+    found = local_candidates([COFFEE], votes_for(query, local, tuning, map_serial), tuning)
     orbs = {v: gallery[v] for v in found.local}
-    checks = verify(query, found, orbs, Checks(), settings, map_serial)
+    checks = verify(query, found, orbs, Checks(), tuning, map_serial)
     assert checks.considered == set(orbs)
     identical = identical_fit(gallery[COFFEE])
     assert (checks.fits[COFFEE].score, checks.fits[COFFEE].inliers) == (identical.score, identical.inliers)
-    assert checks.fits[ROCKET].inliers >= settings.orb_min_inliers and checks.fits[ROCKET].homography is not None
+    assert checks.fits[ROCKET].inliers >= tuning.check.min_inliers and checks.fits[ROCKET].homography is not None
     assert set(checks.fits) <= {COFFEE, ROCKET, *found.voted}
     # The nearest vectors join: the candidates already considered are not screened again, and the nearest by
     # embedding get the full check whatever their votes.
     cosines = {v: 0.05 * v for v in gallery}
     joined = with_nearest(found, cosines, {})
-    nearest_two = set(sorted(gallery, key=lambda v: -cosines[v])[: settings.verify_embedding_top])
-    again = verify(query, joined, gallery, checks, settings, map_serial)
+    nearest_two = set(sorted(gallery, key=lambda v: -cosines[v])[: tuning.cascade.verify_embedding_top])
+    again = verify(query, joined, gallery, checks, tuning, map_serial)
     assert again.considered == set(gallery)
     assert nearest_two <= set(again.fits) and set(checks.fits) <= set(again.fits)
     assert all(again.fits[v] is checks.fits[v] for v in checks.fits)
-    ranked = joined.best_first(scores(joined, gallery, again, settings))
+    ranked = joined.best_first(scores(joined, gallery, again, tuning))
     assert ranked[0].vec_id == COFFEE and ranked[1].vec_id == ROCKET
     assert [c.vec_id for c in ranked if c.orb_inliers == 0] != []  # unchecked ones keep their embedding score
 
 
 def test_without_votes_every_candidate_gets_the_full_check(
-    photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], local: LocalIndex, settings: Settings
+    photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], local: LocalIndex, tuning: Tuning
 ) -> None:
-    off = settings.model_copy(update={"local_candidates": 0})
+    off = tuning.replace(cascade={"local_candidates": 0})
     query = orb_of(crop(photos["coins"], 0.7, 0.1), off)
     found = with_nearest(local_candidates([], votes_for(query, local, off, map_serial), off), {1: 0.3, 6: 0.8}, {})
     checks = verify(query, found, {1: gallery[1], 6: gallery[6]}, Checks(), off, map_serial)
-    assert set(checks.fits) == {1, 6} and checks.fits[6].inliers >= off.orb_min_inliers
+    assert set(checks.fits) == {1, 6} and checks.fits[6].inliers >= off.check.min_inliers
 
 
 # -------------------------------------------------------------------------------------------------- expand
 
 
-def test_expand_lifts_the_links_of_the_best_verified_results(settings: Settings) -> None:
+def test_expand_lifts_the_links_of_the_best_verified_results(tuning: Tuning) -> None:
     exact = score(9, 1.0, 1.0, 500, fit=True)
     source = score(1, 0.6, 1.0, 80, fit=True)
     weak = score(2, 0.4)
@@ -142,15 +142,15 @@ def test_expand_lifts_the_links_of_the_best_verified_results(settings: Settings)
         asked.append(ids)
         return {v: cosines[v] for v in ids if v in cosines}
 
-    out = {c.vec_id: c for c in expand(ranked, frozenset({9}), settings, links_of=links_of(links), cosine_of=cosine_of)}
+    out = {c.vec_id: c for c in expand(ranked, frozenset({9}), tuning, links_of=links_of(links), cosine_of=cosine_of)}
     assert asked == [[4, 3, 7]]  # only the images not ranked yet
-    weight, full = settings.expand_weight, settings.orb_full_inliers
+    weight, full = tuning.cascade.expand_weight, tuning.check.full_inliers
     assert out[3].via == 1 and out[3].fused == pytest.approx(weight * source.fused * 24 / full)
     assert out[4].via == 9 and out[4].fused == pytest.approx(weight * 1.0 * 15 / full)  # from an exact match
     assert 7 not in out and out[1] == source and out[9] == exact  # a weaker offer never lowers a result
     assert out[2].via == 1 and out[2].fused == pytest.approx(weight * source.fused * 12 / full)
     assert out[2].fused > weak.fused and out[2].embedding == weak.embedding  # lifted, its own evidence kept
-    off = settings.model_copy(update={"expand_from": 0})
+    off = tuning.replace(cascade={"expand_from": 0})
     assert expand(ranked, frozenset(), off, links_of=links_of(links), cosine_of=cosine_of) == ranked
 
 
@@ -162,22 +162,22 @@ def links_of(links: dict[int, list[tuple[int, int]]]) -> Callable[[list[int]], d
 
 
 def test_rerank_gives_the_shortlist_ssim_and_finds_a_mirrored_copy(
-    photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], settings: Settings
+    photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], tuning: Tuning
 ) -> None:
     rgb = np.ascontiguousarray(crop(photos["astronaut"], 0.8, 0.1)[:, ::-1])
     ranked = [score(v, 0.9 - 0.05 * v) for v in gallery]
-    best, rest = shortlist(ranked, 3, settings.model_copy(update={"ssim_shortlist": 2}))
+    best, rest = shortlist(ranked, 3, tuning.replace(cascade={"ssim_shortlist": 2}))
     assert (len(best), len(rest)) == (3, len(ranked) - 3)
     grays = {v: encode_gray_png(gray256(photos[NAMES[v - 1]])) for v in (1, 2)}  # 3 has no stored thumbnail
     reference = SsimReference(gray256(photos["chelsea"]))
-    with_ssim = with_ssim_all(reference, best, grays, settings, map_serial)
+    with_ssim = with_ssim_all(reference, best, grays, tuning, map_serial)
     assert [c.vec_id for c in with_ssim] == [1, 2]
     assert with_ssim[1].ssim > 0.95 > with_ssim[0].ssim  # chelsea is candidate 2
     assert with_ssim[1].fused > best[1].fused
-    todo = needs_mirror(with_ssim, gallery, settings)
+    todo = needs_mirror(with_ssim, gallery, tuning)
     assert [c.vec_id for c in todo] == [1, 2]  # no fit, embedding high enough
-    (astronaut, chelsea) = mirror_pass(mirrored_orb(rgb, settings), with_ssim, gallery, settings, map_serial)
-    assert astronaut.homography is not None and astronaut.orb_inliers >= settings.copy_min_inliers
+    (astronaut, chelsea) = mirror_pass(mirrored_orb(rgb, tuning), with_ssim, gallery, tuning, map_serial)
+    assert astronaut.homography is not None and astronaut.orb_inliers >= tuning.verdicts.copy_min_inliers
     assert float(np.linalg.det(astronaut.homography[:2, :2])) < 0  # fitted through the mirror
     assert chelsea == with_ssim[1]
 
@@ -185,24 +185,24 @@ def test_rerank_gives_the_shortlist_ssim_and_finds_a_mirrored_copy(
 # ------------------------------------------------------------------------------------------------- present
 
 
-def test_present_keeps_the_related_and_describes_them_with_verdicts(settings: Settings) -> None:
+def test_present_keeps_the_related_and_describes_them_with_verdicts(tuning: Tuning) -> None:
     exact, copy, linked, unrelated = (
         score(1, 1.0, 1.0, 500, fit=True),
         score(2, 0.7, 1.0, 120, fit=True),
         CandidateScore(3, 0.3, 0.0, 0.0, 0, 0.2, via=2, linked=0.2),
         score(4, 0.2),
     )
-    floor = settings.model_copy(update={"min_score": 0.1})
+    floor = tuning.replace(fusion={"min_score": 0.1})
     shown = kept([exact, copy, linked, unrelated], frozenset({1}), floor)
     assert [c.vec_id for c in shown] == [1, 2, 3]
     assert named(shown) == {1, 2, 3}
     records = {v: record(v) for v in (1, 2, 3, 4)}
-    matches = describe([exact, copy, linked, unrelated], frozenset({1}), records, (640, 480), 5, settings)
+    matches = describe([exact, copy, linked, unrelated], frozenset({1}), records, (640, 480), 5, tuning)
     assert [(m.id, m.verdict) for m in matches] == [("e1", "exact"), ("e2", "copy"), ("e3", "similar")]
     assert matches[0].score == 1.0 and matches[1].transform is not None and matches[1].transform.scale == 1.0
     assert matches[2].via == "e2" and matches[2].transform is None
-    assert len(describe([exact, copy, linked], frozenset({1}), records, (640, 480), 2, settings)) == 2
-    assert [m.id for m in describe([exact, copy], frozenset({1}), {2: records[2]}, (640, 480), 5, settings)] == [
+    assert len(describe([exact, copy, linked], frozenset({1}), records, (640, 480), 2, tuning)) == 2
+    assert [m.id for m in describe([exact, copy], frozenset({1}), {2: records[2]}, (640, 480), 5, tuning)] == [
         "e2"
     ]  # a candidate removed while ranking is left out
 
@@ -248,11 +248,11 @@ async def test_one_thread_and_two_threads_rank_identically(
 ) -> None:
     """Where the work runs changes nothing: every id, every score, every read-out the same (both settings of
     ``embed_alongside`` against an explicit schedule of the other kind)."""
-    settings = service.settings.model_copy(update={"embed_alongside": two})
-    default = Searcher(service.catalogue, service.indexes.vector, service.embedder, settings, service.indexes.local)
+    tuning = service.tuning.replace(cascade={"embed_alongside": two})
+    indexes, settings = service.indexes, service.settings
+    default = Searcher(service.catalogue, indexes.vector, service.embedder, settings, indexes.local, tuning)
     other = Schedule.one_thread() if two else Schedule.two_threads()
-    indexes = service.indexes
-    explicit = Searcher(service.catalogue, indexes.vector, service.embedder, settings, indexes.local, other)
+    explicit = Searcher(service.catalogue, indexes.vector, service.embedder, settings, indexes.local, tuning, other)
     root = Path(str(service.settings.db)).parent
     try:
         for data in queries(photos, root):

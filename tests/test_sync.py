@@ -126,8 +126,9 @@ async def test_own_writes_and_replayed_rows_change_nothing(
         await service.ingestor.add_image(encode(photos["rocket"]), entry_id="rocket")
         assert await service.sync_now() == (0, 0)
         assert len(service.indexes.vector) == 2 and service.indexes.vector.tombstones == 0  # type: ignore[attr-defined]
+        per_image = service.tuning.local.per_image
         assert len(service.indexes.local) == sum(
-            min(len(OrbFeatures.from_bytes(b)), settings.local_per_image) for _, b in service.catalogue.orb_blobs()
+            min(len(OrbFeatures.from_bytes(b)), per_image) for _, b in service.catalogue.orb_blobs()
         )
     finally:
         await service.close()

@@ -21,6 +21,7 @@ from pictrace.matching.transform import mirror_matrix, perspective_strength, rea
 from pictrace.search.present import transform_info
 from pictrace.search.rerank import mirror_pass
 from pictrace.search.schedule import map_serial
+from pictrace.tuning import Tuning
 
 BOX_TOL = 0.03
 SCALE_TOL = 0.03
@@ -155,23 +156,23 @@ def test_crop_scale_and_rotation_together(photos: dict[str, np.ndarray]) -> None
     assert abs(out.scale - 0.6) < SCALE_TOL * 0.6 and angle_diff(out.rotation, 90) < ANGLE_TOL
 
 
-def test_mirrored_copy_needs_the_mirror_pass(photos: dict[str, np.ndarray], make_settings) -> None:  # type: ignore[no-untyped-def]
+def test_mirrored_copy_needs_the_mirror_pass(photos: dict[str, np.ndarray]) -> None:
     """A direct ORB match fails on a mirrored copy; the mirror pass finds it and the read-out says flip."""
     gallery = photos["astronaut"]
     h, w = gallery.shape[:2]
     box = (int(w * 0.1), int(h * 0.2), int(w * 0.9), int(h * 0.9))
     query = np.ascontiguousarray(gallery[box[1] : box[3], box[0] : box[2]][:, ::-1])
-    settings = make_settings()
-    g = extract_orb(gallery, n_features=settings.orb_features, max_side=settings.orb_max_side)
+    tuning = Tuning()
+    g = extract_orb(gallery, n_features=tuning.orb.features, max_side=tuning.orb.max_side)
     direct = match_orb(extract_orb(query), g)
     assert direct.homography is None
     before = [CandidateScore(7, 0.8, 0.0, 0.0, direct.inliers, 0.4)]
-    (after,) = mirror_pass(mirrored_orb(query, settings), before, {7: g}, settings, map_serial)
-    assert after.homography is not None and after.orb_inliers >= settings.orb_min_inliers
+    (after,) = mirror_pass(mirrored_orb(query, tuning), before, {7: g}, tuning, map_serial)
+    assert after.homography is not None and after.orb_inliers >= tuning.check.min_inliers
     out = read_transform(after.homography, (query.shape[1], query.shape[0]), (w, h))
     assert out.flip and angle_diff(out.rotation, 0) < ANGLE_TOL and abs(out.scale - 1) < SCALE_TOL
     assert_box(out.crop, box, max(h, w))
-    off = make_settings(mirror_check=False)
+    off = tuning.replace(cascade={"mirror_check": False})
     assert mirror_pass(mirrored_orb(query, off), before, {7: g}, off, map_serial) == before
 
 
@@ -182,18 +183,16 @@ def test_mirror_matrix_is_its_own_inverse() -> None:
 
 
 @pytest.mark.parametrize("side", [64, 80])
-def test_small_mirrored_copy_is_upscaled_like_any_query(  # type: ignore[no-untyped-def]
-    photos: dict[str, np.ndarray], make_settings, side: int
-) -> None:
+def test_small_mirrored_copy_is_upscaled_like_any_query(photos: dict[str, np.ndarray], side: int) -> None:
     """A thumbnail-sized mirrored copy: the mirror pass extracts ORB as the search does for the query (small
     images upscaled to ``orb_min_side``); at its own 64-80 px ORB finds too few corners to fit anything."""
     gallery = photos["coffee"]
     h, w = gallery.shape[:2]
     query = np.ascontiguousarray(cv2.resize(gallery, (side, side * h // w), interpolation=cv2.INTER_AREA)[:, ::-1])
-    settings = make_settings()
-    g = orb_of(gallery, settings)  # extracted as at ingest
+    tuning = Tuning()
+    g = orb_of(gallery, tuning)  # extracted as at ingest
     candidate = CandidateScore(7, 0.8, 0.0, 0.0, 0, 0.4)
-    (after,) = mirror_pass(mirrored_orb(query, settings), [candidate], {7: g}, settings, map_serial)
-    assert after.homography is not None and after.orb_inliers >= settings.orb_min_inliers
+    (after,) = mirror_pass(mirrored_orb(query, tuning), [candidate], {7: g}, tuning, map_serial)
+    assert after.homography is not None and after.orb_inliers >= tuning.check.min_inliers
     out = read_transform(after.homography, (query.shape[1], query.shape[0]), (w, h))
     assert out.flip and abs(out.scale - side / w) < SCALE_TOL * side / w

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pictrace.config import unknown_environment
 from pictrace.errors import ConfigurationError
 from pictrace.tuning import KEYPOINT_BITS, Tuning
 
@@ -56,3 +57,9 @@ def test_unreadable_file_is_a_configuration_error(tmp_path: Path) -> None:
         Tuning.from_file(tmp_path / "bad.json")
     with pytest.raises(ConfigurationError):
         Tuning().replace(nonsense={"x": 1})
+
+
+def test_unknown_pictrace_variables_are_named() -> None:
+    """A constant that used to be a setting (or a typo) is reported, not silently ignored."""
+    environ = {"PICTRACE_PORT": "1", "PICTRACE_CANDIDATES": "20", "PICTRACE_TOPK": "3", "HOME": "/root"}
+    assert unknown_environment(environ) == ["PICTRACE_CANDIDATES", "PICTRACE_TOPK"]

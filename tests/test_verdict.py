@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
-from pictrace.config import Settings
 from pictrace.matching.verdict import VerdictThresholds, classify
+from pictrace.tuning import Tuning
 
 T = VerdictThresholds(
     copy_min_inliers=12, copy_min_embedding=0.3, copy_max_perspective=0.1, similar_min_embedding=0.7,
@@ -37,9 +35,10 @@ def test_classify(
     assert got == expected
 
 
-def test_thresholds_come_from_settings(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(copy_min_inliers=30, similar_min_embedding=0.95, copy_max_perspective=0.5)
-    t = VerdictThresholds.from_settings(settings)
+def test_thresholds_come_from_the_tuning() -> None:
+    verdicts = {"copy_min_inliers": 30, "similar_min_embedding": 0.95, "copy_max_perspective": 0.5}
+    tuning = Tuning().replace(verdicts=verdicts)
+    t = VerdictThresholds.from_tuning(tuning)
     assert (t.copy_min_inliers, t.similar_min_embedding, t.copy_max_perspective) == (30, 0.95, 0.5)
-    assert t.similar_min_inliers == settings.orb_min_inliers
+    assert t.similar_min_inliers == tuning.check.min_inliers
     assert classify(exact=False, embedding=0.9, inliers=20, perspective=0.2, thresholds=t) == "similar"

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pictrace.config import Settings
 from pictrace.decode import DecodedImage
 from pictrace.features.hashing import dhash64, pixel_sha256
 from pictrace.features.orb import OrbFeatures, extract_orb
 from pictrace.features.ssim import gray256
 from pictrace.features.thumbnail import encode_gray_png, encode_thumbnail
+from pictrace.tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -23,15 +23,15 @@ class LocalFeatures:
     thumbnail: bytes
 
 
-def orb_of(rgb: np.ndarray, settings: Settings) -> OrbFeatures:
+def orb_of(rgb: np.ndarray, tuning: Tuning) -> OrbFeatures:
     """ORB with the configured sizes: gallery images at ingest, queries (and their mirror) at search alike."""
     return extract_orb(
-        rgb, n_features=settings.orb_features, max_side=settings.orb_max_side, min_side=settings.orb_min_side
+        rgb, n_features=tuning.orb.features, max_side=tuning.orb.max_side, min_side=tuning.orb.min_side
     )
 
 
-def local_features(image: DecodedImage, settings: Settings) -> LocalFeatures:
-    orb = orb_of(image.rgb, settings)
+def local_features(image: DecodedImage, tuning: Tuning) -> LocalFeatures:
+    orb = orb_of(image.rgb, tuning)
     return LocalFeatures(
         pixel_sha256=pixel_sha256(image.rgb),
         dhash=dhash64(image.rgb),

@@ -29,6 +29,7 @@ from pictrace.indexes.local import LocalIndex, LocalIndexCorruptError, LocalInde
 from pictrace.indexes.vector import IndexInfo, VectorIndex
 from pictrace.indexes.vector.factory import build_index, empty_index, vectors_are_shared
 from pictrace.store import Catalogue
+from pictrace.tuning import Tuning, VectorIndexTuning
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,13 @@ class DerivedIndexes:
 
     @classmethod
     def open(
-        cls, settings: Settings, catalogue: Catalogue, info: IndexInfo, *, rebuild: bool = False
+        cls,
+        settings: Settings,
+        catalogue: Catalogue,
+        info: IndexInfo,
+        tuning: Tuning,
+        *,
+        rebuild: bool = False,
     ) -> DerivedIndexes:
         """Reopen the saved indexes and apply the catalogue's changes since; rebuild from the catalogue what is
         missing, stale (another model, other build parameters, another catalogue) or corrupt.
@@ -90,10 +97,10 @@ class DerivedIndexes:
         ``rebuild`` ignores the files altogether (``pictrace reindex``: also the way out of a mismatched index).
         """
         shared = vectors_are_shared(settings)
-        vector = _open_vector(settings, info, fresh=rebuild and not shared)
+        vector = _open_vector(settings, info, tuning.vectors, fresh=rebuild and not shared)
         try:
-            params = local_index_params(settings)
-            local_path = settings.local_index_path if settings.local_persist else None
+            params = local_index_params(tuning.local)
+            local_path = settings.local_index_path if tuning.local.persist else None
             reopened = None if rebuild or local_path is None else _open_local(local_path, params, catalogue)
             local = reopened if reopened is not None else LocalIndex(params)  # (an empty index is falsy)
             indexes = cls(catalogue, vector, local, shares_vectors=shared, local_path=local_path)
@@ -269,16 +276,16 @@ class DerivedIndexes:
             self.vector.close()
 
 
-def _open_vector(settings: Settings, info: IndexInfo, *, fresh: bool) -> VectorIndex:
+def _open_vector(settings: Settings, info: IndexInfo, tuning: VectorIndexTuning, *, fresh: bool) -> VectorIndex:
     """The configured vector index, or an empty FAISS one when ``fresh`` or its file is unreadable (the caller
     fills it from the catalogue). Raises IndexMismatchError for a file of another model."""
     if fresh:
-        return empty_index(settings, info)
+        return empty_index(settings, info, tuning)
     try:
-        return build_index(settings, info)
+        return build_index(settings, info, tuning)
     except IndexCorruptError as exc:
         log.warning("%s; rebuilding it from the catalogue", exc)
-        return empty_index(settings, info)
+        return empty_index(settings, info, tuning)
 
 
 def _open_local(path: Path, params: LocalIndexParams, catalogue: Catalogue) -> LocalIndex | None:

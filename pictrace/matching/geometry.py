@@ -1,6 +1,6 @@
 """Is this gallery image the query's picture, moved? ORB + RANSAC between one query and one candidate.
 
-Pure functions of two images' keypoints and the settings: the full check (``fit_geometry``), its shortcut for an
+Pure functions of two images' keypoints and the tuning: the full check (``fit_geometry``), its shortcut for an
 exact match (``identical_fit``), and the cheap screen on the pairs the local index's votes already found
 (``passes_screen``). The search (pictrace/search/verify.py) decides which candidates get which.
 """
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, OrbMatch, consensus, match_orb
 from pictrace.matching.transform import to_pixel_homography
+from pictrace.tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -25,23 +25,23 @@ class GeometricFit:
     homography: np.ndarray | None  # accepted fit, query pixels -> gallery pixels (transform read-out)
 
 
-def match_features(query: OrbFeatures, gallery: OrbFeatures, settings: Settings) -> OrbMatch:
+def match_features(query: OrbFeatures, gallery: OrbFeatures, tuning: Tuning) -> OrbMatch:
     """ORB+RANSAC with the configured thresholds: the one geometric check search, mirror check and graph share."""
     return match_orb(
         query,
         gallery,
-        ratio=settings.orb_ratio,
-        ransac_px=settings.orb_ransac_px,
-        min_inliers=settings.orb_min_inliers,
-        full_inliers=settings.orb_full_inliers,
-        centre_sigma=settings.orb_centre_sigma,
+        ratio=tuning.check.ratio,
+        ransac_px=tuning.check.ransac_px,
+        min_inliers=tuning.check.min_inliers,
+        full_inliers=tuning.check.full_inliers,
+        centre_sigma=tuning.check.centre_sigma,
     )
 
 
-def fit_geometry(query: OrbFeatures, gallery: OrbFeatures, settings: Settings) -> GeometricFit:
+def fit_geometry(query: OrbFeatures, gallery: OrbFeatures, tuning: Tuning) -> GeometricFit:
     """The full ORB check of one candidate; needs no embedding, so the search runs it while that is computed."""
-    gallery_orb = gallery.strongest(settings.orb_verify_features)
-    match = match_features(query, gallery_orb, settings)
+    gallery_orb = gallery.strongest(tuning.check.verify_features)
+    match = match_features(query, gallery_orb, tuning)
     homography = (
         None
         if match.homography is None
@@ -53,19 +53,19 @@ def fit_geometry(query: OrbFeatures, gallery: OrbFeatures, settings: Settings) -
 def identical_fit(gallery: OrbFeatures) -> GeometricFit:
     """The full check's answer for an exact match (the query's own bytes or decoded pixels) without running it.
 
-    The stored keypoints were extracted from the same pixels with the same settings, so every one agrees with
+    The stored keypoints were extracted from the same pixels with the same tuning, so every one agrees with
     itself through the identity; a re-upload of a catalogued image is common and this saves its ~2 ms check.
     """
     return GeometricFit(1.0, len(gallery), np.eye(3))
 
 
 def passes_screen(
-    query: OrbFeatures, gallery: OrbFeatures, pairs: tuple[np.ndarray, np.ndarray], settings: Settings
+    query: OrbFeatures, gallery: OrbFeatures, pairs: tuple[np.ndarray, np.ndarray], tuning: Tuning
 ) -> bool:
     """Whether the tentative pairs (query rows, gallery keypoints) behind a candidate's votes agree on a
     homography with ``prescreen_min_inliers`` distinct keypoints (0: the screen is off, always)."""
-    needed = settings.prescreen_min_inliers
+    needed = tuning.cascade.prescreen_min_inliers
     if needed == 0:
         return True
     qi, gi = pairs
-    return len(qi) >= needed and consensus(query, gallery, qi, gi, ransac_px=settings.orb_ransac_px) >= needed
+    return len(qi) >= needed and consensus(query, gallery, qi, gi, ransac_px=tuning.check.ransac_px) >= needed

@@ -13,37 +13,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from pictrace.config import Settings
 from pictrace.features.extract import orb_of
 from pictrace.features.orb import OrbFeatures
 from pictrace.matching.geometry import match_features
 from pictrace.matching.scores import CandidateScore, rescore
 from pictrace.matching.transform import mirror_matrix, to_pixel_homography
+from pictrace.tuning import Tuning
 
 
-def worth_mirroring(candidate: CandidateScore, settings: Settings) -> bool:
+def worth_mirroring(candidate: CandidateScore, tuning: Tuning) -> bool:
     """No fit, or one too weak for a copy, and an embedding close enough for a mirrored copy."""
     # A mirrored copy sometimes has a weak spurious direct fit (8-10 inliers): re-check those too.
     return (
-        settings.mirror_check
-        and (candidate.homography is None or candidate.orb_inliers < settings.copy_min_inliers)
-        and candidate.embedding >= settings.mirror_min_embedding  # the embedding barely notices a mirror
+        tuning.cascade.mirror_check
+        and (candidate.homography is None or candidate.orb_inliers < tuning.verdicts.copy_min_inliers)
+        and candidate.embedding >= tuning.cascade.mirror_min_embedding  # the embedding barely notices a mirror
     )
 
 
-def mirrored_orb(rgb: np.ndarray, settings: Settings) -> OrbFeatures:
+def mirrored_orb(rgb: np.ndarray, tuning: Tuning) -> OrbFeatures:
     """The mirrored query's ORB features, extracted as the query's (small ones upscaled too)."""
-    return orb_of(np.ascontiguousarray(rgb[:, ::-1]), settings)
+    return orb_of(np.ascontiguousarray(rgb[:, ::-1]), tuning)
 
 
 def mirror_fit(
-    mirrored: OrbFeatures, candidate: CandidateScore, gallery: OrbFeatures, settings: Settings
+    mirrored: OrbFeatures, candidate: CandidateScore, gallery: OrbFeatures, tuning: Tuning
 ) -> CandidateScore:
     """The candidate re-verified against the mirrored query: rescored when that fit beats the direct one."""
     unmirror = mirror_matrix(mirrored.width)  # query working -> mirrored query working
-    match = match_features(mirrored, gallery, settings)
+    match = match_features(mirrored, gallery, tuning)
     current = candidate.orb_inliers if candidate.homography is not None else 0
     if match.homography is None or match.inliers <= current:
         return candidate
     homography = to_pixel_homography(match.homography @ unmirror, mirrored.scale, gallery.scale)
-    return rescore(candidate, settings, orb=match.score, orb_inliers=match.inliers, homography=homography)
+    return rescore(candidate, tuning, orb=match.score, orb_inliers=match.inliers, homography=homography)

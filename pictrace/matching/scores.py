@@ -6,10 +6,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from pictrace.config import Settings
 from pictrace.features.ssim import SsimReference
 from pictrace.features.thumbnail import decode_gray_png
 from pictrace.matching.geometry import GeometricFit
+from pictrace.tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -27,21 +27,21 @@ class CandidateScore:
     via: int | None = None  # the result whose stored link brought that score
 
 
-def rescore(candidate: CandidateScore, settings: Settings, **changes: object) -> CandidateScore:
+def rescore(candidate: CandidateScore, tuning: Tuning, **changes: object) -> CandidateScore:
     """The candidate with some components replaced and ``fused`` recomputed; a graph link's score is a floor."""
     changed = replace(candidate, **changes)  # type: ignore[arg-type]
-    fused = fuse(changed.embedding, changed.ssim, changed.orb, settings)
+    fused = fuse(changed.embedding, changed.ssim, changed.orb, tuning)
     return replace(changed, fused=max(fused, changed.linked))
 
 
-def fuse(embedding: float, ssim: float, orb: float, settings: Settings) -> float:
+def fuse(embedding: float, ssim: float, orb: float, tuning: Tuning) -> float:
     """Weighted mean of the three components, each in [0, 1], so the result is in [0, 1] too."""
-    weights = (settings.weight_embedding, settings.weight_ssim, settings.weight_orb)
+    weights = (tuning.fusion.embedding, tuning.fusion.ssim, tuning.fusion.orb)
     total = sum(weights)
     return float((weights[0] * embedding + weights[1] * ssim + weights[2] * orb) / total)
 
 
-def scored(vec_id: int, cosine: float, fit: GeometricFit | None, settings: Settings, votes: int = 0) -> CandidateScore:
+def scored(vec_id: int, cosine: float, fit: GeometricFit | None, tuning: Tuning, votes: int = 0) -> CandidateScore:
     """A candidate's provisional score (SSIM counted as 0; ``with_ssim`` completes it for the shortlist).
 
     ``fit`` None: the candidate was not worth the ORB check (pictrace/search/verify.py) and keeps its
@@ -49,19 +49,19 @@ def scored(vec_id: int, cosine: float, fit: GeometricFit | None, settings: Setti
     """
     embedding = float(np.clip(cosine, 0.0, 1.0))
     if fit is None:
-        return CandidateScore(vec_id, embedding, 0.0, 0.0, 0, fuse(embedding, 0.0, 0.0, settings), votes=votes)
+        return CandidateScore(vec_id, embedding, 0.0, 0.0, 0, fuse(embedding, 0.0, 0.0, tuning), votes=votes)
     return CandidateScore(
         vec_id,
         embedding,
         0.0,
         fit.score,
         fit.inliers,
-        fuse(embedding, 0.0, fit.score, settings),
+        fuse(embedding, 0.0, fit.score, tuning),
         fit.homography,
         votes=votes,
     )
 
 
-def with_ssim(query: SsimReference, candidate: CandidateScore, gray_png: bytes, settings: Settings) -> CandidateScore:
+def with_ssim(query: SsimReference, candidate: CandidateScore, gray_png: bytes, tuning: Tuning) -> CandidateScore:
     """SSIM is the costliest per-pair signal and the least discriminative, so only the shortlist pays for it."""
-    return rescore(candidate, settings, ssim=query.score(decode_gray_png(gray_png)))
+    return rescore(candidate, tuning, ssim=query.score(decode_gray_png(gray_png)))

@@ -1,6 +1,6 @@
 """Exact / copy / similar / unrelated: answering in the user's terms instead of with a bare score.
 
-Pure functions over the evidence a candidate already has. The thresholds live in the settings
+Pure functions over the evidence a candidate already has. The thresholds live in the tuning
 (``PICTRACE_COPY_*``, ``PICTRACE_SIMILAR_*``) and were set by ``bench/thresholds.py`` on the shared evaluation
 data; docs/verdicts.md has the measurement.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pictrace.config import Settings
+from pictrace.tuning import Tuning
 
 Verdict = Literal["exact", "copy", "similar"]
 VERDICTS: tuple[Verdict, ...] = ("exact", "copy", "similar")
@@ -34,13 +34,13 @@ class VerdictThresholds:
     similar_min_inliers: int
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> VerdictThresholds:
+    def from_tuning(cls, tuning: Tuning) -> VerdictThresholds:
         return cls(
-            copy_min_inliers=settings.copy_min_inliers,
-            copy_min_embedding=settings.copy_min_embedding,
-            copy_max_perspective=settings.copy_max_perspective,
-            similar_min_embedding=settings.similar_min_embedding,
-            similar_min_inliers=settings.orb_min_inliers,
+            copy_min_inliers=tuning.verdicts.copy_min_inliers,
+            copy_min_embedding=tuning.verdicts.copy_min_embedding,
+            copy_max_perspective=tuning.verdicts.copy_max_perspective,
+            similar_min_embedding=tuning.verdicts.similar_min_embedding,
+            similar_min_inliers=tuning.check.min_inliers,
         )
 
 

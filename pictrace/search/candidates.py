@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.local import LocalIndex, Votes
 from pictrace.indexes.vector import VectorIndex
 from pictrace.matching.scores import CandidateScore
 from pictrace.search.schedule import MapEach
+from pictrace.tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -39,21 +39,22 @@ class Candidates:
         return sorted(scores, key=lambda c: (c.vec_id in self.exact, c.fused), reverse=True)
 
 
-def votes_for(query: OrbFeatures, local: LocalIndex, settings: Settings, map_each: MapEach) -> Votes:
+def votes_for(query: OrbFeatures, local: LocalIndex, tuning: Tuning, map_each: MapEach) -> Votes:
     """Which images the query's local descriptors point to (none when ``local_candidates`` is 0)."""
-    if settings.local_candidates == 0:
+    if tuning.cascade.local_candidates == 0:
         return Votes({})
     return local.vote(query, map_each)
 
 
-def local_candidates(exact: Iterable[int], votes: Votes, settings: Settings) -> Candidates:
+def local_candidates(exact: Iterable[int], votes: Votes, tuning: Tuning) -> Candidates:
     """The candidates without the embedding: exact matches and the most-voted images."""
-    return Candidates(frozenset(exact), votes, tuple(votes.top(settings.local_candidates, settings.local_min_votes)))
+    voted = votes.top(tuning.cascade.local_candidates, tuning.cascade.local_min_votes)
+    return Candidates(frozenset(exact), votes, tuple(voted))
 
 
-def nearest(index: VectorIndex, embedding: np.ndarray, settings: Settings) -> dict[int, float]:
+def nearest(index: VectorIndex, embedding: np.ndarray, tuning: Tuning) -> dict[int, float]:
     """The ``candidates`` nearest vectors and their cosines, best first."""
-    scores, ids = index.search(embedding[None, :], settings.candidates)
+    scores, ids = index.search(embedding[None, :], tuning.cascade.candidates)
     return {int(i): float(s) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0}
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from pictrace.config import Settings
 from pictrace.matching.scores import CandidateScore, rescore
+from pictrace.tuning import Tuning
 
 Links = Mapping[int, list[tuple[int, int]]]  # vec_id -> [(other, inliers), ...]
 
@@ -19,7 +19,7 @@ Links = Mapping[int, list[tuple[int, int]]]  # vec_id -> [(other, inliers), ...]
 def expand(
     ranked: list[CandidateScore],
     exact: frozenset[int],
-    settings: Settings,
+    tuning: Tuning,
     *,
     links_of: Callable[[list[int]], Links],
     cosine_of: Callable[[list[int]], Mapping[int, float]],
@@ -31,14 +31,14 @@ def expand(
     ``expand_from`` results with a geometric fit scoring at least ``expand_min_score``. ``links_of`` gives the
     sources' stored links, ``cosine_of`` the embedding cosines of images not ranked yet (absent: deleted).
     """
-    if settings.expand_from == 0 or settings.expand_weight == 0:
+    if tuning.cascade.expand_from == 0 or tuning.cascade.expand_weight == 0:
         return ranked
     verified = [
         c
         for c in ranked
-        if c.vec_id not in exact and c.homography is not None and c.fused >= settings.expand_min_score
+        if c.vec_id not in exact and c.homography is not None and c.fused >= tuning.cascade.expand_min_score
     ]
-    sources = [c for c in ranked if c.vec_id in exact] + verified[: settings.expand_from]
+    sources = [c for c in ranked if c.vec_id in exact] + verified[: tuning.cascade.expand_from]
     if not sources:
         return ranked
     links = links_of([c.vec_id for c in sources])
@@ -48,7 +48,7 @@ def expand(
         for other, inliers in links.get(source.vec_id, []):
             if other in exact:
                 continue
-            score = settings.expand_weight * base * min(1.0, inliers / settings.orb_full_inliers)
+            score = tuning.cascade.expand_weight * base * min(1.0, inliers / tuning.check.full_inliers)
             if score > offers.get(other, (0.0, 0))[0]:
                 offers[other] = (score, source.vec_id)
     by_id = {c.vec_id: c for c in ranked}
@@ -60,5 +60,5 @@ def expand(
                 continue
             current = CandidateScore(other, max(0.0, min(1.0, cosines[other])), 0.0, 0.0, 0, 0.0)
         if score > current.fused:
-            by_id[other] = rescore(current, settings, linked=score, via=source_id)
+            by_id[other] = rescore(current, tuning, linked=score, via=source_id)
     return list(by_id.values())

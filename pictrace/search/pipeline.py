@@ -25,6 +25,7 @@ from pictrace.search.reads import QueryReads
 from pictrace.search.schedule import Schedule
 from pictrace.search.verify import Checks, scores, verify
 from pictrace.store import CatalogueStore
+from pictrace.tuning import Tuning
 
 
 class Searcher:
@@ -35,6 +36,7 @@ class Searcher:
         embedder: Embedder,
         settings: Settings,
         local: LocalIndex,
+        tuning: Tuning | None = None,
         schedule: Schedule | None = None,
     ) -> None:
         """``schedule``: where the work runs (default: both threads if ``embed_alongside``); closed by ``close``."""
@@ -43,7 +45,8 @@ class Searcher:
         self.embedder = embedder
         self.settings = settings
         self.local = local
-        self._schedule = schedule or Schedule.for_settings(settings)
+        self.tuning = tuning or Tuning()
+        self._schedule = schedule or Schedule.for_tuning(self.tuning)
 
     def close(self) -> None:
         self._schedule.close()
@@ -62,36 +65,36 @@ class Searcher:
     def _search(
         self, image: DecodedImage, sha256: str, top_k: int, started: float
     ) -> tuple[SearchResult, list[str]]:
-        s, run, reads = self.settings, self._schedule, QueryReads(self.catalogue)
-        jobs = run.query_jobs(image.rgb, self.embedder, s)  # beside the worker: pixel hash, embedding, SSIM ref.
-        query = orb_of(image.rgb, s)
+        t, run, reads = self.tuning, self._schedule, QueryReads(self.catalogue)
+        jobs = run.query_jobs(image.rgb, self.embedder, t)  # beside the worker: pixel hash, embedding, SSIM ref.
+        query = orb_of(image.rgb, t)
         # candidates found without the embedding, verified while it is computed
-        votes = candidates.votes_for(query, self.local, s, run.map)
-        found = candidates.local_candidates(self.catalogue.vec_ids_by_hash(sha256, jobs.pixel_hash.result()), votes, s)
-        checks = verify(query, found, reads.orbs(found.local), Checks(), s, run.map)
+        votes = candidates.votes_for(query, self.local, t, run.map)
+        found = candidates.local_candidates(self.catalogue.vec_ids_by_hash(sha256, jobs.pixel_hash.result()), votes, t)
+        checks = verify(query, found, reads.orbs(found.local), Checks(), t, run.map)
         # the nearest vectors join them, and are verified in turn
         embedding = jobs.embedding.result()
-        nearest = candidates.nearest(self.index, embedding, s)
+        nearest = candidates.nearest(self.index, embedding, t)
         reads.know_cosines(nearest)
         found = candidates.with_nearest(found, nearest, reads.cosines(embedding, found.local))
         orbs = reads.orbs(found.cosines)
-        checks = verify(query, found, orbs, checks, s, run.map)
-        ranked = found.best_first(scores(found, orbs, checks, s))
+        checks = verify(query, found, orbs, checks, t, run.map)
+        ranked = found.best_first(scores(found, orbs, checks, t))
         # expand through the match graph
         cosine_of = functools.partial(reads.cosines, embedding)
-        ranked = found.best_first(expand(ranked, found.exact, s, links_of=self.catalogue.links_of, cosine_of=cosine_of))
+        ranked = found.best_first(expand(ranked, found.exact, t, links_of=self.catalogue.links_of, cosine_of=cosine_of))
         # rerank the shortlist: SSIM, and the mirrored query's ORB extracted beside it when a candidate needs it
-        best, rest = rerank.shortlist(ranked, top_k, s)
+        best, rest = rerank.shortlist(ranked, top_k, t)
         orbs, grays = reads.orbs(c.vec_id for c in best), reads.grays(c.vec_id for c in best)
-        mirror = jobs.start_mirrored_orb() if rerank.needs_mirror(best, orbs, s) else None
-        best = rerank.with_ssim_all(jobs.ssim_reference.result(), best, grays, s, run.map)
-        best = best if mirror is None else rerank.mirror_pass(mirror.result(), best, orbs, s, run.map)
-        kept = present.kept(found.best_first(best + rest), found.exact, s)
+        mirror = jobs.start_mirrored_orb() if rerank.needs_mirror(best, orbs, t) else None
+        best = rerank.with_ssim_all(jobs.ssim_reference.result(), best, grays, t, run.map)
+        best = best if mirror is None else rerank.mirror_pass(mirror.result(), best, orbs, t, run.map)
+        kept = present.kept(found.best_first(best + rest), found.exact, t)
         # present the first top_k related
         records = reads.records(present.named(kept))
         result = SearchResult(
             query=QueryInfo(sha256=sha256, width=image.width, height=image.height),
-            results=present.describe(kept, found.exact, records, (image.width, image.height), top_k, s),
+            results=present.describe(kept, found.exact, records, (image.width, image.height), top_k, t),
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return result, [records[c.vec_id].entry_id for c in kept if c.vec_id in records]

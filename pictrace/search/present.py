@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pictrace.config import Settings
 from pictrace.matching.scores import CandidateScore
 from pictrace.matching.transform import TransformReadout, read_transform
 from pictrace.matching.verdict import VerdictThresholds, classify
 from pictrace.schemas import ComponentScores, Match, TransformInfo
 from pictrace.store import ImageRecord
+from pictrace.tuning import Tuning
 
 
-def kept(ranked: Sequence[CandidateScore], exact: frozenset[int], settings: Settings) -> list[CandidateScore]:
+def kept(ranked: Sequence[CandidateScore], exact: frozenset[int], tuning: Tuning) -> list[CandidateScore]:
     """The ranking as it is answered: exact matches and every candidate scoring at least ``min_score``."""
-    return [c for c in ranked if c.vec_id in exact or c.fused >= settings.min_score]
+    return [c for c in ranked if c.vec_id in exact or c.fused >= tuning.fusion.min_score]
 
 
 def named(kept: Sequence[CandidateScore]) -> set[int]:
@@ -33,10 +33,10 @@ def describe(
     records: Mapping[int, ImageRecord],
     query_size: tuple[int, int],
     limit: int,
-    settings: Settings,
+    tuning: Tuning,
 ) -> list[Match]:
     """The first ``limit`` matches with their verdict and transform read-out; unrelated candidates are left out."""
-    thresholds = VerdictThresholds.from_settings(settings)
+    thresholds = VerdictThresholds.from_tuning(tuning)
     matches: list[Match] = []
     for c in kept:
         if len(matches) == limit:

@@ -9,49 +9,49 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping, Sequence
 
-from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
 from pictrace.features.ssim import SsimReference
 from pictrace.matching.mirror import mirror_fit, worth_mirroring
 from pictrace.matching.scores import CandidateScore, with_ssim
 from pictrace.search.schedule import MapEach
+from pictrace.tuning import Tuning
 
 
 def shortlist(
-    ranked: list[CandidateScore], top_k: int, settings: Settings
+    ranked: list[CandidateScore], top_k: int, tuning: Tuning
 ) -> tuple[list[CandidateScore], list[CandidateScore]]:
     """(the best, which get SSIM and the mirror check; the rest)."""
-    size = max(settings.ssim_shortlist, top_k)
+    size = max(tuning.cascade.ssim_shortlist, top_k)
     return ranked[:size], ranked[size:]
 
 
 def needs_mirror(
-    candidates: Sequence[CandidateScore], orbs: Container[int], settings: Settings
+    candidates: Sequence[CandidateScore], orbs: Container[int], tuning: Tuning
 ) -> list[CandidateScore]:
     """The candidates worth a match against the mirrored query (with stored features to match)."""
-    return [c for c in candidates if worth_mirroring(c, settings) and c.vec_id in orbs]
+    return [c for c in candidates if worth_mirroring(c, tuning) and c.vec_id in orbs]
 
 
 def with_ssim_all(
     reference: SsimReference,
     candidates: Sequence[CandidateScore],
     grays: Mapping[int, bytes],
-    settings: Settings,
+    tuning: Tuning,
     map_each: MapEach,
 ) -> list[CandidateScore]:
     """The candidates with SSIM against their stored grey thumbnail (those without one are dropped: deleted)."""
     todo = [c for c in candidates if c.vec_id in grays]
-    return map_each(lambda c: with_ssim(reference, c, grays[c.vec_id], settings), todo)
+    return map_each(lambda c: with_ssim(reference, c, grays[c.vec_id], tuning), todo)
 
 
 def mirror_pass(
     mirrored: OrbFeatures,
     candidates: list[CandidateScore],
     orbs: Mapping[int, OrbFeatures],
-    settings: Settings,
+    tuning: Tuning,
     map_each: MapEach,
 ) -> list[CandidateScore]:
     """The candidates, those that ``needs_mirror`` picks re-verified against the mirrored query's features."""
-    todo = needs_mirror(candidates, orbs, settings)
-    found = {c.vec_id: c for c in map_each(lambda c: mirror_fit(mirrored, c, orbs[c.vec_id], settings), todo)}
+    todo = needs_mirror(candidates, orbs, tuning)
+    found = {c.vec_id: c for c in map_each(lambda c: mirror_fit(mirrored, c, orbs[c.vec_id], tuning), todo)}
     return [found.get(c.vec_id, c) for c in candidates]

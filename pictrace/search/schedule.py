@@ -26,12 +26,12 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from pictrace.config import Settings
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256
 from pictrace.features.orb import OrbFeatures
 from pictrace.features.ssim import SsimReference, gray256
 from pictrace.matching.mirror import mirrored_orb
+from pictrace.tuning import Tuning
 from pictrace.work import one_openmp_thread
 
 T = TypeVar("T")
@@ -122,9 +122,9 @@ class Schedule:
         return cls(None)
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> Schedule:
-        """``PICTRACE_EMBED_ALONGSIDE``: both threads, or one."""
-        return cls.two_threads() if settings.embed_alongside else cls.one_thread()
+    def for_tuning(cls, tuning: Tuning) -> Schedule:
+        """Both threads, or one (``cascade.embed_alongside``)."""
+        return cls.two_threads() if tuning.cascade.embed_alongside else cls.one_thread()
 
     def beside(self, job: Callable[[], T]) -> SideJob[T]:
         """Run ``job`` beside the caller (one thread: when its result is first wanted)."""
@@ -134,13 +134,13 @@ class Schedule:
         """``[fn(x) for x in items]``, shared by both threads when there are two."""
         return map_serial(fn, items) if self._side is None else self._side.map(fn, items)
 
-    def query_jobs(self, rgb: np.ndarray, embedder: Embedder, settings: Settings) -> QueryJobs:
+    def query_jobs(self, rgb: np.ndarray, embedder: Embedder, tuning: Tuning) -> QueryJobs:
         """Start the query's features that the worker's first steps do without (see the module docstring)."""
         return QueryJobs(
             self.beside(lambda: pixel_sha256(rgb)),
             self.beside(lambda: embedder.embed([rgb])[0]),
             self.beside(lambda: SsimReference(gray256(rgb))),
-            lambda: self.beside(lambda: mirrored_orb(rgb, settings)),
+            lambda: self.beside(lambda: mirrored_orb(rgb, tuning)),
         )
 
     def close(self) -> None:

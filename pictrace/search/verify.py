@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 
-from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.local import Votes
 from pictrace.matching.geometry import GeometricFit, fit_geometry, identical_fit, passes_screen
 from pictrace.matching.scores import CandidateScore, scored
 from pictrace.search.candidates import Candidates
 from pictrace.search.schedule import MapEach
+from pictrace.tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,21 @@ def verify(
     found: Candidates,
     orbs: Mapping[int, OrbFeatures],
     done: Checks,
-    settings: Settings,
+    tuning: Tuning,
     map_each: MapEach,
 ) -> Checks:
     """``done`` plus the checks of the candidates in ``orbs`` it has not considered (``map_each`` runs them)."""
     new = [v for v in orbs if v not in done.considered]
     fits = dict(done.fits)
     fits.update((v, identical_fit(orbs[v])) for v in new if v in found.exact and v not in fits)
-    passed = screen(query, {v: orbs[v] for v in new if v not in fits}, found.votes, settings, map_each)
-    checked = passed | nearest_by_embedding(found.cosines, orbs, settings)
-    fits |= fit_all(query, orbs, checked - fits.keys(), settings, map_each)
+    passed = screen(query, {v: orbs[v] for v in new if v not in fits}, found.votes, tuning, map_each)
+    checked = passed | nearest_by_embedding(found.cosines, orbs, tuning)
+    fits |= fit_all(query, orbs, checked - fits.keys(), tuning, map_each)
     return Checks(fits, done.considered | frozenset(new))
 
 
 def screen(
-    query: OrbFeatures, gallery: Mapping[int, OrbFeatures], votes: Votes, settings: Settings, map_each: MapEach
+    query: OrbFeatures, gallery: Mapping[int, OrbFeatures], votes: Votes, tuning: Tuning, map_each: MapEach
 ) -> set[int]:
     """The candidates whose vote pairs pass the screen (all of them when it is off, or without votes).
 
@@ -57,37 +57,37 @@ def screen(
     shared sets, this checks ~8 of ~27 candidates a query and drops ~1 % of the relevant matches the full
     check would have found (docs/quality.md).
     """
-    if settings.local_candidates == 0 or settings.prescreen_min_inliers == 0:
+    if tuning.cascade.local_candidates == 0 or tuning.cascade.prescreen_min_inliers == 0:
         return set(gallery)
     todo = sorted(gallery)
-    passed = map_each(lambda v: passes_screen(query, gallery[v], votes.pairs(v), settings), todo)
+    passed = map_each(lambda v: passes_screen(query, gallery[v], votes.pairs(v), tuning), todo)
     return {v for v, ok in zip(todo, passed, strict=True) if ok}
 
 
-def nearest_by_embedding(cosines: Mapping[int, float], among: Container[int], settings: Settings) -> set[int]:
+def nearest_by_embedding(cosines: Mapping[int, float], among: Container[int], tuning: Tuning) -> set[int]:
     """The ``verify_embedding_top`` candidates nearest by embedding, of those in ``among`` (ties: cosines' order)."""
     candidates = [v for v in cosines if v in among]
-    return set(sorted(candidates, key=lambda v: -cosines[v])[: settings.verify_embedding_top])
+    return set(sorted(candidates, key=lambda v: -cosines[v])[: tuning.cascade.verify_embedding_top])
 
 
 def fit_all(
     query: OrbFeatures,
     gallery: Mapping[int, OrbFeatures],
     vec_ids: set[int],
-    settings: Settings,
+    tuning: Tuning,
     map_each: MapEach,
 ) -> dict[int, GeometricFit]:
     """The full check of these candidates (those in ``gallery``)."""
     todo = sorted(v for v in vec_ids if v in gallery)
-    return dict(zip(todo, map_each(lambda v: fit_geometry(query, gallery[v], settings), todo), strict=True))
+    return dict(zip(todo, map_each(lambda v: fit_geometry(query, gallery[v], tuning), todo), strict=True))
 
 
 def scores(
-    found: Candidates, orbs: Container[int], checks: Checks, settings: Settings
+    found: Candidates, orbs: Container[int], checks: Checks, tuning: Tuning
 ) -> list[CandidateScore]:
     """Every candidate with stored features, scored (not yet sorted): embedding and fit, SSIM still 0."""
     return [
-        scored(v, cosine, checks.fits.get(v), settings, found.votes.counts.get(v, 0))
+        scored(v, cosine, checks.fits.get(v), tuning, found.votes.counts.get(v, 0))
         for v, cosine in found.cosines.items()
         if v in orbs
     ]

@@ -63,17 +63,17 @@ class ImageQueries(SqlAccess):
                 row = conn.execute("SELECT vec_id FROM images WHERE sha256 = ?", (image.sha256,)).fetchone()
             else:
                 log_changes(conn, [int(row[0])], "add")
-            _upsert_source(conn, source, "ok", image.sha256, None)
+            upsert_source(conn, source, "ok", image.sha256, None)
             return int(row[0]), is_new
 
     def link_source(self, source: Source, sha256: str) -> None:
         """Point a URL at bytes already stored (the same bytes are stored once, under several URLs)."""
         with self._transaction() as conn:
-            _upsert_source(conn, source, "ok", sha256, None)
+            upsert_source(conn, source, "ok", sha256, None)
 
     def record_failure(self, source: Source, reason: str) -> None:
         with self._transaction() as conn:
-            _upsert_source(conn, source, "failed", None, reason)
+            upsert_source(conn, source, "failed", None, reason)
 
     def update_sources_details(self, sources: Iterable[Source]) -> None:
         """Refresh id/metadata/position of already indexed URLs (db.json edited, images unchanged)."""
@@ -287,7 +287,7 @@ class ImageQueries(SqlAccess):
         return bytes(rows[0][0]), int(rows[0][1]), int(rows[0][2])
 
 
-def _upsert_source(conn: Any, source: Source, status: str, sha256: str | None, error: str | None) -> None:
+def upsert_source(conn: Any, source: Source, status: str, sha256: str | None, error: str | None) -> None:
     """Inside a write transaction: insert or update one source; ``attempts`` counts every write of it."""
     conn.execute(
         """INSERT INTO sources (url, entry_url, origin, entry_id, position, sha256, metadata, status, error,

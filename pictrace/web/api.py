@@ -198,5 +198,7 @@ async def legacy_upload_from_url(request: Request, service: ServiceDep) -> Legac
 )
 async def explain(query_id: str, sha256: str, service: ServiceDep) -> Response:
     kept = service.queries.get(query_id)
-    png = await service.pool.run(explain_match, service.catalogue, kept, sha256.lower(), service.settings)
+    png = await service.pool.run(
+        explain_match, service.catalogue, kept, sha256.lower(), service.settings, service.tuning
+    )
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})

@@ -18,6 +18,7 @@ from pictrace.errors import PicTraceError
 from pictrace.fetch import Fetcher
 from pictrace.gallery import load_gallery
 from pictrace.service import Service
+from pictrace.tuning import Tuning
 from pictrace.web import admin, api, errors, pages
 from pictrace.web.limits import BodySizeLimit
 
@@ -52,12 +53,14 @@ async def ingest_in_background(service: Service) -> None:
         log.warning("entry %s (%s) skipped: %s", failure.position, failure.url, failure.reason)
 
 
-def create_app(settings: Settings, *, fetcher: Fetcher | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, tuning: Tuning | None = None, fetcher: Fetcher | None = None
+) -> FastAPI:
     """Build the app; ``fetcher`` lets tests plug in a Fetcher with their own resolver."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await Service.start(settings, fetcher=fetcher)
+        service = await Service.start(settings, tuning=tuning, fetcher=fetcher)
         app.state.service = service
         task = asyncio.create_task(ingest_in_background(service)) if settings.index_on_start else None
         app.state.ingest_task = task

@@ -33,6 +33,7 @@ from pictrace.indexes.local.params import LocalIndexParams
 from pictrace.indexes.local.votes import Votes
 from pictrace.indexes.lock import ReadWriteLock
 from pictrace.indexes.storage import atomic_write
+from pictrace.tuning import KEYPOINT_BITS
 
 if TYPE_CHECKING:  # the schedule's module imports the search, which imports this one
     from pictrace.search.schedule import MapEach
@@ -43,7 +44,7 @@ ADD_CELLS = 2  # top cells whose lists a code being added is compared with (vote
 CHUNK_CODES = 1 << 22  # codes assigned and added at a time while building (64 MB of codes)
 VOTE_CHUNK = 128  # query descriptors looked up at a time, so that two threads can share one query's lookup
 
-KP_BITS = 14  # a descriptor's id is vec_id << KP_BITS | keypoint index (ORB_FEATURES is at most 10,000)
+KP_BITS = KEYPOINT_BITS  # a descriptor's id is vec_id << KP_BITS | keypoint index (orb.features bounds it)
 _KP_MASK = (1 << KP_BITS) - 1
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from pictrace.config import Settings
+from pictrace.tuning import LocalVotes
 
 
 @dataclass(frozen=True)
@@ -29,16 +29,17 @@ class LocalIndexParams:
         return built
 
 
-def local_index_params(settings: Settings) -> LocalIndexParams:
+def local_index_params(tuning: LocalVotes) -> LocalIndexParams:
+    """The index's own parameters from the tuned ones (no ``cell_lists``: one cell, the exact list scan)."""
     return LocalIndexParams(
-        per_image=settings.local_per_image,
-        code_bytes=settings.local_code_bytes,
-        knn=settings.local_knn,
-        max_distance=settings.local_max_distance,
-        nprobe=settings.local_nprobe,
-        train_max=settings.local_train_max,
-        max_lists=settings.local_max_lists,
-        train_iterations=settings.local_train_iterations,
-        cell_lists=settings.local_cell_lists,
-        top_probe=settings.local_top_probe,
+        per_image=tuning.per_image,
+        code_bytes=tuning.code_bytes,
+        knn=tuning.knn,
+        max_distance=tuning.max_distance,
+        nprobe=tuning.nprobe,
+        train_max=tuning.train_max,
+        max_lists=tuning.max_lists,
+        train_iterations=tuning.train_iterations,
+        cell_lists=tuning.max_lists if tuning.cell_lists is None else tuning.cell_lists,
+        top_probe=tuning.top_probe,
     )
