@@ -1,4 +1,4 @@
-"""What issue 7 adds to a query: the mirror check, the verdicts and read-out, and drawing an evidence picture.
+"""What the verdicts add to a query: the mirror check, the verdicts and read-out, and drawing an evidence picture.
 
 On the bundled demo gallery (db.json, indexed into a temporary data dir), every demo query and every gallery
 image is searched with the mirror check off and on (p50/p95 of the whole search), then the evidence picture of

@@ -5,7 +5,7 @@ ORB matches that agree on the fitted homography drawn between them, and a third 
 difference map after warping the gallery image into the query's frame, so an added caption, watermark or
 border stands out.
 
-Drawing it needs the query after the answer was sent. Query images are otherwise never kept (issue 5), so this
+Drawing it needs the query after the answer was sent. Query images are otherwise never kept (docs/security.md), so this
 is a deliberate, bounded exception: :class:`QueryMemory` holds the encoded query bytes *in memory only*, never
 on disk, for ``PICTRACE_EXPLAIN_TTL_S`` seconds (0 keeps none and turns evidence off), at most
 ``PICTRACE_EXPLAIN_MAX_ENTRIES`` queries and ``PICTRACE_EXPLAIN_MAX_BYTES`` bytes, oldest dropped first, behind

@@ -42,7 +42,7 @@ def test_index_then_search(tmp_path: Path, image_server: ImageServer, photos: di
     found = run_cli("search", "q.jpg", "--top-k", "2", "--json", cwd=tmp_path)
     assert found.returncode == 0, found.stderr
     body = json.loads(found.stdout)
-    assert [r["id"] for r in body["results"]] == ["rocket"]  # coffee is unrelated: not shown (issue 7)
+    assert [r["id"] for r in body["results"]] == ["rocket"]  # coffee is unrelated: not shown
     assert body["results"][0]["verdict"] == "copy"
     assert set(body["results"][0]["scores"]) >= {"embedding", "ssim", "orb"}
 

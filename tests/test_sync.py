@@ -1,4 +1,4 @@
-"""Replicas follow the catalogue's change log (issue 4): two services on one catalogue, SQLite and PostgreSQL.
+"""Replicas follow the catalogue's change log: two services on one catalogue, SQLite and PostgreSQL.
 
 The writer adds and removes images through its API path; the replica syncs and finds them, or stops finding
 them. Raw SQL behind the log's back shows which path a sync took: the incremental one never looks at images

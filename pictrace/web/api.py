@@ -183,7 +183,7 @@ async def legacy_upload_from_url(request: Request, service: ServiceDep) -> Legac
     return await legacy_answer(service, data)
 
 
-# --- evidence (issue 7) ---------------------------------------------------------------------------------
+# --- evidence -----------------------------------------------------------------------------------------------
 
 
 @router.get(
