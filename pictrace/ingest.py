@@ -312,7 +312,7 @@ class Ingestor:
     def _link(self, vec_ids: list[int]) -> None:
         """Store the new images' verified matches (the match graph, pictrace/graph.py)."""
         if self._links_enabled:
-            link_images(self.catalogue, self.indexes.local, self.tuning, vec_ids)
+            link_images(self.catalogue, self.indexes.local, self.tuning, vec_ids, self.indexes.vector)
 
     def _link_unlinked(self) -> int:
         """Link the images added by this ingest, once the local index holds all of them and has learned its

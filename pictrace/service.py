@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from pictrace.config import Settings, unknown_environment
+from pictrace.duplicates import DuplicateGroups
 from pictrace.errors import FeatureMismatchError, IndexMismatchError
 from pictrace.explain import QueryMemory
 from pictrace.features.embed import Embedder, build_embedder
@@ -88,6 +89,7 @@ class Service:
     ingestor: Ingestor
     queries: QueryMemory  # recent queries, in memory only, for the evidence pictures (bounded, TTL)
     follower: Follower  # this process's position in the catalogue's change log
+    duplicates: DuplicateGroups  # every duplicate in the gallery, derived from the catalogue's links
     sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -138,6 +140,7 @@ class Service:
             ingestor=Ingestor(catalogue, indexes, embedder, fetcher, pool, settings, tuning),
             queries=QueryMemory.from_settings(settings, tuning.evidence),
             follower=Follower(catalogue, indexes, position),
+            duplicates=DuplicateGroups(catalogue),
         )
         if settings.sync_interval_s > 0:
             service.sync_task = asyncio.create_task(service._follow_catalogue())

@@ -94,6 +94,7 @@ class Cascade(_Frozen):
     graph_candidates: Annotated[int, Field(ge=0, le=1000)] = 10  # most-voted images linked at ingest (0: no graph)
     mirror_check: bool = True  # match a mirrored query against the shortlist (ORB is not mirror-invariant)
     mirror_min_embedding: Annotated[float, Field(ge=0, le=1)] = 0.7  # cosine a candidate needs for it
+    mirror_candidates: Annotated[int, Field(ge=0, le=100)] = 5  # nearest vectors an ingest also links (mirrors)
     embed_alongside: bool = True  # embed on a second thread while the local-feature half runs
 
 

@@ -26,13 +26,16 @@ from pictrace.store.records import (
     ChangePosition,
     FailedSource,
     GalleryImage,
+    ImageFacts,
     ImageRecord,
+    LinkFit,
+    PairLink,
     RerankFeatures,
     Source,
     SourceState,
     StoredImage,
 )
-from pictrace.store.schema import SQLITE_SCHEMA
+from pictrace.store.schema import SQLITE_SCHEMA, upgrade
 
 # the records are re-exported: code imports them from here as well as from pictrace.store
 __all__ = [
@@ -41,7 +44,10 @@ __all__ = [
     "ChangePosition",
     "FailedSource",
     "GalleryImage",
+    "ImageFacts",
     "ImageRecord",
+    "LinkFit",
+    "PairLink",
     "RerankFeatures",
     "Source",
     "SourceState",
@@ -72,6 +78,8 @@ class Catalogue(ImageQueries, ChangeLogQueries, LinkQueries, MetaQueries):
             # the process's heap; SQLite maps at most its compiled limit (2 GB in most builds) and reads on.
             self._conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
             self._conn.executescript(SQLITE_SCHEMA)
+        with self._transaction() as conn:
+            upgrade(conn, real="REAL", blob="BLOB")
 
     def close(self) -> None:
         with self._lock:

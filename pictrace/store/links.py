@@ -1,24 +1,63 @@
 """The match graph's links: verified geometric matches between gallery images (pictrace/graph.py).
 
 Stored both ways and deleted with either image (``ON DELETE CASCADE``). Written at ingest; read for the few
-best results of a query (query expansion). An image's row to itself marks its links as computed, so images
-whose links were never computed (a crash in between, a catalogue older than the graph) can be found.
+best results of a query (query expansion) and for the duplicate groups (pictrace/duplicates.py), which is why
+each row also keeps the pair's verdict, embedding cosine and homography (~60 bytes a direction). An image's row
+to itself marks its links as computed, so images whose links were never computed (a crash in between, a
+catalogue older than the graph or than the kept verdicts) can be found.
+
+The people's decisions about duplicates live here too (``duplicate_decisions``): keyed by content hash, not
+vec_id, so they outlive a delete, a re-ingest and a reindex.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from typing import Any
 
+import numpy as np
+
+from pictrace.store.records import ImageFacts, LinkFit, PairLink
 from pictrace.store.sql import SqlAccess, marks
 
 
+def _fit_bytes(homography: np.ndarray | None) -> bytes | None:
+    if homography is None:
+        return None
+    hom = np.asarray(homography, dtype=np.float64)
+    return bytes((hom / hom[2, 2]).astype(np.float32).tobytes())
+
+
+def _inverse_bytes(homography: np.ndarray | None) -> bytes | None:
+    if homography is None:
+        return None
+    try:
+        return _fit_bytes(np.linalg.inv(np.asarray(homography, dtype=np.float64)))
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _fit_of(blob: Any) -> np.ndarray | None:
+    if blob is None:
+        return None
+    return np.frombuffer(bytes(blob), dtype=np.float32).astype(np.float64).reshape(3, 3)
+
+
+def _as_fit(link: LinkFit | tuple[int, int]) -> LinkFit:
+    return link if isinstance(link, LinkFit) else LinkFit(int(link[0]), int(link[1]))
+
+
+_BUMP = "UPDATE link_generation SET generation = generation + 1 WHERE id = 1"
+
+
 class LinkQueries(SqlAccess):
-    def add_links(self, vec_id: int, links: Iterable[tuple[int, int]]) -> int:
-        """Store ``(other, inliers)`` links of one image in both directions, and mark the image as linked (a
-        row to itself) even when nothing matched. Links to images deleted meanwhile are skipped. Returns how
-        many links were stored."""
+    def add_links(self, vec_id: int, links: Iterable[LinkFit | tuple[int, int]]) -> int:
+        """Store the links of one image (``LinkFit``, or bare ``(other, inliers)``) in both directions, and mark
+        the image as linked (a row to itself) even when nothing matched. Links to images deleted meanwhile are
+        skipped. Returns how many links were stored."""
         vec_id = int(vec_id)
-        offered = {int(other): int(inliers) for other, inliers in links if int(other) != vec_id}
+        offered = {f.other: f for f in map(_as_fit, links) if int(f.other) != vec_id}
         with self._transaction() as conn:
             present = {
                 int(r[0])
@@ -28,17 +67,24 @@ class LinkQueries(SqlAccess):
             }
             if vec_id not in present:
                 return 0
-            pairs = [(vec_id, other, n) for other, n in offered.items() if other in present]
-            rows = [(vec_id, vec_id, 0)] + pairs + [(b, a, n) for a, b, n in pairs]
+            fits = [f for other, f in offered.items() if other in present]
+            rows: list[tuple[int, int, int, str | None, float | None, bytes | None]] = [
+                (vec_id, vec_id, 0, None, None, None)
+            ]
+            for f in fits:
+                rows.append((vec_id, f.other, f.inliers, f.tier, f.cosine, _fit_bytes(f.homography)))
+                rows.append((f.other, vec_id, f.inliers, f.tier, f.cosine, _inverse_bytes(f.homography)))
             # EXISTS again: another process may delete an image between the read above and this write
             conn.executemany(
-                """INSERT INTO links (vec_id, other, inliers)
-                   SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
+                """INSERT INTO links (vec_id, other, inliers, tier, cosine, fit)
+                   SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
                                     AND EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
-                   ON CONFLICT (vec_id, other) DO UPDATE SET inliers = excluded.inliers""",
-                [(a, b, n, a, b) for a, b, n in rows],
+                   ON CONFLICT (vec_id, other) DO UPDATE SET inliers = excluded.inliers, tier = excluded.tier,
+                       cosine = excluded.cosine, fit = excluded.fit""",
+                [(a, b, n, t, c, h, a, b) for a, b, n, t, c, h in rows],
             )
-        return len(pairs)
+            conn.execute(_BUMP)
+        return len(fits)
 
     def links_of(self, vec_ids: Iterable[int]) -> dict[int, list[tuple[int, int]]]:
         """``{vec_id: [(other, inliers), ...]}`` for the given images (absent: no stored links)."""
@@ -60,3 +106,93 @@ class LinkQueries(SqlAccess):
                WHERE vec_id NOT IN (SELECT vec_id FROM links WHERE other = vec_id) ORDER BY vec_id"""
         )
         return [int(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------------------ duplicate groups
+    def link_generation(self) -> int:
+        """A number that changes with every links write or decision (images removed: see the change log)."""
+        rows = self._query("SELECT generation FROM link_generation WHERE id = 1")
+        return int(rows[0][0]) if rows else 0
+
+    def links_of_tier(self, tier: str) -> list[tuple[int, int, int]]:
+        """Every link of one verdict once, ``(a, b, inliers)`` with ``a < b``: the edges of the groups."""
+        rows = self._query("SELECT vec_id, other, inliers FROM links WHERE tier = ? AND vec_id < other", (tier,))
+        return [(int(a), int(b), int(n)) for a, b, n in rows]
+
+    def pixel_twins(self) -> list[tuple[int, str]]:
+        """``(vec_id, pixel_sha256)`` of every image that shares its decoded pixels with another one."""
+        rows = self._query(
+            """SELECT vec_id, pixel_sha256 FROM images WHERE pixel_sha256 IN
+               (SELECT pixel_sha256 FROM images GROUP BY pixel_sha256 HAVING COUNT(*) > 1) ORDER BY vec_id"""
+        )
+        return [(int(v), str(p)) for v, p in rows]
+
+    def pair_links(self, vec_ids: Iterable[int]) -> list[PairLink]:
+        """Every stored link leaving these images (to any image), both directions present when both are named."""
+        wanted = [int(v) for v in vec_ids]
+        out: list[PairLink] = []
+        for start in range(0, len(wanted), 512):
+            chunk = wanted[start : start + 512]
+            for a, b, n, tier, cosine, fit in self._query(
+                f"""SELECT vec_id, other, inliers, tier, cosine, fit FROM links
+                    WHERE vec_id IN ({marks(len(chunk))}) AND other != vec_id""",
+                chunk,
+            ):
+                out.append(
+                    PairLink(int(a), int(b), int(n), tier, None if cosine is None else float(cosine), _fit_of(fit))
+                )
+        return out
+
+    def image_facts(self, vec_ids: Iterable[int]) -> dict[int, ImageFacts]:
+        """Size, format and name of each image (named by its first source, as in results)."""
+        wanted = [int(v) for v in vec_ids]
+        out: dict[int, ImageFacts] = {}
+        for start in range(0, len(wanted), 512):
+            chunk = wanted[start : start + 512]
+            rows = self._query(
+                f"""SELECT i.vec_id, i.sha256, i.pixel_sha256, i.width, i.height, i.format, i.nbytes,
+                           s.entry_id, s.entry_url, s.url
+                    FROM images i LEFT JOIN sources s ON s.sha256 = i.sha256 AND s.status = 'ok'
+                    WHERE i.vec_id IN ({marks(len(chunk))})
+                    ORDER BY i.vec_id, s.position IS NULL, s.position, s.url""",
+                chunk,
+            )
+            for vec_id, sha, pixel_sha, w, h, fmt, nbytes, entry_id, entry_url, url in rows:
+                if int(vec_id) not in out:
+                    shown = entry_url or url or sha
+                    out[int(vec_id)] = ImageFacts(
+                        int(vec_id), sha, pixel_sha, int(w), int(h), fmt, int(nbytes), entry_id or shown, shown
+                    )
+        return out
+
+    def vec_ids_of(self, sha256s: Iterable[str]) -> dict[str, int]:
+        """``{sha256: vec_id}`` of those catalogued."""
+        wanted = list(dict.fromkeys(sha256s))
+        if not wanted:
+            return {}
+        rows = self._query(f"SELECT sha256, vec_id FROM images WHERE sha256 IN ({marks(len(wanted))})", wanted)
+        return {str(s): int(v) for s, v in rows}
+
+    def decide_distinct(self, sha_a: str, sha_b: str) -> None:
+        """Remember that two images are not the same picture: the groups never join them again."""
+        a, b = sorted((sha_a, sha_b))
+        self._decide(a, b, "distinct")
+
+    def decide_keep(self, sha256: str) -> None:
+        """Remember which image a group keeps: it is the keeper whatever joins the group later."""
+        self._decide(sha256, "", "keep")
+
+    def _decide(self, sha_a: str, sha_b: str, kind: str) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                """INSERT INTO duplicate_decisions (sha_a, sha_b, kind, decided_at) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (sha_a, sha_b, kind) DO UPDATE SET decided_at = excluded.decided_at""",
+                (sha_a, sha_b, kind, time.time()),
+            )
+            conn.execute(_BUMP)
+
+    def decisions(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """(pairs decided distinct, images decided kept)."""
+        rows = self._query("SELECT sha_a, sha_b, kind FROM duplicate_decisions ORDER BY decided_at, sha_a, sha_b")
+        distinct = [(str(a), str(b)) for a, b, kind in rows if kind == "distinct"]
+        kept = [str(a) for a, _, kind in rows if kind == "keep"]
+        return distinct, kept

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pictrace.store.catalogue import Catalogue
-from pictrace.store.schema import POSTGRES_SCHEMA
+from pictrace.store.schema import POSTGRES_SCHEMA, upgrade
 
 _SCHEMA_LOCK = 0x50494354  # advisory lock id: workers starting together create the schema one at a time
 
@@ -59,6 +59,7 @@ class PostgresCatalogue(Catalogue):
         with self._lock, self._conn.transaction():
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._conn.execute(POSTGRES_SCHEMA)
+            upgrade(_Connection(self._conn), real="DOUBLE PRECISION", blob="BYTEA")
 
     def close(self) -> None:
         with self._lock:

@@ -111,3 +111,43 @@ class Change:
     vec_id: int
     op: str  # 'add' | 'remove'
     generation: int
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """One verified link of an image to ``other``, as the match graph found it: how many keypoints agree, the
+    pair's verdict (``copy`` / ``similar``), their embedding cosine, and the homography from this image's
+    pixels to the other's (mirror included), from which the duplicate groups read what was done."""
+
+    other: int
+    inliers: int
+    tier: str | None = None
+    cosine: float | None = None
+    homography: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PairLink:
+    """A stored link read back in one direction (``homography``: ``vec_id`` pixels -> ``other`` pixels)."""
+
+    vec_id: int
+    other: int
+    inliers: int
+    tier: str | None
+    cosine: float | None
+    homography: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the duplicate groups need to know of an image to choose the keeper and to show it."""
+
+    vec_id: int
+    sha256: str
+    pixel_sha256: str
+    width: int
+    height: int
+    format: str
+    nbytes: int
+    entry_id: str
+    url: str

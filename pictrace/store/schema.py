@@ -2,12 +2,14 @@
 
 Every statement is ``IF NOT EXISTS`` / ``ON CONFLICT DO NOTHING`` and runs each time a catalogue is opened, so
 a catalogue lacking a table (made by an older PicTrace) gets it, empty, and existing data is never touched.
-Changing a statement here changes what existing data dirs hold: it needs a migration, which there is none of.
+Changing a statement here changes what existing data dirs hold: it needs a migration (``upgrade``), run after
+the statements at every open.
 """
 
 from __future__ import annotations
 
 from string import Template
+from typing import Any
 
 _TEMPLATE = Template("""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,9 +56,48 @@ CREATE TABLE IF NOT EXISTS links (
     vec_id  $int64 NOT NULL REFERENCES images(vec_id) ON DELETE CASCADE,
     other   $int64 NOT NULL REFERENCES images(vec_id) ON DELETE CASCADE,
     inliers INTEGER NOT NULL,
+    tier    TEXT,      -- the verdict of the pair (copy, similar); NULL on rows written before it was kept
+    cosine  $real,     -- embedding cosine of the pair
+    fit     $blob,     -- homography, vec_id pixels -> other pixels: 9 float32
     PRIMARY KEY (vec_id, other)
 );
+-- bumped with every links write, so derived views (duplicate groups) know when to recompute
+CREATE TABLE IF NOT EXISTS link_generation (id INTEGER PRIMARY KEY CHECK (id = 1), generation $int64 NOT NULL);
+INSERT INTO link_generation (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+-- people's decisions about duplicates, by content hash so they outlive a delete, a re-ingest or a reindex:
+-- kind 'distinct' (sha_a < sha_b: never the same picture) or 'keep' (sha_a kept, sha_b = '')
+CREATE TABLE IF NOT EXISTS duplicate_decisions (
+    sha_a      TEXT NOT NULL,
+    sha_b      TEXT NOT NULL,
+    kind       TEXT NOT NULL CHECK (kind IN ('distinct', 'keep')),
+    decided_at $real NOT NULL,
+    PRIMARY KEY (sha_a, sha_b, kind)
+);
 """)
+
+
+# Columns added to tables of older catalogues: (table, column, type key); see ``upgrade``.
+_ADDED_COLUMNS = (("links", "tier", "TEXT"), ("links", "cosine", "real"), ("links", "fit", "blob"))
+
+
+def upgrade(conn: Any, real: str, blob: str) -> None:
+    """Bring an older catalogue's tables up to the statements above (inside the opening transaction).
+
+    Links written before each pair's verdict was kept lose their marks (an image's row to itself), so the next
+    ingest links those images again and the duplicate groups see every pair (``LinkQueries.unlinked``).
+    """
+    types = {"TEXT": "TEXT", "real": real, "blob": blob}
+    for table, column, kind in _ADDED_COLUMNS:
+        present = {d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {types[kind]}")
+    conn.execute("CREATE INDEX IF NOT EXISTS links_tier ON links(tier)")
+    stale = conn.execute("SELECT 1 FROM links WHERE other != vec_id AND tier IS NULL LIMIT 1").fetchone()
+    if stale is not None:
+        conn.execute(
+            """DELETE FROM links WHERE other = vec_id AND vec_id IN
+               (SELECT vec_id FROM links WHERE other != vec_id AND tier IS NULL)"""
+        )
 
 
 def schema(identity: str, int64: str, blob: str, real: str) -> str:

@@ -1,0 +1,371 @@
+"""Every duplicate in the gallery at once: groups of the same picture, a keeper for each, what was done to the rest.
+
+Derived from the catalogue alone (links and decisions), so a restart or a replica sees the same groups:
+
+* **exact**: images with the same decoded pixels (the same bytes are one image already: the catalogue is keyed
+  by SHA-256);
+* **copy**: the match graph's links whose verdict is copy (pictrace/graph.py classifies each pair at ingest with
+  the search's own ``classify``), joined transitively; strongest links first, and never across a pair a person
+  decided is "not duplicates";
+* **similar** links (another shot, a look-alike) are listed beside a group, never merged into it.
+
+No pass over all pairs: grouping reads the copy links (one indexed query) and joins them (union-find), again
+only when the catalogue changed (images added or removed, links written, a decision taken).
+
+The keeper is the fullest original: no other member shows all of it at the same or a higher resolution (a crop
+is inside it, a downscaled copy is smaller, a screenshot shows it smaller), then the most pixels, then the most
+bytes (least compressed). A person's "keep this one" overrides the rule. What was done to each member relative
+to the keeper is read off the composed homographies of the links from it to the keeper: crop box, scale,
+rotation, mirror, and an added border (the keeper fills only part of the member's frame). Recolouring and added
+text keep the geometry: they are not read out.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from pictrace.errors import NotFoundError
+from pictrace.matching.transform import TransformReadout, read_transform
+from pictrace.store import Catalogue, ImageFacts, PairLink
+
+GroupTier = Literal["exact", "copy"]
+
+# An image is "inside" another when at least this share of its frame's area lands in the other image.
+_COVERED = 0.97
+# A scale this far above 1 means the other image shows the same content with more pixels.
+_SHARPER = 1.05
+# A member whose frame extends this far (share of its side) past the keeper's picture has an added border.
+_BORDER = 0.03
+_IDENTITY = np.eye(3)
+# Grey-level spread below which a margin is a border, not picture (JPEG noise on a plain colour is ~2-5).
+_FLAT_STD = 12.0
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What was done to a member relative to the keeper (keeper pixels for ``crop``)."""
+
+    crop: tuple[int, int, int, int]  # the box of the keeper the member shows
+    crop_fraction: float  # its share of the keeper's area
+    scale: float  # member pixels per keeper pixel
+    rotation: float  # degrees counter-clockwise
+    flip: bool  # mirrored left-right
+    border: bool  # the member's frame holds more than the keeper's picture (a border, a page around it)
+    perspective: float
+    hops: int  # links composed from the member to the keeper (1: matched directly)
+
+
+@dataclass(frozen=True)
+class Member:
+    facts: ImageFacts
+    tier: Literal["keeper", "exact", "copy"]
+    edit: Edit | None  # None for the keeper and for exact copies (the identity)
+
+
+@dataclass(frozen=True)
+class Group:
+    id: str
+    tier: GroupTier
+    keeper: ImageFacts
+    members: list[Member]  # the keeper first
+    decided: bool  # the keeper was chosen by a person
+    similar: list[ImageFacts] = field(default_factory=list)  # linked as similar, not in the group
+
+
+@dataclass(frozen=True)
+class _Partition:
+    fingerprint: tuple[int, int]
+    groups: list[list[int]]  # vec_ids, keeper first; largest groups first
+    ids: list[str]
+    tiers: list[GroupTier]
+    decided: list[bool]
+    facts: dict[int, ImageFacts]
+    where: dict[str, int]  # group id or member sha256 -> index in ``groups``
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.members: dict[int, set[int]] = {}
+
+    def find(self, x: int) -> int:
+        parent = self.parent.setdefault(x, x)
+        if parent != x:
+            root = self.find(parent)
+            self.parent[x] = root
+            return root
+        return x
+
+    def union(self, a: int, b: int, apart: dict[int, set[int]]) -> bool:
+        """Join the sets of a and b unless a pair decided distinct would end up in one set."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return True
+        sa, sb = self.members.setdefault(ra, {ra}), self.members.setdefault(rb, {rb})
+        small, large = (sa, sb) if len(sa) <= len(sb) else (sb, sa)
+        if any(apart.get(v, set()) & large for v in small):
+            return False
+        if len(self.members[ra]) < len(self.members[rb]):
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.members[ra] |= self.members.pop(rb)
+        return True
+
+
+def partition(
+    copy_links: Iterable[tuple[int, int, int]],
+    pixel_twins: Iterable[tuple[int, str]],
+    apart: Sequence[tuple[int, int]] = (),
+) -> list[list[int]]:
+    """The groups (vec_ids, sorted) from copy links ``(a, b, inliers)`` and same-pixel images, strongest first,
+    never joining a pair in ``apart``. Pure: what the tests and the cached view share."""
+    separated: dict[int, set[int]] = {}
+    for a, b in apart:
+        separated.setdefault(a, set()).add(b)
+        separated.setdefault(b, set()).add(a)
+    sets = _UnionFind()
+    by_pixels: dict[str, list[int]] = {}
+    for vec_id, pixels in pixel_twins:
+        by_pixels.setdefault(pixels, []).append(vec_id)
+    edges = [(math.inf, a, b) for same in by_pixels.values() for a in same[:1] for b in same[1:]]
+    edges += sorted(((float(n), a, b) for a, b, n in copy_links), reverse=True)
+    for _, a, b in edges:
+        sets.union(a, b, separated)
+    groups: dict[int, list[int]] = {}
+    for v in list(sets.parent):
+        groups.setdefault(sets.find(v), []).append(v)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def _covered_and_scale(hom: np.ndarray, size: tuple[int, int], other: tuple[int, int]) -> tuple[float, float]:
+    """Share of an image's frame that lands inside ``other`` through ``hom``, and other pixels per own pixel."""
+    readout = read_transform(hom, size, other)
+    qx0, qy0, qx1, qy1 = readout.query_box  # where ``other`` appears in this image
+    inside = max(0, qx1 - qx0) * max(0, qy1 - qy0) / float(max(1, size[0] * size[1]))
+    return inside, 1.0 / readout.scale if readout.scale > 0 else 0.0
+
+
+def choose_keeper(
+    members: Sequence[ImageFacts],
+    fits: dict[tuple[int, int], np.ndarray],
+    chosen: str | None = None,
+    flat_margin: Callable[[ImageFacts, tuple[int, int, int, int]], bool] = lambda m, box: False,
+) -> ImageFacts:
+    """The fullest original: a person's choice, else the member no other shows whole at the same or a higher
+    resolution (``fits``: homographies ``(a, b)`` -> a's pixels to b's), then most pixels, then most bytes.
+
+    Geometry alone cannot tell a crop of b from a picture that b frames with a border: both are "all of a,
+    and more around it". ``flat_margin(b, box)`` says whether b outside ``box`` (where a lies, b's pixels) is
+    flat (a border, padding): then b is the lesser one.
+    """
+    for m in members:
+        if chosen is not None and m.sha256 == chosen:
+            return m
+    by_id = {m.vec_id: m for m in members}
+    lesser: set[int] = set()
+    for (a, b), hom in fits.items():
+        if a not in by_id or b not in by_id:
+            continue
+        fa, fb = by_id[a], by_id[b]
+        if fa.pixel_sha256 == fb.pixel_sha256:
+            continue
+        covered, sharper = _covered_and_scale(hom, (fa.width, fa.height), (fb.width, fb.height))
+        # b shows all of a, and either more around it (a is a crop) or the same with more pixels
+        if covered >= _COVERED and sharper >= 1.0 / _SHARPER:
+            back = read_transform(np.linalg.inv(hom), (fb.width, fb.height), (fa.width, fa.height))
+            qx0, qy0, qx1, qy1 = back.query_box  # where a lies in b
+            b_covered = max(0, qx1 - qx0) * max(0, qy1 - qy0) / float(max(1, fb.width * fb.height))
+            if b_covered < _COVERED:
+                lesser.add(b if flat_margin(fb, back.query_box) else a)
+            elif sharper > _SHARPER:
+                lesser.add(a)
+    candidates = [m for m in members if m.vec_id not in lesser] or list(members)
+    return max(candidates, key=lambda m: (m.width * m.height, m.nbytes, -m.vec_id))
+
+
+def flat_outside(thumbnail: bytes, size: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
+    """Whether an image (its stored thumbnail; ``size`` the original's) is flat outside ``box`` (original
+    pixels): a border or padding around a picture rather than more of it."""
+    gray = cv2.imdecode(np.frombuffer(thumbnail, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        return False
+    fx, fy = gray.shape[1] / float(size[0]), gray.shape[0] / float(size[1])
+    x0, y0, x1, y1 = (round(box[0] * fx), round(box[1] * fy), round(box[2] * fx), round(box[3] * fy))
+    mask = np.ones(gray.shape, dtype=bool)
+    # a pixel of slack: the box's edge is where JPEG blurs the picture into the border
+    mask[max(0, y0 - 2) : y1 + 2, max(0, x0 - 2) : x1 + 2] = False
+    outside = gray[mask]
+    return bool(outside.size == 0 or float(outside.std()) < _FLAT_STD)
+
+
+def _paths_to(keeper: int, fits: dict[tuple[int, int], np.ndarray]) -> dict[int, tuple[np.ndarray, int]]:
+    """For each member reachable from the keeper: its pixels -> keeper pixels (composed), and the hops."""
+    neighbours: dict[int, list[int]] = {}
+    for a, b in fits:
+        neighbours.setdefault(b, []).append(a)
+    out: dict[int, tuple[np.ndarray, int]] = {keeper: (_IDENTITY, 0)}
+    queue = deque([keeper])
+    while queue:
+        node = queue.popleft()
+        to_keeper, hops = out[node]
+        for prev in neighbours.get(node, []):
+            if prev not in out:
+                out[prev] = (to_keeper @ fits[(prev, node)], hops + 1)
+                queue.append(prev)
+    return out
+
+
+def edit_of(readout: TransformReadout, size: tuple[int, int], hops: int) -> Edit:
+    qx0, qy0, qx1, qy1 = readout.query_box
+    w, h = size
+    border = min(qx0, qy0) > _BORDER * min(w, h) or (w - qx1) > _BORDER * w or (h - qy1) > _BORDER * h
+    return Edit(
+        crop=readout.crop,
+        crop_fraction=readout.crop_fraction,
+        scale=readout.scale,
+        rotation=readout.rotation,
+        flip=readout.flip,
+        border=bool(border),
+        perspective=readout.perspective,
+        hops=hops,
+    )
+
+
+class DuplicateGroups:
+    """The groups of one catalogue, recomputed when it changed (cheap: copy links, one union-find)."""
+
+    def __init__(self, catalogue: Catalogue) -> None:
+        self.catalogue = catalogue
+        self._lock = threading.Lock()
+        self._cached: _Partition | None = None
+
+    def _fingerprint(self) -> tuple[int, int]:
+        return self.catalogue.change_position().seq, self.catalogue.link_generation()
+
+    def _partition(self) -> _Partition:
+        with self._lock:
+            fingerprint = self._fingerprint()
+            if self._cached is not None and self._cached.fingerprint == fingerprint:
+                return self._cached
+            distinct, kept = self.catalogue.decisions()
+            shas = {s for pair in distinct for s in pair} | set(kept)
+            vec_of = self.catalogue.vec_ids_of(shas)
+            apart = [(vec_of[a], vec_of[b]) for a, b in distinct if a in vec_of and b in vec_of]
+            raw = partition(self.catalogue.links_of_tier("copy"), self.catalogue.pixel_twins(), apart)
+            facts = self.catalogue.image_facts(v for g in raw for v in g)
+            chosen = set(kept)
+            groups: list[list[int]] = []
+            tiers: list[GroupTier] = []
+            decided: list[bool] = []
+            for members in raw:
+                present = [facts[v] for v in members if v in facts]
+                if len(present) < 2:
+                    continue
+                picks = [m.sha256 for m in present if m.sha256 in chosen]
+                keeper = (
+                    next(m for m in present if m.sha256 == picks[-1])
+                    if picks
+                    else max(present, key=lambda m: (m.width * m.height, m.nbytes, -m.vec_id))
+                )
+                groups.append([keeper.vec_id] + [m.vec_id for m in present if m.vec_id != keeper.vec_id])
+                tiers.append("exact" if len({m.pixel_sha256 for m in present}) == 1 else "copy")
+                decided.append(bool(picks))
+            order = sorted(range(len(groups)), key=lambda i: (-len(groups[i]), groups[i][0]))
+            groups = [groups[i] for i in order]
+            tiers = [tiers[i] for i in order]
+            decided = [decided[i] for i in order]
+            ids = [_group_id(min(facts[v].sha256 for v in g)) for g in groups]
+            where = {gid: i for i, gid in enumerate(ids)}
+            where.update((facts[v].sha256, i) for i, g in enumerate(groups) for v in g)
+            self._cached = _Partition(fingerprint, groups, ids, tiers, decided, facts, where)
+            return self._cached
+
+    def page(
+        self, *, tier: GroupTier | None = None, min_size: int = 2, offset: int = 0, limit: int = 20
+    ) -> tuple[int, list[Group]]:
+        """(groups matching, one page of them described), largest first."""
+        part = self._partition()
+        picked = [
+            i for i, g in enumerate(part.groups) if len(g) >= min_size and (tier is None or part.tiers[i] == tier)
+        ]
+        return len(picked), [self._describe(part, i) for i in picked[offset : offset + limit]]
+
+    def group(self, group_id: str) -> Group:
+        """One group, by its id or by any member's sha256."""
+        part = self._partition()
+        index = part.where.get(group_id)
+        if index is None:
+            raise NotFoundError(f"no duplicate group {group_id}")
+        return self._describe(part, index)
+
+    def all_groups(self, tier: GroupTier | None = None) -> list[Group]:
+        part = self._partition()
+        return [self._describe(part, i) for i in range(len(part.groups)) if tier is None or part.tiers[i] == tier]
+
+    def _describe(self, part: _Partition, index: int) -> Group:
+        vec_ids = part.groups[index]
+        inside = set(vec_ids)
+        members = [part.facts[v] for v in vec_ids]
+        links = self.catalogue.pair_links(vec_ids)
+        fits = {
+            (link.vec_id, link.other): link.homography
+            for link in links
+            if link.other in inside and link.tier == "copy" and link.homography is not None
+        }
+        keeper = part.facts[vec_ids[0]]
+        if not part.decided[index]:
+            keeper = choose_keeper(members, fits, flat_margin=self._flat_margin)
+        paths = _paths_to(keeper.vec_id, fits)
+        described = [Member(keeper, "keeper", None)]
+        for m in members:
+            if m.vec_id == keeper.vec_id:
+                continue
+            if m.pixel_sha256 == keeper.pixel_sha256:
+                described.append(Member(m, "exact", None))
+                continue
+            path = paths.get(m.vec_id)
+            edit = (
+                None
+                if path is None
+                else edit_of(
+                    read_transform(path[0], (m.width, m.height), (keeper.width, keeper.height)),
+                    (m.width, m.height),
+                    path[1],
+                )
+            )
+            described.append(Member(m, "copy", edit))
+        similar = _similar(links, inside)
+        similar_facts = self.catalogue.image_facts(similar) if similar else {}
+        return Group(
+            id=part.ids[index],
+            tier=part.tiers[index],
+            keeper=keeper,
+            members=described,
+            decided=part.decided[index],
+            similar=[similar_facts[v] for v in similar if v in similar_facts],
+        )
+
+    def _flat_margin(self, image: ImageFacts, box: tuple[int, int, int, int]) -> bool:
+        return flat_outside(self.catalogue.thumbnail(image.sha256), (image.width, image.height), box)
+
+
+def _similar(links: Iterable[PairLink], inside: set[int], limit: int = 12) -> list[int]:
+    """Images outside the group linked to a member (similar, or a copy link a decision cut), strongest first."""
+    best: dict[int, int] = {}
+    for link in links:
+        if link.other not in inside:
+            best[link.other] = max(best.get(link.other, 0), link.inliers)
+    return sorted(best, key=lambda v: (-best[v], v))[:limit]
+
+
+def _group_id(sha256: str) -> str:
+    """A group is named after its member with the smallest content hash: stable while that member stays."""
+    return sha256[:16]
