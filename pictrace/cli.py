@@ -1,9 +1,10 @@
-"""`python -m pictrace index|search|reindex|eval|serve`: thin commands over the same pipeline as the web app."""
+"""`python -m pictrace index|search|reindex|duplicates|eval|serve`: thin commands over the web app's pipeline."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
 import sys
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="write the ranked results here (score.py's format)")
     evaluate.add_argument("--details", type=Path, help="write the shown results' component scores here (for fitting)")
     evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    dups = sub.add_parser("duplicates", help="every duplicate group: one row per member (group, keeper, tier, edit)")
+    dups.add_argument("--tier", choices=["exact", "copy"], help="only groups of this tier")
+    out = dups.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="the API's groups as JSON")
+    out.add_argument("--csv", action="store_true", help="CSV, for a spreadsheet")
 
     serve = sub.add_parser("serve", help="run the web service")
     serve.add_argument("--host", help="override PICTRACE_HOST")
@@ -163,6 +170,37 @@ def _serve(settings: Settings, tuning: Tuning) -> None:
     uvicorn.run(create_app(settings, tuning=tuning), host=settings.host, port=settings.port, log_level="info")
 
 
+DUPLICATE_COLUMNS = ("group", "tier", "keeper", "role", "id", "sha256", "width", "height", "edit")
+
+
+def _duplicates(settings: Settings, tier: str | None, fmt: str) -> None:
+    """Groups from the catalogue alone: no model, no index is loaded."""
+    from pictrace.duplicates import DuplicateGroups, group_info
+    from pictrace.service import open_catalogue
+
+    catalogue = open_catalogue(settings)
+    try:
+        groups = [group_info(g) for g in DuplicateGroups(catalogue).all_groups(tier)]  # type: ignore[arg-type]
+    finally:
+        catalogue.close()
+    if fmt == "json":
+        print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
+        return
+    rows = [
+        (g.id, g.tier, g.keeper, m.role, m.id, m.sha256, m.width, m.height, m.edit.summary if m.edit else "")
+        for g in groups
+        for m in g.members
+    ]
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(DUPLICATE_COLUMNS)
+        writer.writerows(rows)
+        return
+    for row in rows:
+        print("\t".join(str(v) for v in row))
+    print(f"{len(groups)} groups, {len(rows)} images", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -196,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             return _eval(settings, tuning, args)
+        if args.command == "duplicates":
+            _duplicates(settings, args.tier, "json" if args.json else "csv" if args.csv else "text")
+            return 0
     except PicTraceError as exc:
         print(f"pictrace: {exc}", file=sys.stderr)
         return 2

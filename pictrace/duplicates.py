@@ -34,6 +34,7 @@ import numpy as np
 
 from pictrace.errors import NotFoundError
 from pictrace.matching.transform import TransformReadout, read_transform
+from pictrace.schemas import DuplicateEdit, DuplicateGroupInfo, DuplicateImage, DuplicateMember
 from pictrace.store import Catalogue, ImageFacts, PairLink
 
 GroupTier = Literal["exact", "copy"]
@@ -306,6 +307,30 @@ class DuplicateGroups:
             raise NotFoundError(f"no duplicate group {group_id}")
         return self._describe(part, index)
 
+    def pair_homography(self, sha_a: str, sha_b: str) -> tuple[ImageFacts, ImageFacts, np.ndarray]:
+        """(a, b, a's pixels -> b's pixels) for two members of one group, composed along its copy links."""
+        part = self._partition()
+        index = part.where.get(sha_a)
+        if index is None or part.where.get(sha_b) != index:
+            raise NotFoundError("these two images are not in one duplicate group")
+        vec_ids = part.groups[index]
+        facts = {part.facts[v].sha256: part.facts[v] for v in vec_ids}
+        fits = self._fits(vec_ids)
+        path = _paths_to(facts[sha_b].vec_id, fits).get(facts[sha_a].vec_id)
+        if path is None:
+            if facts[sha_a].pixel_sha256 == facts[sha_b].pixel_sha256:
+                return facts[sha_a], facts[sha_b], _IDENTITY
+            raise NotFoundError("no chain of copy links joins these two images")
+        return facts[sha_a], facts[sha_b], path[0]
+
+    def _fits(self, vec_ids: Sequence[int]) -> dict[tuple[int, int], np.ndarray]:
+        inside = set(vec_ids)
+        return {
+            (link.vec_id, link.other): link.homography
+            for link in self.catalogue.pair_links(vec_ids)
+            if link.other in inside and link.tier == "copy" and link.homography is not None
+        }
+
     def all_groups(self, tier: GroupTier | None = None) -> list[Group]:
         part = self._partition()
         return [self._describe(part, i) for i in range(len(part.groups)) if tier is None or part.tiers[i] == tier]
@@ -369,3 +394,71 @@ def _similar(links: Iterable[PairLink], inside: set[int], limit: int = 12) -> li
 def _group_id(sha256: str) -> str:
     """A group is named after its member with the smallest content hash: stable while that member stays."""
     return sha256[:16]
+
+
+# --- the API's view ----------------------------------------------------------------------------------------
+
+
+def edit_summary(edit: Edit) -> str:
+    """The read-out in words: only what was done (nothing for an untouched copy: 'same geometry')."""
+    parts = []
+    if edit.crop_fraction < 0.95:
+        parts.append(f"crop {edit.crop_fraction:.0%}")
+    if abs(edit.rotation) >= 1:
+        parts.append(f"rotated {edit.rotation:+.0f}°")
+    if edit.flip:
+        parts.append("mirrored")
+    if abs(edit.scale - 1) >= 0.05:
+        parts.append(f"scaled ×{edit.scale:.2f}")
+    if edit.border:
+        parts.append("border or page added")
+    return " · ".join(parts) or "same geometry (recoloured, re-encoded or text added?)"
+
+
+def _image(facts: ImageFacts) -> DuplicateImage:
+    return DuplicateImage(
+        id=facts.entry_id,
+        sha256=facts.sha256,
+        url=facts.url,
+        width=facts.width,
+        height=facts.height,
+        format=facts.format,
+        nbytes=facts.nbytes,
+        thumbnail_url=f"/api/images/{facts.sha256}/thumbnail",
+    )
+
+
+def group_info(group: Group) -> DuplicateGroupInfo:
+    keeper = group.keeper.sha256
+    members = []
+    for m in group.members:
+        edit = None
+        if m.edit is not None:
+            e = m.edit
+            edit = DuplicateEdit(
+                crop=e.crop,
+                crop_fraction=e.crop_fraction,
+                scale=e.scale,
+                rotation=e.rotation,
+                flip=e.flip,
+                border=e.border,
+                hops=e.hops,
+                summary=edit_summary(e),
+            )
+        members.append(
+            DuplicateMember(
+                **_image(m.facts).model_dump(),
+                role=m.tier,
+                edit=edit,
+                evidence_url=None if m.tier == "keeper" else f"/api/explain/pair/{m.facts.sha256}/{keeper}",
+            )
+        )
+    return DuplicateGroupInfo(
+        id=group.id,
+        tier=group.tier,
+        size=len(group.members),
+        keeper=keeper,
+        decided=group.decided,
+        members=members,
+        similar=[_image(f) for f in group.similar],
+    )

@@ -29,11 +29,14 @@ from skimage.metrics import structural_similarity
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
+from pictrace.duplicates import DuplicateGroups
 from pictrace.errors import NotFoundError, PicTraceError
 from pictrace.features.extract import orb_of
 from pictrace.features.orb import OrbFeatures, ratio_matches
 from pictrace.files import read_local_file
-from pictrace.schemas import Match, SearchResult
+from pictrace.matching.transform import read_transform
+from pictrace.schemas import ComponentScores, Match, SearchResult
+from pictrace.search.present import transform_info
 from pictrace.store import Catalogue
 from pictrace.tuning import Evidence, Tuning
 
@@ -223,6 +226,34 @@ def _caption(panel: np.ndarray, text: str) -> np.ndarray:
     return np.vstack([bar, panel])
 
 
+def explain_pair(
+    catalogue: Catalogue, groups: DuplicateGroups, sha_a: str, sha_b: str, settings: Settings, tuning: Tuning
+) -> bytes:
+    """PNG evidence that image a is a copy of image b (two members of one duplicate group), drawn from stored
+    data alone: their pictures (local originals or thumbnails) and the homography the match graph stored."""
+    a, b, hom = groups.pair_homography(sha_a, sha_b)
+    a_rgb = gallery_picture(catalogue, a.sha256, settings)
+    to_original = np.diag([a.width / a_rgb.shape[1], a.height / a_rgb.shape[0], 1.0])
+    drawn = hom @ to_original  # the drawn picture of a -> b's original pixels
+    readout = read_transform(drawn, (a_rgb.shape[1], a_rgb.shape[0]), (b.width, b.height))
+    match = Match(
+        id=b.entry_id,
+        url=b.url,
+        original_url=f"/api/images/{b.sha256}/original",
+        sha256=b.sha256,
+        score=1.0,
+        scores=ComponentScores(embedding=0.0, ssim=0.0, orb=0.0),
+        verdict="exact" if a.pixel_sha256 == b.pixel_sha256 else "copy",
+        transform=transform_info(readout),
+        thumbnail_url=f"/api/images/{b.sha256}/thumbnail",
+    )
+    orb_blob, width, height = catalogue.orb_by_sha256(b.sha256)
+    b_rgb = gallery_picture(catalogue, b.sha256, settings)
+    return render_evidence(
+        a_rgb, b_rgb, (width, height), OrbFeatures.from_bytes(orb_blob), match, tuning, query_caption=a.entry_id
+    )
+
+
 def render_evidence(
     query_rgb: np.ndarray,
     gallery_rgb: np.ndarray,
@@ -230,6 +261,7 @@ def render_evidence(
     gallery_orb: OrbFeatures,
     match: Match,
     tuning: Tuning,
+    query_caption: str = "query",
 ) -> bytes:
     """Query | gallery with inlier lines | SSIM difference map, as one PNG.
 
@@ -238,7 +270,7 @@ def render_evidence(
     q_img, q_factor = _fit_height(query_rgb, PANEL_HEIGHT)
     g_img, g_factor = _fit_height(gallery_rgb, PANEL_HEIGHT)
     g_factor *= gallery_rgb.shape[1] / gallery_size[0]  # gallery original pixels -> drawn pixels
-    panels = [_caption(q_img, "query"), _caption(g_img, f"{match.verdict}: {match.id}"[:60])]
+    panels = [_caption(q_img, query_caption[:60]), _caption(g_img, f"{match.verdict}: {match.id}"[:60])]
     transform = match.transform
     count = 0
     if transform is not None:

@@ -175,3 +175,71 @@ class DeletedImage(BaseModel):
 
 class Reindexed(BaseModel):
     vectors: int = Field(description="Vectors in the rebuilt index.")
+
+
+class DuplicateEdit(BaseModel):
+    """What was done to a group member relative to the keeper, read off the stored homographies."""
+
+    crop: tuple[int, int, int, int] = Field(description="Box (x0, y0, x1, y1) of the keeper it shows, keeper pixels.")
+    crop_fraction: float = Field(description="Area of that box over the keeper's area.")
+    scale: float = Field(description="Its pixels per keeper pixel (0.5: half the size).")
+    rotation: float = Field(description="Degrees turned counter-clockwise, in (-180, 180].")
+    flip: bool = Field(description="Mirrored left-right.")
+    border: bool = Field(description="Its frame holds more than the keeper's picture: a border or a page around it.")
+    hops: int = Field(description="Links composed to reach the keeper (1: matched directly).")
+    summary: str = Field(description="The read-out in words, e.g. 'crop 45% · rotated 90° · mirrored'.")
+
+
+class DuplicateImage(BaseModel):
+    id: str = Field(description="The gallery entry's id (or its URL).")
+    sha256: str
+    url: str
+    width: int
+    height: int
+    format: str
+    nbytes: int
+    thumbnail_url: str
+
+
+class DuplicateMember(DuplicateImage):
+    role: Literal["keeper", "exact", "copy"] = Field(
+        description="keeper; exact (the keeper's very pixels); copy (the same picture edited)."
+    )
+    edit: DuplicateEdit | None = Field(default=None, description="Relative to the keeper (copies only).")
+    evidence_url: str | None = Field(default=None, description="Picture of this member against the keeper.")
+
+
+class DuplicateGroupInfo(BaseModel):
+    id: str = Field(description="Stable while the member with the smallest sha256 stays.")
+    tier: Literal["exact", "copy"] = Field(description="exact: every member has the same pixels; else copy.")
+    size: int
+    keeper: str = Field(description="sha256 of the member to keep.")
+    decided: bool = Field(description="The keeper was chosen by a person ('keep this one').")
+    members: list[DuplicateMember] = Field(description="The keeper first.")
+    similar: list[DuplicateImage] = Field(description="Linked to a member as similar: shown beside, never merged.")
+
+
+class DuplicatePage(BaseModel):
+    total: int = Field(description="Groups matching the filter.")
+    offset: int
+    limit: int
+    groups: list[DuplicateGroupInfo]
+
+
+class NotDuplicatesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256_a: str = Field(min_length=64, max_length=64)
+    sha256_b: str = Field(min_length=64, max_length=64)
+
+
+class KeepRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(min_length=64, max_length=64, description="The member to keep.")
+    delete_others: bool = Field(default=False, description="Also remove the group's other members.")
+
+
+class Decided(BaseModel):
+    group: DuplicateGroupInfo | None = Field(description="The group after the decision (None: it is gone).")
+    deleted: list[str] = Field(default_factory=list, description="sha256 of the images removed.")

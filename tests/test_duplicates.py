@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,11 +12,14 @@ import cv2
 import numpy as np
 import pytest
 from conftest import crop, encode, rotate90
+from fastapi.testclient import TestClient
+from test_cli import run_cli
 
 from pictrace.config import Settings
 from pictrace.duplicates import Group, partition
 from pictrace.gallery import load_gallery
 from pictrace.service import Service
+from pictrace.web import create_app
 
 
 def mirror(rgb: np.ndarray) -> np.ndarray:
@@ -133,3 +138,56 @@ def test_partition_joins_strongest_links_first_and_never_a_separated_pair() -> N
     assert partition(links, [(7, "p"), (8, "p")]) == [[1, 2, 3, 4], [5, 6], [7, 8]]
     # 1 and 4 are not duplicates: the weakest link that would join them is left out
     assert partition(links, [], apart=[(1, 4)]) == [[1, 2, 3], [5, 6]]
+
+
+TOKEN = "dups-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def test_api_lists_groups_draws_pair_evidence_and_takes_decisions(gallery: Settings, tmp_path: Path) -> None:
+    await (await started(gallery)).close()
+    settings = gallery.model_copy(update={"api_token": TOKEN})
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/api/duplicates").json()
+        assert page["total"] == 1 and page["offset"] == 0
+        group = page["groups"][0]
+        roles = {m["id"]: m for m in group["members"]}
+        assert group["members"][0]["role"] == "keeper" and group["members"][0]["id"] == "astronaut"
+        assert "mirrored" in roles["astronaut-mirror"]["edit"]["summary"]
+        assert "rotated" in roles["astronaut-turned"]["edit"]["summary"]
+        assert roles["astronaut-crop"]["edit"]["summary"].startswith("crop")
+        assert client.get("/api/duplicates", params={"tier": "exact"}).json()["total"] == 0
+        assert client.get("/api/duplicates", params={"min_size": 5}).json()["total"] == 0
+        assert client.get("/api/duplicates", params={"limit": 0}).status_code == 422
+        assert client.get(f"/api/duplicates/{group['id']}").json() == group
+        missing = client.get("/api/duplicates/0000000000000000")
+        assert missing.status_code == 404 and "detail" in missing.json()
+        evidence = client.get(roles["astronaut-crop"]["evidence_url"])
+        assert evidence.status_code == 200 and evidence.content[:4] == b"\x89PNG"
+        sha = {m["id"]: m["sha256"] for m in group["members"]}
+        split = {"sha256_a": sha["astronaut"], "sha256_b": sha["astronaut-crop"]}
+        assert client.post("/api/duplicates/not-duplicates", json=split).status_code == 401
+        decided = client.post("/api/duplicates/not-duplicates", json=split, headers=AUTH).json()
+        assert "astronaut-crop" not in [m["id"] for m in decided["group"]["members"]]
+        keep = {"sha256": sha["astronaut-turned"], "delete_others": True}
+        kept = client.post("/api/duplicates/keep", json=keep, headers=AUTH).json()
+        assert sorted(kept["deleted"]) == sorted([sha["astronaut"], sha["astronaut-mirror"]])
+        assert client.get(f"/api/images/{sha['astronaut']}/thumbnail").status_code == 404
+        # with the original gone nothing keeps the crop apart: it matches the turned copy, which stays the keeper
+        assert [(m["id"], m["role"]) for m in kept["group"]["members"]] == [
+            ("astronaut-turned", "keeper"),
+            ("astronaut-crop", "copy"),
+        ]
+
+
+async def test_cli_prints_one_row_per_member(gallery: Settings, tmp_path: Path) -> None:
+    await (await started(gallery)).close()
+    done = run_cli("duplicates", "--csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert sorted(r["id"] for r in rows) == ["astronaut", "astronaut-crop", "astronaut-mirror", "astronaut-turned"]
+    assert {r["group"] for r in rows} == {rows[0]["group"]} and {r["tier"] for r in rows} == {"copy"}
+    assert [r["role"] for r in rows if r["id"] == "astronaut"] == ["keeper"]
+    as_json = json.loads(run_cli("duplicates", "--json", "--tier", "copy", cwd=tmp_path).stdout)
+    assert len(as_json) == 1 and as_json[0]["size"] == 4
+    assert json.loads(run_cli("duplicates", "--json", "--tier", "exact", cwd=tmp_path).stdout) == []

@@ -13,8 +13,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from pictrace.duplicates import group_info
 from pictrace.errors import InvalidInputError, NotFoundError
-from pictrace.schemas import AddedImage, AddImageRequest, DeletedImage, Reindexed
+from pictrace.schemas import (
+    AddedImage,
+    AddImageRequest,
+    Decided,
+    DeletedImage,
+    KeepRequest,
+    NotDuplicatesRequest,
+    Reindexed,
+)
 from pictrace.web.api import ERRORS
 from pictrace.web.auth import require_writer
 from pictrace.web.deps import FORM_TYPES, ServiceDep, admit, content_type, image_fields, json_body, query_bytes
@@ -145,3 +154,59 @@ async def delete_image(sha256: str, service: ServiceDep) -> DeletedImage:
 )
 async def reindex(service: ServiceDep) -> Reindexed:
     return Reindexed(vectors=await service.ingestor.reindex())
+
+
+# --- decisions about duplicates: kept in the catalogue, so every later ingest, reindex and restart obeys them
+
+
+def _sha(raw: str) -> str:
+    sha = raw.strip().lower()
+    if not SHA256.fullmatch(sha):
+        raise InvalidInputError(f"{raw!r} is not a sha256 (64 hex digits)")
+    return sha
+
+
+@router.post(
+    "/api/duplicates/not-duplicates",
+    response_model=Decided,
+    responses={404: {"description": "No such image"}, **WRITE_ERRORS},
+    summary="Two images are not the same picture: never group them again (needs the API token)",
+)
+async def not_duplicates(request: Request, service: ServiceDep) -> Decided:
+    body = await json_body(request, NotDuplicatesRequest)
+    a, b = _sha(body.sha256_a), _sha(body.sha256_b)
+    if a == b:
+        raise InvalidInputError("an image is always a duplicate of itself")
+    for sha in (a, b):
+        if not await service.pool.run(service.catalogue.has_image, sha):
+            raise NotFoundError(f"no image with sha256 {sha}")
+    await service.pool.run(service.catalogue.decide_distinct, a, b)
+    try:
+        group = group_info(await service.pool.run(service.duplicates.group, a))
+    except NotFoundError:
+        group = None
+    return Decided(group=group)
+
+
+@router.post(
+    "/api/duplicates/keep",
+    response_model=Decided,
+    responses={404: {"description": "The image is in no duplicate group"}, **WRITE_ERRORS},
+    summary="Keep this member of its group; optionally remove the others (needs the API token)",
+)
+async def keep(request: Request, service: ServiceDep) -> Decided:
+    body = await json_body(request, KeepRequest)
+    sha = _sha(body.sha256)
+    group = await service.pool.run(service.duplicates.group, sha)  # 404 when it is in no group
+    await service.pool.run(service.catalogue.decide_keep, sha)
+    deleted: list[str] = []
+    if body.delete_others:
+        for member in group.members:
+            if member.facts.sha256 != sha:
+                await service.ingestor.remove_image(member.facts.sha256)
+                deleted.append(member.facts.sha256)
+    try:
+        after = group_info(await service.pool.run(service.duplicates.group, sha))
+    except NotFoundError:
+        after = None
+    return Decided(group=after, deleted=deleted)

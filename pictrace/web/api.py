@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile
 
+from pictrace.duplicates import group_info
 from pictrace.errors import InvalidInputError, NotFoundError
-from pictrace.explain import explain_match
-from pictrace.schemas import Health, ImageCounts, LegacySimilarImages, SearchRequest, SearchResult
+from pictrace.explain import explain_match, explain_pair
+from pictrace.schemas import (
+    DuplicateGroupInfo,
+    DuplicatePage,
+    Health,
+    ImageCounts,
+    LegacySimilarImages,
+    SearchRequest,
+    SearchResult,
+)
 from pictrace.web.deps import (
     FORM_TYPES,
     ServiceDep,
@@ -202,3 +211,58 @@ async def explain(query_id: str, sha256: str, service: ServiceDep) -> Response:
         explain_match, service.catalogue, kept, sha256.lower(), service.settings, service.tuning
     )
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+
+@router.get(
+    "/api/explain/pair/{sha_a}/{sha_b}",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "Image a | image b with the keypoints that agree"},
+        404: {"description": "The two images are not in one duplicate group"},
+        503: {"description": "Busy: retry after the Retry-After header"},
+    },
+    summary="The evidence picture of two members of one duplicate group (drawn from stored data)",
+)
+async def explain_duplicate_pair(sha_a: str, sha_b: str, service: ServiceDep) -> Response:
+    png = await service.pool.run(
+        explain_pair,
+        service.catalogue,
+        service.duplicates,
+        sha_a.lower(),
+        sha_b.lower(),
+        service.settings,
+        service.tuning,
+    )
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+
+# --- duplicates ---------------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/api/duplicates",
+    response_model=DuplicatePage,
+    responses={422: {"description": "Invalid parameters"}, 503: ERRORS[503]},
+    summary="Every group of duplicates in the gallery, largest first, a page at a time",
+)
+async def duplicates(
+    service: ServiceDep,
+    tier: Annotated[Literal["exact", "copy"] | None, Query(description="Only groups of this tier.")] = None,
+    min_size: Annotated[int, Query(ge=2, le=10_000, description="Only groups of at least this many.")] = 2,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> DuplicatePage:
+    total, groups = await service.pool.run(
+        service.duplicates.page, tier=tier, min_size=min_size, offset=offset, limit=limit
+    )
+    return DuplicatePage(total=total, offset=offset, limit=limit, groups=[group_info(g) for g in groups])
+
+
+@router.get(
+    "/api/duplicates/{group_id}",
+    response_model=DuplicateGroupInfo,
+    responses={404: {"description": "No such group"}, 503: ERRORS[503]},
+    summary="One group of duplicates, by its id or by any member's sha256",
+)
+async def duplicate_group(group_id: str, service: ServiceDep) -> DuplicateGroupInfo:
+    return group_info(await service.pool.run(service.duplicates.group, group_id.strip().lower()))

@@ -1,0 +1,169 @@
+"""Duplicate groups on copy-public: pairwise precision and recall of the copy tier, and what grouping costs.
+
+The 1,004 gallery photos and the 300 edited queries are ingested together as one gallery: the 100 originals
+and their three edits each make a true group of 4. Pairs are counted over every pair that touches those 400
+images (a pair of two look-alike gallery photos is reported apart: the clothing shots hold real duplicates).
+
+Cost: the same gallery is ingested with the duplicate linking off (no mirror matching, no nearest-vector
+candidates: the match graph as it was) and on, alternately, and the grouping itself is timed.
+
+    python bench/duplicates_quality.py [--eval ../shared/eval/copy-public] [--runs 1]
+
+Prints a table and writes bench/results/duplicates_quality.json. Never copies an eval image anywhere: the
+db.json names them where they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pictrace.config import Settings
+from pictrace.gallery import load_gallery
+from pictrace.service import Service
+from pictrace.tuning import Tuning
+
+
+def truth(gt: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(image -> its true group's original, for the 400 images), (query -> edit type)."""
+    group = {}
+    for q in gt["queries"]:
+        original = q["relevant"][0]
+        group[q["query"]] = original
+        group[original] = original
+    return group, dict(gt["edit_types"])
+
+
+def write_db(images: Path, names: list[str], workdir: Path) -> Path:
+    db = workdir / "db.json"
+    db.write_text(json.dumps([{"id": n, "url": os.path.relpath(images / n, workdir)} for n in names]))
+    return db
+
+
+async def ingest(db: Path, tuning: Tuning, workdir: Path) -> tuple[float, Service]:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=workdir / "data", db=db, index_on_start=False, sync_interval_s=0
+    )
+    service = await Service.start(settings, tuning=tuning)
+    started = time.perf_counter()
+    report = await service.ingestor.ingest_gallery(load_gallery(db))
+    elapsed = time.perf_counter() - started
+    if report.failed:
+        raise SystemExit(f"{len(report.failed)} images failed, e.g. {report.failed[0]}")
+    return elapsed, service
+
+
+def pairs_of(groups: list[list[str]]) -> set[frozenset[str]]:
+    return {frozenset(p) for g in groups for p in itertools.combinations(g, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval", type=Path, default=Path(__file__).resolve().parents[2] / "shared/eval/copy-public")
+    parser.add_argument("--runs", type=int, default=1, help="ingests of each kind, alternated (cost)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "duplicates_quality.json")
+    asyncio.run(run(parser.parse_args()))
+
+
+async def run(args: argparse.Namespace) -> None:
+    gt = json.loads((args.eval / "gt.json").read_text())
+    images = (args.eval / "images").resolve()
+    names = list(gt["gallery"]) + [q["query"] for q in gt["queries"]]
+    group_of, edit_of = truth(gt)
+    shipped = Tuning()
+    before = shipped.replace(cascade={"mirror_check": False, "mirror_candidates": 0})
+
+    timings: dict[str, list[float]] = {"links only": [], "duplicates": []}
+    grouping_s: list[float] = []
+    found: list[list[str]] = []
+    for run in range(args.runs):
+        for label, tuning in (("links only", before), ("duplicates", shipped)):
+            with tempfile.TemporaryDirectory(prefix="pictrace-dups-") as tmp:
+                elapsed, service = await ingest(write_db(images, names, Path(tmp)), tuning, Path(tmp))
+                try:
+                    timings[label].append(elapsed)
+                    if label == "duplicates":
+                        started = time.perf_counter()
+                        groups = service.duplicates.all_groups()
+                        grouping_s.append(time.perf_counter() - started)
+                        if run == 0:
+                            found = [[m.facts.entry_id for m in g.members] for g in groups]
+                finally:
+                    await service.close()
+            print(f"run {run + 1} {label}: ingest {elapsed:.1f} s", flush=True)
+
+    true_groups: dict[str, list[str]] = {}
+    for image, original in group_of.items():
+        true_groups.setdefault(original, []).append(image)
+    true_pairs = pairs_of(list(true_groups.values()))
+    predicted = pairs_of(found)
+    touching = {p for p in predicted if p & group_of.keys()}
+    tp = len(touching & true_pairs)
+    precision = tp / len(touching) if touching else 1.0
+    recall = tp / len(true_pairs)
+    lookalike_joins = sorted({n for g in found if set(g) & group_of.keys() for n in g if n not in group_of})
+    gallery_only = [g for g in found if not set(g) & group_of.keys()]
+
+    per_type: dict[str, list[int]] = {}
+    for query, kind in edit_of.items():
+        original = group_of[query]
+        same = any(query in g and original in g for g in found)
+        per_type.setdefault(kind, [0, 0])[0] += int(same)
+        per_type[kind][1] += 1
+    missed = Counter(edit_of[q] for q in edit_of if not any(q in g and group_of[q] in g for g in found))
+
+    cost = {k: min(v) for k, v in timings.items()}
+    overhead = cost["duplicates"] / cost["links only"] - 1 + min(grouping_s) / cost["links only"]
+    result = {
+        "images": len(names),
+        "copy_tier": {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "true_pairs": len(true_pairs),
+            "predicted_pairs_touching": len(touching),
+            "true_positive_pairs": tp,
+        },
+        "lookalikes_joined_to_true_groups": lookalike_joins,
+        "groups_among_the_other_gallery_photos": [sorted(g) for g in gallery_only],
+        "original_grouped_with_edit_by_type": {k: f"{v[0]}/{v[1]}" for k, v in sorted(per_type.items())},
+        "missed_by_type": dict(missed),
+        "ingest_s": timings,
+        "grouping_s": grouping_s,
+        "grouping_overhead": round(overhead, 4),
+    }
+    print()
+    print(
+        f"| copy tier, pairs touching the 400 | precision {precision:.4f} | recall {recall:.4f} | "
+        f"{tp}/{len(true_pairs)} true pairs, {len(touching)} predicted |"
+    )
+    print(f"| look-alikes joined to a true group | {len(lookalike_joins)} |")
+    print(
+        f"| groups among the other 904 gallery photos | {len(gallery_only)} "
+        f"({sum(len(g) for g in gallery_only)} images) |"
+    )
+    print("| edit type | edit grouped with its original |")
+    print("|---|---|")
+    for kind, (hit, total) in sorted(per_type.items()):
+        print(f"| {kind} | {hit}/{total} |")
+    print(f"| ingest, links only | {cost['links only']:.1f} s |")
+    print(f"| ingest, duplicates | {cost['duplicates']:.1f} s |")
+    print(f"| grouping (all groups described) | {min(grouping_s) * 1000:.0f} ms |")
+    print(f"| overhead | {overhead * 100:.1f} % |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
