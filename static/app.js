@@ -102,3 +102,61 @@
     setTimeout(tick, 1500);
   }
 })();
+
+// The duplicates page: j/k between groups, arrows between pages, and decisions through the token-protected API.
+(function () {
+  "use strict";
+  const groups = Array.from(document.querySelectorAll(".dup-group"));
+  if (!document.getElementById("dup-total")) return;
+  const TOKEN = "pictrace-api-token";
+  const token = document.getElementById("token");
+  const error = document.getElementById("decide-error");
+  const showDecide = () => {
+    document.querySelectorAll(".decide").forEach((el) => { el.hidden = !token.value; });
+  };
+  try { token.value = sessionStorage.getItem(TOKEN) || ""; } catch (_) { /* ignore */ }
+  if (token.value) token.closest("details").open = true;
+  showDecide();
+  token.addEventListener("input", () => {
+    try { sessionStorage.setItem(TOKEN, token.value); } catch (_) { /* ignore */ }
+    showDecide();
+  });
+  async function decide(path, body) {
+    error.hidden = true;
+    const r = await fetch(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token.value}` },
+      body: JSON.stringify(body),
+    });
+    if (!r.ok) {
+      let detail = r.statusText;
+      try { detail = (await r.json()).detail; } catch (_) { /* not JSON */ }
+      error.textContent = `Not done: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`;
+      error.hidden = false;
+      return;
+    }
+    window.location.reload();
+  }
+  document.addEventListener("click", (e) => {
+    const keep = e.target.closest(".keep-btn");
+    if (keep) {
+      const others = keep.closest(".dup-group").querySelectorAll(".dup-member").length - 1;
+      const remove = window.confirm(`Keep this one. Also delete the ${others} others from the gallery?`);
+      decide("/api/duplicates/keep", { sha256: keep.dataset.sha, delete_others: remove });
+    }
+    const split = e.target.closest(".split-btn");
+    if (split) decide("/api/duplicates/not-duplicates", { sha256_a: split.dataset.sha, sha256_b: split.dataset.keeper });
+  });
+  document.addEventListener("keydown", (e) => {
+    const tag = (document.activeElement && document.activeElement.tagName) || "";
+    if (["INPUT", "SELECT", "TEXTAREA"].includes(tag) || e.altKey || e.ctrlKey || e.metaKey) return;
+    const current = groups.findIndex((g) => g.contains(document.activeElement));
+    if (e.key === "j" || e.key === "k") {
+      const next = e.key === "j" ? Math.min(current + 1, groups.length - 1) : Math.max(current - 1, 0);
+      if (groups[next]) { groups[next].focus(); groups[next].scrollIntoView({ block: "nearest" }); }
+    } else if (e.key === "ArrowRight" || e.key === "ArrowLeft") {
+      const link = document.getElementById(e.key === "ArrowRight" ? "next-page" : "prev-page");
+      if (link) window.location.href = link.href;
+    }
+  });
+})();

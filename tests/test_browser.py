@@ -31,6 +31,7 @@ playwright_api = pytest.importorskip(
 )
 
 CHROMIUM = "/usr/bin/chromium"
+TOKEN = "browser-token"
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -143,6 +144,7 @@ def live(files: Path) -> Iterator[LiveServer]:
         data_dir=files / "data",
         db=files / "db.json",
         index_on_start=True,
+        api_token=TOKEN,  # only the duplicates page's decisions use it
         fetch_allow=["127.0.0.1"],
         fetch_timeout_s=5.0,
     )
@@ -280,3 +282,33 @@ def test_keyboard_reaches_every_control(page: Any, live: LiveServer) -> None:
         seen.append(page.evaluate("() => document.activeElement.id || document.activeElement.textContent.trim()"))
     assert seen.index("file") < seen.index("url") < seen.index("search-button"), seen
     assert "Skip to content" in seen and "Gallery" in seen
+
+
+def test_duplicates_page_with_the_keyboard_and_a_decision(page: Any, live: LiveServer) -> None:
+    """Last in the file: its decision splits the crop from chelsea (searches ignore it; this page does not)."""
+    page.goto(f"{live.url}/duplicates")
+    groups = page.locator(".dup-group")
+    assert groups.count() == 1 and page.inner_text("#dup-total") == "1 group"
+    members = groups.first.locator(".dup-member")
+    assert [t.strip() for t in members.locator(".id").all_inner_texts()] == ["chelsea", "chelsea-crop"]
+    assert "Keeper" in members.nth(0).inner_text() and "keeper" in (members.nth(0).get_attribute("class") or "")
+    assert "crop 36%" in members.nth(1).locator(".edit").inner_text()
+    assert "chelsea-photo" in groups.first.locator(".similar-row").inner_text()  # beside the group, not in it
+    page.keyboard.press("j")  # the keyboard reaches the group, then its evidence link
+    assert page.evaluate("() => document.activeElement.dataset.group") == groups.first.get_attribute("data-group")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.className") == "evidence"
+    with page.context.expect_page() as opened:
+        page.keyboard.press("Enter")
+    evidence = opened.value
+    evidence.wait_for_load_state()
+    assert evidence.evaluate("() => document.images[0].naturalWidth") > 300
+    assert "/api/explain/pair/" in evidence.url
+    evidence.close()
+    assert not page.locator(".split-btn").first.is_visible()  # no token, no decisions
+    page.locator(".decide-token summary").click()
+    page.fill("#token", TOKEN)
+    page.locator(".split-btn").first.click()
+    page.wait_for_function("() => document.getElementById('dup-total').textContent.trim() === '0 groups'")
+    assert page.locator(".dup-group").count() == 0

@@ -1,4 +1,4 @@
-"""The HTML pages (Jinja): search form, results, gallery status. Errors are shown as readable messages."""
+"""The HTML pages (Jinja): search form, results, gallery status, duplicates. Errors are shown as readable messages."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse
 from starlette.datastructures import UploadFile
 from starlette.templating import Jinja2Templates
 
+from pictrace.duplicates import GroupTier, group_info
 from pictrace.errors import InvalidInputError, PicTraceError
 from pictrace.matching.verdict import Verdict
 from pictrace.schemas import SearchResult
@@ -107,3 +108,36 @@ async def gallery_page(request: Request, service: ServiceDep, page: int = 1) -> 
         "offset": offset,
     }
     return templates(request).TemplateResponse(request, "gallery.html", context)
+
+
+DUPLICATES_PAGE_SIZE = 20
+
+
+@router.get("/duplicates", response_class=HTMLResponse)
+async def duplicates_page(
+    request: Request, service: ServiceDep, page: int = 1, tier: str = "", min_size: int = 2
+) -> HTMLResponse:
+    """Every duplicate group, a page at a time, the keeper first in each row."""
+    status = await _status(service)
+    chosen: GroupTier | None = "exact" if tier == "exact" else "copy" if tier == "copy" else None
+    min_size = max(2, min_size)
+    size = DUPLICATES_PAGE_SIZE
+    total, _ = await service.pool.run(service.duplicates.page, tier=chosen, min_size=min_size, limit=0)
+    pages = max(1, math.ceil(total / size))
+    page = min(max(1, page), pages)
+    offset = (page - 1) * size
+    _, groups = await service.pool.run(
+        service.duplicates.page, tier=chosen, min_size=min_size, offset=offset, limit=size
+    )
+    context: dict[str, object] = {
+        "status": status,
+        "groups": [group_info(g) for g in groups],
+        "total": total,
+        "page": page,
+        "pages": pages,
+        "offset": offset,
+        "tier": chosen or "",
+        "min_size": min_size,
+        "query": (f"&tier={chosen}" if chosen else "") + (f"&min_size={min_size}" if min_size > 2 else ""),
+    }
+    return templates(request).TemplateResponse(request, "duplicates.html", context)
