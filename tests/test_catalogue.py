@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from pictrace.errors import NotFoundError
-from pictrace.store import Catalogue, CatalogueStore, ChangePosition, CorruptMetaError, Source, StoredImage
+from pictrace.store import (
+    Catalogue,
+    CatalogueStore,
+    ChangePosition,
+    CorruptMetaError,
+    LinkFit,
+    Source,
+    StoredImage,
+)
 
 Opener = Callable[[], Catalogue]
 
@@ -293,3 +301,42 @@ class TestCatalogue:
         assert reopened.changes_after(0) == [] and reopened.change_position() == ChangePosition(0, 1)
         vec_id, _ = reopened.add_image(stored(2), source("http://h/2.jpg"))
         assert [(c.vec_id, c.op, c.generation) for c in reopened.changes_after(0)] == [(vec_id, "add", 2)]
+
+    def test_links_keep_verdict_and_homography_and_decisions_are_kept(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        a, _ = cat.add_image(stored(1), source("http://h/a.jpg"))
+        b, _ = cat.add_image(stored(2), source("http://h/b.jpg"))
+        hom = np.array([[2.0, 0, 10], [0, 2.0, 20], [0, 0, 1]])
+        before = cat.link_generation()
+        assert cat.add_links(a, [LinkFit(b, 60, "copy", 0.9, hom)]) == 1
+        assert cat.link_generation() > before
+        assert cat.links_of_tier("copy") == [(a, b, 60)] and cat.links_of_tier("similar") == []
+        there, back = sorted(cat.pair_links([a, b]), key=lambda link: link.vec_id)
+        assert (there.tier, there.cosine) == ("copy", pytest.approx(0.9))
+        assert there.homography is not None and back.homography is not None
+        assert np.allclose(there.homography, hom) and np.allclose(back.homography @ hom, np.eye(3), atol=1e-5)
+        sha_a, sha_b = stored(1).sha256, stored(2).sha256
+        cat.decide_distinct(sha_b, sha_a)
+        cat.decide_keep(sha_a)
+        assert cat.decisions() == ([tuple(sorted((sha_a, sha_b)))], [sha_a])
+        cat.remove_image(sha_a)  # decisions are by content: they outlive the image
+        assert cat.decisions()[1] == [sha_a] and cat.vec_ids_of([sha_a, sha_b]) == {sha_b: b}
+
+    def test_links_of_an_older_catalogue_get_the_new_columns_and_are_linked_again(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        a, _ = cat.add_image(stored(1), source("http://h/a.jpg"))
+        b, _ = cat.add_image(stored(2), source("http://h/b.jpg"))
+        with cat._transaction() as conn:  # what an older PicTrace left: links without verdict, cosine or fit
+            conn.execute("DROP TABLE links")
+            conn.execute(
+                """CREATE TABLE links (vec_id BIGINT NOT NULL, other BIGINT NOT NULL, inliers INTEGER NOT NULL,
+                   PRIMARY KEY (vec_id, other))"""
+            )
+            conn.executemany(
+                "INSERT INTO links (vec_id, other, inliers) VALUES (?, ?, ?)", [(a, a, 0), (a, b, 40), (b, a, 40)]
+            )
+        reopened = open_catalogue()
+        assert reopened.links_of([a]) == {a: [(b, 40)]}  # still used by the search meanwhile
+        assert reopened.unlinked() == [a, b]  # the next ingest links them again, with verdicts
+        reopened.add_links(a, [LinkFit(b, 41, "copy", 0.8, np.eye(3))])
+        assert reopened.links_of_tier("copy") == [(min(a, b), max(a, b), 41)]
