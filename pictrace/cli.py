@@ -173,14 +173,14 @@ def _serve(settings: Settings, tuning: Tuning) -> None:
 DUPLICATE_COLUMNS = ("group", "tier", "keeper", "role", "id", "sha256", "width", "height", "edit")
 
 
-def _duplicates(settings: Settings, tier: str | None, fmt: str) -> None:
+def _duplicates(settings: Settings, tuning: Tuning, tier: str | None, fmt: str) -> None:
     """Groups from the catalogue alone: no model, no index is loaded."""
     from pictrace.duplicates import DuplicateGroups, group_info
     from pictrace.service import open_catalogue
 
     catalogue = open_catalogue(settings)
     try:
-        groups = [group_info(g) for g in DuplicateGroups(catalogue).all_groups(tier)]  # type: ignore[arg-type]
+        groups = [group_info(g) for g in DuplicateGroups(catalogue, tuning.duplicates).all_groups(tier)]  # type: ignore[arg-type]
     finally:
         catalogue.close()
     if fmt == "json":
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(settings, tuning, args)
         if args.command == "duplicates":
-            _duplicates(settings, args.tier, "json" if args.json else "csv" if args.csv else "text")
+            _duplicates(settings, tuning, args.tier, "json" if args.json else "csv" if args.csv else "text")
             return 0
     except PicTraceError as exc:
         print(f"pictrace: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ from pictrace.errors import NotFoundError
 from pictrace.matching.transform import TransformReadout, read_transform
 from pictrace.schemas import DuplicateEdit, DuplicateGroupInfo, DuplicateImage, DuplicateMember
 from pictrace.store import Catalogue, ImageFacts, PairLink
+from pictrace.tuning import Duplicates as DuplicatesTuning
 
 GroupTier = Literal["exact", "copy"]
 
@@ -105,12 +106,15 @@ class _UnionFind:
             return root
         return x
 
-    def union(self, a: int, b: int, apart: dict[int, set[int]]) -> bool:
-        """Join the sets of a and b unless a pair decided distinct would end up in one set."""
+    def union(self, a: int, b: int, apart: dict[int, set[int]], *, weak: bool = False) -> bool:
+        """Join the sets of a and b unless a pair decided distinct would end up in one set, or the link is
+        ``weak`` and both sets already hold several images."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return True
         sa, sb = self.members.setdefault(ra, {ra}), self.members.setdefault(rb, {rb})
+        if weak and len(sa) > 1 and len(sb) > 1:
+            return False
         small, large = (sa, sb) if len(sa) <= len(sb) else (sb, sa)
         if any(apart.get(v, set()) & large for v in small):
             return False
@@ -125,9 +129,12 @@ def partition(
     copy_links: Iterable[tuple[int, int, int]],
     pixel_twins: Iterable[tuple[int, str]],
     apart: Sequence[tuple[int, int]] = (),
+    join_min_inliers: int = 0,
 ) -> list[list[int]]:
     """The groups (vec_ids, sorted) from copy links ``(a, b, inliers)`` and same-pixel images, strongest first,
-    never joining a pair in ``apart``. Pure: what the tests and the cached view share."""
+    never joining a pair in ``apart``. A link with fewer than ``join_min_inliers`` brings a single image into
+    a group (or pairs two) but never merges two groups: look-alikes (the same product shot twice) share a weak
+    copy-like fit, and one such link would join all their copies. Pure: the tests and the cached view share it."""
     separated: dict[int, set[int]] = {}
     for a, b in apart:
         separated.setdefault(a, set()).add(b)
@@ -138,8 +145,8 @@ def partition(
         by_pixels.setdefault(pixels, []).append(vec_id)
     edges = [(math.inf, a, b) for same in by_pixels.values() for a in same[:1] for b in same[1:]]
     edges += sorted(((float(n), a, b) for a, b, n in copy_links), reverse=True)
-    for _, a, b in edges:
-        sets.union(a, b, separated)
+    for strength, a, b in edges:
+        sets.union(a, b, separated, weak=strength < join_min_inliers)
     groups: dict[int, list[int]] = {}
     for v in list(sets.parent):
         groups.setdefault(sets.find(v), []).append(v)
@@ -243,8 +250,9 @@ def edit_of(readout: TransformReadout, size: tuple[int, int], hops: int) -> Edit
 class DuplicateGroups:
     """The groups of one catalogue, recomputed when it changed (cheap: copy links, one union-find)."""
 
-    def __init__(self, catalogue: Catalogue) -> None:
+    def __init__(self, catalogue: Catalogue, tuning: DuplicatesTuning | None = None) -> None:
         self.catalogue = catalogue
+        self.tuning = tuning or DuplicatesTuning()
         self._lock = threading.Lock()
         self._cached: _Partition | None = None
 
@@ -260,7 +268,12 @@ class DuplicateGroups:
             shas = {s for pair in distinct for s in pair} | set(kept)
             vec_of = self.catalogue.vec_ids_of(shas)
             apart = [(vec_of[a], vec_of[b]) for a, b in distinct if a in vec_of and b in vec_of]
-            raw = partition(self.catalogue.links_of_tier("copy"), self.catalogue.pixel_twins(), apart)
+            raw = partition(
+                self.catalogue.links_of_tier("copy"),
+                self.catalogue.pixel_twins(),
+                apart,
+                self.tuning.join_min_inliers,
+            )
             facts = self.catalogue.image_facts(v for g in raw for v in g)
             chosen = set(kept)
             groups: list[list[int]] = []

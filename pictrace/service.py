@@ -140,7 +140,7 @@ class Service:
             ingestor=Ingestor(catalogue, indexes, embedder, fetcher, pool, settings, tuning),
             queries=QueryMemory.from_settings(settings, tuning.evidence),
             follower=Follower(catalogue, indexes, position),
-            duplicates=DuplicateGroups(catalogue),
+            duplicates=DuplicateGroups(catalogue, tuning.duplicates),
         )
         if settings.sync_interval_s > 0:
             service.sync_task = asyncio.create_task(service._follow_catalogue())

@@ -94,7 +94,7 @@ class Cascade(_Frozen):
     graph_candidates: Annotated[int, Field(ge=0, le=1000)] = 10  # most-voted images linked at ingest (0: no graph)
     mirror_check: bool = True  # match a mirrored query against the shortlist (ORB is not mirror-invariant)
     mirror_min_embedding: Annotated[float, Field(ge=0, le=1)] = 0.7  # cosine a candidate needs for it
-    mirror_candidates: Annotated[int, Field(ge=0, le=100)] = 5  # nearest vectors an ingest also links (mirrors)
+    mirror_candidates: Annotated[int, Field(ge=0, le=100)] = 3  # nearest vectors an ingest also links (mirrors)
     embed_alongside: bool = True  # embed on a second thread while the local-feature half runs
 
 
@@ -121,6 +121,14 @@ class Verdicts(_Frozen):
     copy_min_embedding: Annotated[float, Field(ge=0, le=1)] = 0.3  # guards against geometric accidents
     copy_max_perspective: Annotated[float, Field(ge=0)] = 0.15  # above: another shot of the print, similar
     similar_min_embedding: Annotated[float, Field(ge=0, le=1)] = 0.8  # cosine from which a non-copy is similar
+
+
+class Duplicates(_Frozen):
+    """How copy links join into duplicate groups: docs/duplicates.md (bench/duplicates_quality.py on
+    copy-public: a single weak link between two groups was how look-alike clothing shots merged, 0.85 precision
+    against 0.99 when weak links may only bring in a single image)."""
+
+    join_min_inliers: Annotated[int, Field(ge=0)] = 40  # a link joining two groups of several images needs this
 
 
 class VectorIndexTuning(_Frozen):
@@ -162,6 +170,7 @@ class Tuning(_Frozen):
     cascade: Cascade = Cascade()
     fusion: Fusion = Fusion()
     verdicts: Verdicts = Verdicts()
+    duplicates: Duplicates = Duplicates()
     vectors: VectorIndexTuning = VectorIndexTuning()
     ingest: Ingest = Ingest()
     fetching: Fetching = Fetching()

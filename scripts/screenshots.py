@@ -1,8 +1,8 @@
 """Take the README's screenshots: the home page and a results page, on the bundled demo gallery only.
 
 Runs the real app (uvicorn, 127.0.0.1, a temporary data dir) over db.json and drives Debian's headless
-Chromium with Playwright. Writes docs/screenshot-home.png, docs/screenshot-results.png and
-docs/screenshot-evidence.png.
+Chromium with Playwright. Writes docs/screenshot-home.png, docs/screenshot-results.png,
+docs/screenshot-evidence.png and docs/screenshot-duplicates.png.
 
     python scripts/screenshots.py [--query demo/queries/coffee-screenshot.jpg]
 """
@@ -63,11 +63,14 @@ def main() -> None:
                 evidence = page.locator("#section-copy a.evidence, a.evidence").first.get_attribute("href")
                 png = httpx.get(f"{base}{evidence}")
                 (args.out / "screenshot-evidence.png").write_bytes(png.content)
+                page.goto(f"{base}/duplicates")
+                page.screenshot(path=str(args.out / "screenshot-duplicates.png"), full_page=True)
                 browser.close()
         finally:
             server.should_exit = True
             thread.join(timeout=30)
-    print(f"wrote {args.out}/screenshot-home.png, screenshot-results.png, screenshot-evidence.png")
+    print(f"wrote {args.out}/screenshot-home.png, screenshot-results.png, screenshot-evidence.png, "
+          "screenshot-duplicates.png")
 
 
 if __name__ == "__main__":

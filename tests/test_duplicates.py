@@ -138,6 +138,10 @@ def test_partition_joins_strongest_links_first_and_never_a_separated_pair() -> N
     assert partition(links, [(7, "p"), (8, "p")]) == [[1, 2, 3, 4], [5, 6], [7, 8]]
     # 1 and 4 are not duplicates: the weakest link that would join them is left out
     assert partition(links, [], apart=[(1, 4)]) == [[1, 2, 3], [5, 6]]
+    # a weak link brings a single image in, but does not merge two groups of several (look-alikes)
+    weak = [(1, 2, 90), (3, 4, 80), (2, 3, 30), (4, 5, 30)]
+    assert partition(weak, [], join_min_inliers=40) == [[1, 2], [3, 4, 5]]
+    assert partition(weak, [], join_min_inliers=0) == [[1, 2, 3, 4, 5]]
 
 
 TOKEN = "dups-token"
