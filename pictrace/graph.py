@@ -44,10 +44,9 @@ def find_links(
 ) -> list[LinkFit]:
     """Verified matches of one stored image against its most-voted gallery images, each with its verdict.
 
-    With ``vector``, the ``mirror_candidates`` nearest images by embedding are matched too (a small or
-    mirrored copy gets few votes), and once more against the mirrored image when their cosine could make a
-    mirrored copy and the direct fit is too weak for a copy (ORB is not mirror-invariant). Only these nearest
-    few are mirror-checked: every look-alike on a white background has a high cosine (docs/duplicates.md).
+    With ``vector``, the few nearest images by embedding are matched too (a small copy gets few votes), and
+    those close enough to be a mirrored copy (``tuning.duplicates``) once more against the mirrored image when
+    the direct fit is too weak for a copy: ORB is not mirror-invariant, so a mirror gets no direct fit.
     The mirrored keypoints come from the stored thumbnail, so a backfill or a replica needs no original.
     """
     if tuning.cascade.graph_candidates == 0:
@@ -61,13 +60,15 @@ def find_links(
     others = [v for v in ranked if v != vec_id][: tuning.cascade.graph_candidates]
     embedding = _embedding(catalogue, vec_id)
     cosines: dict[int, float] = {}
-    nearest: set[int] = set()  # the vector neighbours: the only ones matched against the mirror too
-    if vector is not None and embedding is not None and tuning.cascade.mirror_candidates:
-        scores, ids = vector.search(embedding[None, :], tuning.cascade.mirror_candidates + 1)
+    nearest: set[int] = set()  # the vector neighbours close enough to be matched against the mirror too
+    wanted = tuning.duplicates
+    if vector is not None and embedding is not None and wanted.nearest_candidates:
+        scores, ids = vector.search(embedding[None, :], wanted.nearest_candidates + 1)
         for score, other in zip(scores[0].tolist(), ids[0].tolist(), strict=True):
             if other >= 0 and other != vec_id and score >= tuning.verdicts.copy_min_embedding:
                 cosines[int(other)] = float(score)
-                nearest.add(int(other))
+                if tuning.cascade.mirror_check and score >= wanted.mirror_min_embedding:
+                    nearest.add(int(other))
                 if other not in others:
                     others.append(int(other))
     if embedding is not None:
@@ -89,12 +90,7 @@ def find_links(
             if match.homography is None
             else to_pixel_homography(match.homography, orb.scale, gallery.scale)
         )
-        if (
-            tuning.cascade.mirror_check
-            and other in nearest
-            and inliers < tuning.verdicts.copy_min_inliers
-            and cosine >= tuning.cascade.mirror_min_embedding
-        ):
+        if other in nearest and inliers < tuning.verdicts.copy_min_inliers:
             if mirrored is None:
                 mirrored = _mirrored_from_thumbnail(catalogue, facts.sha256, tuning)
             flipped = match_features(mirrored, gallery, tuning)
