@@ -128,7 +128,7 @@ class Duplicates(_Frozen):
     against 0.99 when weak links may only bring in a single image)."""
 
     join_min_inliers: Annotated[int, Field(ge=0)] = 40  # a link joining two groups of several images needs this
-    # At ingest each image is also matched with its nearest vectors (small copies get few votes: 0.83 -> 0.85
+    # At ingest each image is also matched with its nearest vectors (small copies get few votes: 0.83 -> 0.84
     # pair recall), and those at least mirror_min_embedding close against its mirror too: mirrored copies
     # measured cosine 0.94-0.98 there, look-alike shots 0.8-0.9 (each a wasted mirror check, ~5 ms).
     nearest_candidates: Annotated[int, Field(ge=0, le=100)] = 3
