@@ -104,6 +104,7 @@ async def run(args: argparse.Namespace) -> None:
     grouping_s: list[float] = []
     found: list[list[str]] = []
     link_ms: dict[str, float] = {}
+    keepers: dict[str, list[str]] = {}
     for run in range(args.runs):
         for label, tuning in (("links only", before), ("duplicates", shipped)):
             with tempfile.TemporaryDirectory(prefix="pictrace-dups-") as tmp:
@@ -116,6 +117,7 @@ async def run(args: argparse.Namespace) -> None:
                         grouping_s.append(time.perf_counter() - started)
                         if run == 0:
                             found = [[m.facts.entry_id for m in g.members] for g in groups]
+                            keepers = {g.keeper.entry_id: [m.facts.entry_id for m in g.members] for g in groups}
                         link_ms = link_phase_ab(service, before, shipped)
                 finally:
                     await service.close()
@@ -141,6 +143,9 @@ async def run(args: argparse.Namespace) -> None:
         per_type[kind][1] += 1
     missed = Counter(edit_of[q] for q in edit_of if not any(q in g and group_of[q] in g for g in found))
 
+    # the keeper of each group holding a true original and at least one of its edits: is it the original?
+    judged = [(k, g) for k, g in keepers.items() if any(group_of.get(n) == n and len(g) > 1 for n in g)]
+    keeper_right = sum(1 for k, g in judged if group_of.get(k) == k)
     cost = {k: min(v) for k, v in timings.items()}
     overhead = cost["duplicates"] / cost["links only"] - 1 + min(grouping_s) / cost["links only"]
     per_image_ms = cost["links only"] / len(names) * 1000
@@ -155,6 +160,8 @@ async def run(args: argparse.Namespace) -> None:
             "true_positive_pairs": tp,
         },
         "lookalikes_joined_to_true_groups": lookalike_joins,
+        "groups": len(found),
+        "keeper_is_the_original": f"{keeper_right}/{len(judged)}",
         "groups_among_the_other_gallery_photos": [sorted(g) for g in gallery_only],
         "original_grouped_with_edit_by_type": {k: f"{v[0]}/{v[1]}" for k, v in sorted(per_type.items())},
         "missed_by_type": dict(missed),
@@ -170,6 +177,7 @@ async def run(args: argparse.Namespace) -> None:
         f"{tp}/{len(true_pairs)} true pairs, {len(touching)} predicted |"
     )
     print(f"| look-alikes joined to a true group | {len(lookalike_joins)} |")
+    print(f"| groups holding an original: the keeper is that original | {keeper_right}/{len(judged)} |")
     print(
         f"| groups among the other 904 gallery photos | {len(gallery_only)} "
         f"({sum(len(g) for g in gallery_only)} images) |"

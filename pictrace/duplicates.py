@@ -153,50 +153,59 @@ def partition(
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
-def _covered_and_scale(hom: np.ndarray, size: tuple[int, int], other: tuple[int, int]) -> tuple[float, float]:
-    """Share of an image's frame that lands inside ``other`` through ``hom``, and other pixels per own pixel."""
-    readout = read_transform(hom, size, other)
-    qx0, qy0, qx1, qy1 = readout.query_box  # where ``other`` appears in this image
-    inside = max(0, qx1 - qx0) * max(0, qy1 - qy0) / float(max(1, size[0] * size[1]))
-    return inside, 1.0 / readout.scale if readout.scale > 0 else 0.0
-
-
 def choose_keeper(
     members: Sequence[ImageFacts],
     fits: dict[tuple[int, int], np.ndarray],
     chosen: str | None = None,
     flat_margin: Callable[[ImageFacts, tuple[int, int, int, int]], bool] = lambda m, box: False,
 ) -> ImageFacts:
-    """The fullest original: a person's choice, else the member no other shows whole at the same or a higher
-    resolution (``fits``: homographies ``(a, b)`` -> a's pixels to b's), then most pixels, then most bytes.
+    """The fullest original: a person's choice, else a member no other shows more of, or sharper, then the
+    most pixels, then the most bytes. ``fits``: homographies ``(a, b)`` -> a's pixels to b's, composed along
+    the group's links for pairs that did not match directly (a screenshot may only match a crop).
 
-    Geometry alone cannot tell a crop of b from a picture that b frames with a border: both are "all of a,
-    and more around it". ``flat_margin(b, box)`` says whether b outside ``box`` (where a lies, b's pixels) is
-    flat (a border, padding): then b is the lesser one.
+    a is lesser than b when a shows all of b but smaller (a screenshot, a downscaled copy), or a lies inside
+    b with the same or fewer pixels for it while b shows more around it (a crop). Geometry alone cannot tell
+    that crop from b being a framed with a border: ``flat_margin(b, box)`` says whether b outside ``box``
+    (where a lies, b's pixels) is flat (a border, padding), and then b is the lesser one.
     """
     for m in members:
         if chosen is not None and m.sha256 == chosen:
             return m
     by_id = {m.vec_id: m for m in members}
     lesser: set[int] = set()
-    for (a, b), hom in fits.items():
-        if a not in by_id or b not in by_id:
-            continue
+    for (a, b), hom in _all_pairs(fits, by_id).items():
         fa, fb = by_id[a], by_id[b]
-        if fa.pixel_sha256 == fb.pixel_sha256:
+        if fa.pixel_sha256 == fb.pixel_sha256 or a in lesser:
             continue
-        covered, sharper = _covered_and_scale(hom, (fa.width, fa.height), (fb.width, fb.height))
-        # b shows all of a, and either more around it (a is a crop) or the same with more pixels
-        if covered >= _COVERED and sharper >= 1.0 / _SHARPER:
+        readout = read_transform(hom, (fa.width, fa.height), (fb.width, fb.height))
+        qx0, qy0, qx1, qy1 = readout.query_box  # where b lies in a
+        a_inside = max(0, qx1 - qx0) * max(0, qy1 - qy0) / float(max(1, fa.width * fa.height))
+        b_shown = readout.crop_fraction  # how much of b a shows
+        if b_shown >= _COVERED and readout.scale < 1.0 / _SHARPER:
+            lesser.add(a)  # all of b, smaller
+        elif a_inside >= _COVERED and b_shown < _COVERED and readout.scale <= _SHARPER:
             back = read_transform(np.linalg.inv(hom), (fb.width, fb.height), (fa.width, fa.height))
-            qx0, qy0, qx1, qy1 = back.query_box  # where a lies in b
-            b_covered = max(0, qx1 - qx0) * max(0, qy1 - qy0) / float(max(1, fb.width * fb.height))
-            if b_covered < _COVERED:
-                lesser.add(b if flat_margin(fb, back.query_box) else a)
-            elif sharper > _SHARPER:
-                lesser.add(a)
+            lesser.add(b if flat_margin(fb, back.query_box) else a)  # a crop of b, or b a framed
     candidates = [m for m in members if m.vec_id not in lesser] or list(members)
     return max(candidates, key=lambda m: (m.width * m.height, m.nbytes, -m.vec_id))
+
+
+# Groups larger than this compare their members through direct links only (the pairwise paths grow as n^2).
+_COMPOSE_UP_TO = 24
+
+
+def _all_pairs(
+    fits: dict[tuple[int, int], np.ndarray], by_id: dict[int, ImageFacts]
+) -> dict[tuple[int, int], np.ndarray]:
+    """Direct fits, and for a small group every other pair too through composed homographies."""
+    pairs = {k: v for k, v in fits.items() if k[0] in by_id and k[1] in by_id}
+    if len(by_id) > _COMPOSE_UP_TO:
+        return pairs
+    for b in by_id:
+        for a, (hom, _) in _paths_to(b, pairs).items():
+            if a != b and (a, b) not in pairs:
+                pairs[(a, b)] = hom
+    return pairs
 
 
 def flat_outside(thumbnail: bytes, size: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
