@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pictrace.errors import GalleryError
+from pictrace.metadata import MetadataError, check_metadata, check_text
 from pictrace.schemas import FailedEntry, GalleryEntry
 
 
@@ -80,7 +81,12 @@ def parse_entry(position: int, raw: Any, base_dir: Path) -> LocatedEntry:
     raw_id = raw.get("id")
     if raw_id is not None and not isinstance(raw_id, str | int):
         raise ValueError("'id' must be a string or an integer")
-    metadata = {k: v for k, v in raw.items() if k not in ("url", "id")}
+    check_text(url, "'url'")
+    if isinstance(raw_id, str):
+        check_text(raw_id, "'id'")
+    elif isinstance(raw_id, int) and not -(1 << 63) <= raw_id < 1 << 63:
+        raise ValueError("'id' is an integer outside 64 bits")
+    metadata = check_metadata({k: v for k, v in raw.items() if k not in ("url", "id")}, None, "the entry")
     entry = GalleryEntry(url=url, id=None if raw_id is None else str(raw_id), metadata=metadata)
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
@@ -110,9 +116,10 @@ def parse_gallery(data: Any, base_dir: Path) -> Gallery:
                 raise ValueError(
                     f"duplicate id {located.entry.id!r} (first used by entry {seen_ids[located.entry.id]})"
                 )
-        except ValueError as exc:
+        except (ValueError, MetadataError) as exc:
             url = raw.get("url") if isinstance(raw, dict) else None
-            gallery.invalid.append(FailedEntry(position=position, url=str(url or ""), reason=str(exc)))
+            shown = url.encode("utf-8", "replace").decode() if isinstance(url, str) else ""
+            gallery.invalid.append(FailedEntry(position=position, url=shown, reason=str(exc)))
             continue
         seen_locations[located.location] = position
         if located.entry.id is not None:
@@ -133,4 +140,6 @@ def load_gallery(path: Path) -> Gallery:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GalleryError(f"{path} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, a nest deeper than Python's stack
+        raise GalleryError(f"{path} cannot be read as JSON: {exc}") from exc
     return parse_gallery(data, path.resolve().parent)

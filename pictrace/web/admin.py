@@ -6,7 +6,6 @@ work on the bounded pool (so a write that arrives while the pool is full gets 50
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -14,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from pictrace.errors import InvalidInputError, NotFoundError
+from pictrace.metadata import check_metadata, check_text, parse_metadata
 from pictrace.schemas import AddedImage, AddImageRequest, DeletedImage, Reindexed
 from pictrace.web.api import ERRORS
 from pictrace.web.auth import require_writer
@@ -57,17 +57,8 @@ def _metadata(raw: object, max_bytes: int) -> dict[str, Any]:
     if raw is None or raw == "":
         return {}
     if isinstance(raw, str):
-        if len(raw.encode()) > max_bytes:
-            raise InvalidInputError(f"metadata is larger than the {max_bytes}-byte limit")
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"metadata must be a JSON object: {exc.msg}") from exc
-    if not isinstance(raw, dict):
-        raise InvalidInputError("metadata must be a JSON object")
-    if len(json.dumps(raw).encode()) > max_bytes:
-        raise InvalidInputError(f"metadata is larger than the {max_bytes}-byte limit")
-    return raw
+        return parse_metadata(raw, max_bytes)
+    return check_metadata(raw, max_bytes)
 
 
 def _entry_id(raw: object) -> str | None:
@@ -75,6 +66,7 @@ def _entry_id(raw: object) -> str | None:
         return None
     if not isinstance(raw, str) or len(raw) > 256:
         raise InvalidInputError("id must be text of at most 256 characters")
+    check_text(raw, "id")
     return raw
 
 
@@ -85,10 +77,14 @@ async def _read_add(request: Request, service: ServiceDep) -> tuple[bytes, str |
     if kind == "application/json":
         body = await json_body(request, AddImageRequest)
         metadata = _metadata(body.metadata, max_meta)
+        _entry_id(body.id)
+        check_text(body.url, "url")
         return await query_bytes(service, upload=None, url=body.url), body.url.strip(), body.id, metadata
     if kind in FORM_TYPES:
         async with request.form(max_files=1, max_fields=10) as form:
             upload, url = image_fields(form)
+            if url is not None:
+                check_text(url, "url")
             entry_id = _entry_id(form.get("id"))
             metadata = _metadata(form.get("metadata"), max_meta)
             data = await query_bytes(service, upload=upload, url=url)

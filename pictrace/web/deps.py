@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 from starlette.datastructures import FormData, UploadFile
 
 from pictrace.errors import InvalidInputError, TooLargeError
@@ -13,6 +16,8 @@ from pictrace.explain import with_evidence
 from pictrace.kept_queries import keep_query
 from pictrace.schemas import SearchResult
 from pictrace.service import Service
+
+log = logging.getLogger(__name__)
 
 
 def get_service(request: Request) -> Service:
@@ -62,10 +67,30 @@ async def run_search(service: Service, data: bytes, top_k: int | None) -> Search
     from that, they are held in memory for a few minutes (bounded; ``PICTRACE_EXPLAIN_TTL_S=0`` keeps nothing)
     so the evidence pictures can be drawn.
     """
-    result = await service.pool.run(service.searcher.search_bytes, data, top_k)
+    result = servable(await service.pool.run(service.searcher.search_bytes, data, top_k))
     if service.settings.keep_queries:
         await service.pool.run_background(keep_query, service.settings, data, result.query.sha256)
     return with_evidence(result, service.queries.keep(data, result) if result.results else None)
+
+
+def servable(result: SearchResult) -> SearchResult:
+    """The result without the matches that cannot be written as UTF-8 JSON (and so as a page).
+
+    Metadata is checked where it comes in (pictrace/metadata.py); this is the second line, for a record stored
+    before those checks or written to the catalogue by other means: one bad record costs its own match, logged,
+    never the whole answer.
+    """
+    kept = []
+    for match in result.results:
+        try:
+            json.dumps(match.model_dump(mode="json"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (ValueError, TypeError, RecursionError, PydanticSerializationError) as exc:
+            log.error("image %s left out of an answer: its stored record cannot be served (%s)", match.sha256, exc)
+            continue
+        kept.append(match)
+    if len(kept) == len(result.results):
+        return result
+    return result.model_copy(update={"results": kept})
 
 
 def parse_top_k(raw: object) -> int | None:

@@ -1,0 +1,147 @@
+"""Safe to expose: what is stored cannot break a search, one slow host cannot stall the others, slow clients are
+dropped, large images are bounded by pixels, and the operator can back up and check the catalogue.
+
+Everything runs against the real service under uvicorn on 127.0.0.1 (tests/live_server.py)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ImageServer, encode
+from live_server import live_server
+
+from pictrace.config import Settings
+from pictrace.gallery import load_gallery
+
+TOKEN = "safety-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def search(client: httpx.Client, data: bytes) -> httpx.Response:
+    return client.post("/api/search", files={"file": ("q.jpg", data, "image/jpeg")}, data={"top_k": "10"})
+
+
+# --- metadata: checked where it comes in, and never a 500 on the way out --------------------------------------
+
+BAD_METADATA = {
+    "lone surrogate": '{"t": "\\ud800"}',
+    "lone surrogate in a key": '{"\\udfff": 1}',
+    "deep nest": '{"a": ' + "[" * 300 + "]" * 300 + "}",
+    "very deep nest": '{"a": ' + "[" * 5000 + "]" * 5000 + "}",
+    "huge integer": '{"n": ' + "7" * 5000 + "}",
+    "integer past 64 bits": '{"n": ' + str(1 << 70) + "}",
+    "not a number": '{"x": NaN}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_METADATA))
+def test_bad_metadata_is_refused_with_400_and_search_still_answers(
+    name: str, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    image = encode(photos["coffee"])
+    with live_server(make_settings(api_token=TOKEN)) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        as_form = c.post(
+            "/api/images",
+            files={"file": ("a.jpg", image, "image/jpeg")},
+            data={"metadata": BAD_METADATA[name]},
+            headers=AUTH,
+        )
+        assert as_form.status_code == 400, as_form.text
+        as_json = c.post(
+            "/api/images",
+            content=b'{"url": "http://127.0.0.1:9/a.jpg", "metadata": ' + BAD_METADATA[name].encode() + b"}",
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        assert as_json.status_code == 400, as_json.text
+        assert c.get("/api/health").json()["images"]["indexed"] == 0
+        assert search(c, image).status_code == 200
+
+
+def test_metadata_size_is_counted_in_utf8_bytes(
+    make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    """900 'é' are 1,802 bytes of UTF-8 (plus the braces), not the 5,400 of their \\u escapes."""
+    settings = make_settings(api_token=TOKEN, max_metadata_bytes=2000)
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        fits = {"t": "é" * 900}
+        added = c.post(
+            "/api/images",
+            files={"file": ("a.jpg", encode(photos["coffee"]), "image/jpeg")},
+            data={"metadata": json.dumps(fits)},
+            headers=AUTH,
+        )
+        assert added.status_code == 201, added.text
+        too_big = c.post(
+            "/api/images",
+            files={"file": ("b.jpg", encode(photos["rocket"]), "image/jpeg")},
+            data={"metadata": json.dumps({"t": "é" * 1100}, ensure_ascii=False)},
+            headers=AUTH,
+        )
+        assert too_big.status_code == 400 and "2000-byte" in too_big.json()["detail"]
+        found = search(c, encode(photos["coffee"])).json()["results"]
+        assert found[0]["metadata"] == fits
+
+
+def test_bad_db_json_entries_are_reported_by_position_and_skipped(
+    image_server: ImageServer, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    settings = make_settings(index_on_start=True)
+    good = image_server.add("g/coffee.jpg", encode(photos["coffee"]))
+    text = (
+        "["
+        + json.dumps({"id": "good", "url": good, "title": "Coffee"})
+        + ', {"id": "bad-title", "url": "g/x.jpg", "title": "\\ud83d"}'
+        + ', {"id": "deep", "url": "g/y.jpg", "tags": ' + "[" * 300 + "]" * 300 + "}"
+        + ', {"id": "\\ud800", "url": "g/z.jpg"}'
+        + ', {"id": 1, "url": "g/w.jpg", "n": ' + str(1 << 64) + "}"
+        + "]"
+    )
+    settings.db.write_text(text)
+    gallery = load_gallery(settings.db)
+    assert [e.entry.id for e in gallery.entries] == ["good"]
+    assert [f.position for f in gallery.invalid] == [1, 2, 3, 4]
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        wait_indexed(c, 1)
+        for page in ("/api/search", "/search"):
+            answer = c.post(page, files={"file": ("q.jpg", encode(photos["coffee"]), "image/jpeg")})
+            assert answer.status_code == 200, answer.text
+        assert search(c, encode(photos["coffee"])).json()["results"][0]["metadata"] == {"title": "Coffee"}
+
+
+def test_a_stored_record_that_cannot_be_served_is_left_out_not_a_500(
+    image_server: ImageServer, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    """A record written before the checks (or by hand) costs its own match only, on the API and the page."""
+    settings = make_settings(index_on_start=True)
+    entries = [{"id": n, "url": image_server.add(f"g/{n}.jpg", encode(photos[n]))} for n in ("coffee", "rocket")]
+    settings.db.write_text(json.dumps(entries))
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        wait_indexed(c, 2)
+        with sqlite3.connect(settings.catalogue_path) as conn:
+            conn.execute("UPDATE sources SET metadata = ? WHERE entry_id = 'coffee'", ('{"t": "\\ud800"}',))
+            deep = '{"t": ' + "[" * 300 + "]" * 300 + "}"
+            conn.execute("UPDATE sources SET metadata = ? WHERE entry_id = 'rocket'", (deep,))
+        for name in ("coffee", "rocket"):
+            answer = search(c, encode(photos[name]))
+            assert answer.status_code == 200, answer.text
+            assert name not in [m["id"] for m in answer.json()["results"]]
+            page = c.post("/search", files={"file": ("q.jpg", encode(photos[name]), "image/jpeg")})
+            assert page.status_code == 200, page.text
+        assert c.get("/gallery").status_code == 200
+
+
+def wait_indexed(client: httpx.Client, count: int, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        images = client.get("/api/health").json()["images"]
+        if images["indexed"] >= count and images["pending"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not indexed in {timeout}s: {client.get('/api/health').json()}")
