@@ -98,6 +98,7 @@ def _print_report(report: IngestReport) -> None:
     print(
         f"added {report.added}, duplicates {report.duplicates}, unchanged {report.unchanged}, "
         f"removed {report.removed}, failed {len(report.failed)}, invalid {len(report.invalid)}"
+        + (f", kept out {report.deleted} (deleted through the API)" if report.deleted else "")
     )
     for failure in report.invalid:
         print(f"  invalid entry {failure.position}: {failure.reason}")

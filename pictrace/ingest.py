@@ -86,6 +86,15 @@ def tombstone_key(sha256: str) -> str:
     return f"deleted:{sha256}"
 
 
+DELETED_SOURCE = "deleted-source:"
+
+
+def deleted_source_key(url: str) -> str:
+    """Meta key remembering that a db.json entry's image was deleted through the API (its value: the image's
+    SHA-256), so the next ingest keeps the entry out instead of fetching it again and calling it failed."""
+    return f"{DELETED_SOURCE}{url}"
+
+
 @dataclass
 class _BatchOutcome:
     added: int = 0
@@ -141,11 +150,15 @@ class Ingestor:
                 gallery = gallery.shard(shard)
             report = IngestReport(invalid=list(gallery.invalid))
             states = await self.pool.run_background(self.catalogue.source_states)
-            todo = [e for e in gallery.entries if (s := states.get(e.location)) is None or s.status != "ok"]
-            unchanged = [e for e in gallery.entries if e not in todo]
+            deleted = await self.pool.run_background(self._deleted_sources)
+            kept_out = [e for e in gallery.entries if e.location in deleted]
+            report.deleted = len(kept_out)
+            wanted = [e for e in gallery.entries if e.location not in deleted]
+            todo = [e for e in wanted if (s := states.get(e.location)) is None or s.status != "ok"]
+            unchanged = [e for e in wanted if e not in todo]
             report.unchanged = len(unchanged)
             await self.pool.run_background(self._refresh_details, unchanged)
-            current = {e.location for e in gallery.entries}
+            current = {e.location for e in wanted}
             known = await self.pool.run_background(self.catalogue.gallery_entry_urls)
             gone = [
                 url
@@ -171,6 +184,12 @@ class Ingestor:
             report.added, report.duplicates = outcome.added, outcome.duplicates
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
+
+    def _deleted_sources(self) -> set[str]:
+        """db.json URLs whose image was deleted through the API and not added back since."""
+        marked = self.catalogue.meta_with_prefix(DELETED_SOURCE)
+        tombstoned = self.catalogue.meta_with_prefix(tombstone_key(""))
+        return {url for url, sha in marked.items() if sha in tombstoned}
 
     def _refresh_details(self, entries: list[LocatedEntry]) -> None:
         self.catalogue.update_sources_details([_source(e) for e in entries])
@@ -375,6 +394,8 @@ class Ingestor:
             raise NotFoundError(f"no image with sha256 {sha256}")
         # tombstone first: an ingest running now must not re-add the bytes between the two writes
         self.catalogue.set_meta(tombstone_key(sha256), "api")
+        for url in self.catalogue.gallery_sources_of(sha256):
+            self.catalogue.set_meta(deleted_source_key(url), sha256)
         vec_id = self.catalogue.remove_image(sha256)
         self.indexes.remove([vec_id])
 

@@ -141,6 +141,9 @@ class IngestReport(BaseModel):
     duplicates: int = Field(0, description="New URLs whose bytes were already stored (stored once).")
     unchanged: int = 0
     removed: int = Field(0, description="Sources dropped because they left db.json.")
+    deleted: int = Field(
+        0, description="Entries kept out because their image was deleted through the API (not fetched)."
+    )
     failed: list[FailedEntry] = Field(default_factory=list)
     invalid: list[FailedEntry] = Field(default_factory=list, description="db.json entries refused.")
 

@@ -145,3 +145,43 @@ def wait_indexed(client: httpx.Client, count: int, timeout: float = 60) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"not indexed in {timeout}s: {client.get('/api/health').json()}")
+
+
+# --- a deleted gallery image stays deleted, quietly --------------------------------------------------------------
+
+
+def test_a_deleted_gallery_image_is_kept_out_not_fetched_or_failed(
+    image_server: ImageServer,
+    make_settings: Callable[..., Settings],
+    photos: dict[str, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pictrace.cli import main as cli_main
+    from pictrace.features.hashing import sha256_hex
+
+    settings = make_settings(api_token=TOKEN)
+    coffee = encode(photos["coffee"])
+    entries = [
+        {"id": "coffee", "url": image_server.add("g/coffee.jpg", coffee)},
+        {"id": "rocket", "url": image_server.add("g/rocket.jpg", encode(photos["rocket"]))},
+    ]
+    settings.db.write_text(json.dumps(entries))
+    index = ["--data-dir", str(settings.data_dir), "index", str(settings.db), "--quiet"]
+    assert cli_main(index) == 0
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        deleted = c.delete(f"/api/images/{sha256_hex(coffee)}", headers=AUTH)
+        assert deleted.status_code == 200, deleted.text
+    capsys.readouterr()
+    fetched_before = image_server.hits["/g/coffee.jpg"]
+    for _ in range(2):
+        assert cli_main(index) == 0
+        out = capsys.readouterr().out
+        assert "failed 0" in out and "kept out 1 (deleted through the API)" in out, out
+    assert image_server.hits["/g/coffee.jpg"] == fetched_before
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        assert c.get("/api/health").json()["images"] == {"indexed": 1, "pending": 0, "failed": 0}
+        assert "coffee" not in [m["id"] for m in search(c, coffee).json()["results"]]
+        # adding the bytes back through the API lets the db.json entry in again
+        assert c.post("/api/images", files={"file": ("c.jpg", coffee, "image/jpeg")}, headers=AUTH).status_code == 201
+    assert cli_main(index) == 0
+    assert "kept out" not in capsys.readouterr().out

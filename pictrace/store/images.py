@@ -130,6 +130,11 @@ class ImageQueries(SqlAccess):
         rows = self._query("SELECT url, entry_url FROM sources WHERE origin = 'gallery'")
         return {url: entry_url or url for url, entry_url in rows}
 
+    def gallery_sources_of(self, sha256: str) -> list[str]:
+        """The db.json URLs (as fetched) that name an image."""
+        rows = self._query("SELECT url FROM sources WHERE sha256 = ? AND origin = 'gallery'", (sha256,))
+        return [str(r[0]) for r in rows]
+
     def counts(self) -> tuple[int, int]:
         """(distinct images indexed, sources that failed)."""
         images = self._query("SELECT COUNT(*) FROM images")[0][0]

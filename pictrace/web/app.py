@@ -40,7 +40,7 @@ async def ingest_in_background(service: Service) -> None:
         log.error("background ingest of %s failed: %s", path, exc)
         return
     log.info(
-        "ingest of %s: %d added, %d duplicates, %d unchanged, %d removed, %d failed, %d invalid",
+        "ingest of %s: %d added, %d duplicates, %d unchanged, %d removed, %d failed, %d invalid, %d kept out",
         path,
         report.added,
         report.duplicates,
@@ -48,6 +48,7 @@ async def ingest_in_background(service: Service) -> None:
         report.removed,
         len(report.failed),
         len(report.invalid),
+        report.deleted,
     )
     for failure in report.failed + report.invalid:
         log.warning("entry %s (%s) skipped: %s", failure.position, failure.url, failure.reason)
