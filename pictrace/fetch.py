@@ -29,7 +29,7 @@ from aiohttp.abc import AbstractResolver
 
 from pictrace.config import Settings
 from pictrace.errors import FetchError, TooLargeError, UnsafeURLError
-from pictrace.ssrf import ALLOWED_SCHEMES, GuardedResolver, check_url, parse_allow
+from pictrace.ssrf import ALLOWED_SCHEMES, GuardedResolver, check_host_characters, check_url, parse_allow
 from pictrace.tuning import Fetching
 
 __all__ = ["Fetcher", "HTTPStatusError"]
@@ -254,6 +254,7 @@ class Fetcher:
             raise UnsafeURLError(f"only http and https URLs can be fetched (scheme: {parsed.scheme!r})")
         if not parsed.host:
             raise UnsafeURLError("the URL has no host")
+        check_host_characters(parsed.host)
         return parsed
 
     def _backoff(self, attempt: int, exc: FetchError) -> float:

@@ -552,3 +552,14 @@ async def test_user_redirect_loop(server: Server) -> None:
             await fetcher.fetch_user(server.url("/loop/a", host="test-host.test"))
     assert server.hits["/loop/a"] == 1
     assert server.hits["/loop/b"] == 1
+
+
+async def test_user_allow_entry_with_a_port_opens_that_port_only(server: Server) -> None:
+    """``127.0.0.1:PORT`` reaches the test server there; any other port of the same host stays closed."""
+    async with open_fetcher(settings(fetch_allow=[f"127.0.0.1:{server.port}", f"test-host.test:{server.port}"])) as f:
+        assert await f.fetch_user(server.url("/ok")) == IMAGE
+        assert await f.fetch_user(server.url("/ok", host="test-host.test")) == IMAGE
+        with pytest.raises(UnsafeURLError, match="non-public"):
+            await f.fetch_user(f"http://127.0.0.1:{server.port + 1}/ok")
+        with pytest.raises(UnsafeURLError, match="non-public"):
+            await f.fetch_user(f"http://test-host.test:{server.port + 1}/ok")
