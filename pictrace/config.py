@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     api_token: str | None = Field(
         None, description="Bearer token for write endpoints; unset disables writes."
     )
+    gallery_public_details: bool = Field(
+        False, description="Show /gallery's source URLs and failure reasons to all; off: only with the API token."
+    )
     keep_queries: bool = Field(
         False, description="Keep query images (named by SHA-256) under DATA_DIR/queries; off: never stored."
     )

@@ -185,3 +185,30 @@ def test_a_deleted_gallery_image_is_kept_out_not_fetched_or_failed(
         assert c.post("/api/images", files={"file": ("c.jpg", coffee, "image/jpeg")}, headers=AUTH).status_code == 201
     assert cli_main(index) == 0
     assert "kept out" not in capsys.readouterr().out
+
+
+# --- the gallery page keeps where images come from, and why entries failed, behind the token -----------------
+
+
+def test_gallery_page_shows_sources_and_failures_only_with_the_token(
+    image_server: ImageServer, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    settings = make_settings(api_token=TOKEN, index_on_start=True)
+    entries = [
+        {"url": image_server.add("internal/coffee.jpg", encode(photos["coffee"]))},
+        {"id": "gone", "url": "http://127.0.0.1:9/secret-path.jpg"},
+    ]
+    settings.db.write_text(json.dumps(entries))
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        wait_indexed(c, 1)
+        public = c.get("/gallery").text
+        assert "1 entry could not be indexed" in public
+        for secret in ("internal/coffee.jpg", "secret-path", "127.0.0.1:9", "cannot connect"):
+            assert secret not in public
+        for header in ({"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            assert "secret-path" not in c.get("/gallery", headers=header).text
+        operator = c.get("/gallery", headers=AUTH).text
+        for secret in ("internal/coffee.jpg", "secret-path", "cannot connect"):
+            assert secret in operator
+    with live_server(make_settings(gallery_public_details=True)) as live, httpx.Client(base_url=live.base) as c:
+        assert "secret-path" in c.get("/gallery").text
