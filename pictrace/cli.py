@@ -1,4 +1,5 @@
-"""`python -m pictrace index|search|reindex|eval|serve`: thin commands over the same pipeline as the web app."""
+"""`python -m pictrace index|search|reindex|eval|serve|backup|check`: thin commands over the same pipeline as the
+web app."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pictrace.errors import PicTraceError
 from pictrace.files import read_local_file
 from pictrace.gallery import Shard, load_gallery
 from pictrace.ingest import IngestProgress
+from pictrace.maintenance import backup_catalogue, check_catalogue
 from pictrace.schemas import IngestReport, SearchResult
 from pictrace.service import Service
 from pictrace.tuning import Tuning
@@ -58,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="write the ranked results here (score.py's format)")
     evaluate.add_argument("--details", type=Path, help="write the shown results' component scores here (for fitting)")
     evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    backup = sub.add_parser("backup", help="copy the SQLite catalogue, online (PostgreSQL: use pg_dump)")
+    backup.add_argument("dest", type=Path, help="file to write, or a directory to write catalogue.sqlite3 in")
+    sub.add_parser("check", help="check the catalogue's integrity and the indexes against it (exit 1 on problems)")
 
     serve = sub.add_parser("serve", help="run the web service")
     serve.add_argument("--host", help="override PICTRACE_HOST")
@@ -159,7 +165,10 @@ def _eval(settings: Settings, tuning: Tuning, args: argparse.Namespace) -> int:
 def _serve(settings: Settings, tuning: Tuning) -> None:
     import uvicorn
 
+    from pictrace.service import open_catalogue
     from pictrace.web import create_app
+
+    open_catalogue(settings).close()  # a damaged catalogue: one line from main(), not uvicorn's traceback
 
     uvicorn.run(create_app(settings, tuning=tuning), host=settings.host, port=settings.port, log_level="info")
 
@@ -197,6 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             return _eval(settings, tuning, args)
+        if args.command == "backup":
+            written = backup_catalogue(settings, args.dest)
+            print(f"backed up {settings.catalogue_path} to {written}")
+            return 0
+        if args.command == "check":
+            checked = check_catalogue(settings, tuning)
+            for line in checked.notes:
+                print(f"ok: {line}")
+            for line in checked.problems:
+                print(f"problem: {line}")
+            return 0 if checked.ok else 1
     except PicTraceError as exc:
         print(f"pictrace: {exc}", file=sys.stderr)
         return 2

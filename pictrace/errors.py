@@ -83,6 +83,16 @@ class IndexCorruptError(PicTraceError):
     """A persisted vector index file cannot be read back."""
 
 
+class CatalogueCorruptError(PicTraceError):
+    """The catalogue cannot be read: the one message names the file and the commands that check or restore it."""
+
+    def __init__(self, location: str, reason: object) -> None:
+        super().__init__(
+            f"the catalogue {location} cannot be read ({reason}); see what is wrong with `python -m pictrace "
+            "check`, then restore a backup made by `python -m pictrace backup DEST` (copy it back over the file)"
+        )
+
+
 class EvalError(InvalidInputError):
     """An evaluation's ground-truth file or gallery is unusable (wrong format, images that fail)."""
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 from dataclasses import dataclass, field
 
 from pictrace.config import Settings, unknown_environment
-from pictrace.errors import FeatureMismatchError, IndexMismatchError
+from pictrace.errors import CatalogueCorruptError, FeatureMismatchError, IndexMismatchError
 from pictrace.explain import QueryMemory
 from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
@@ -120,6 +121,9 @@ class Service:
             check_features(catalogue, tuning.orb)
             position = catalogue.change_position()  # before the indexes read the catalogue: see pictrace/sync.py
             indexes = DerivedIndexes.open(settings, catalogue, index_info(embedder), tuning, rebuild=rebuild_index)
+        except sqlite3.DatabaseError as exc:  # a damaged page found on the first reads
+            catalogue.close()
+            raise CatalogueCorruptError(catalogue.location, exc) from exc
         except BaseException:
             catalogue.close()
             raise

@@ -212,3 +212,57 @@ def test_gallery_page_shows_sources_and_failures_only_with_the_token(
             assert secret in operator
     with live_server(make_settings(gallery_public_details=True)) as live, httpx.Client(base_url=live.base) as c:
         assert "secret-path" in c.get("/gallery").text
+
+
+# --- backup, check, restore ------------------------------------------------------------------------------------
+
+
+def test_backup_then_check_then_restore_then_search(
+    image_server: ImageServer,
+    make_settings: Callable[..., Settings],
+    photos: dict[str, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    from pictrace.cli import main as cli_main
+
+    settings = make_settings(api_token=TOKEN)
+    entries = [{"id": n, "url": image_server.add(f"g/{n}.jpg", encode(photos[n]))} for n in ("coffee", "camera")]
+    settings.db.write_text(json.dumps(entries))
+    data = ["--data-dir", str(settings.data_dir)]
+    assert cli_main([*data, "index", str(settings.db), "--quiet"]) == 0
+    backup = settings.data_dir.parent / "backups"
+    backup.mkdir()
+    assert cli_main([*data, "backup", str(backup)]) == 0
+    assert (backup / "catalogue.sqlite3").is_file()
+    capsys.readouterr()
+    assert cli_main([*data, "check"]) == 0
+    assert "problem" not in capsys.readouterr().out
+
+    # after the backup, an image is added through the API (the indexes hold it)
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        rocket = encode(photos["rocket"])
+        assert c.post("/api/images", files={"file": ("r.jpg", rocket, "image/jpeg")}, headers=AUTH).status_code == 201
+
+    # the catalogue is damaged: one line naming the file and the commands, no traceback
+    for leftover in settings.data_dir.glob("catalogue.sqlite3-*"):
+        leftover.unlink()
+    settings.catalogue_path.write_bytes(b"this is not a database" * 1000)
+    capsys.readouterr()
+    assert cli_main([*data, "serve", "--port", "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(settings.catalogue_path) in err and "pictrace check" in err and "pictrace backup" in err
+    assert cli_main([*data, "check"]) == 1
+    assert "cannot be read" in capsys.readouterr().out
+
+    # restored from the backup: the check sees the indexes hold an image the catalogue does not
+    shutil.copy(backup / "catalogue.sqlite3", settings.catalogue_path)
+    assert cli_main([*data, "check"]) == 1
+    assert "1 not catalogued" in capsys.readouterr().out
+    with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+        assert search(c, encode(photos["coffee"])).json()["results"][0]["id"] == "coffee"
+        assert "rocket" not in [m["id"] for m in search(c, rocket).json()["results"]]
+        assert c.get("/api/health").json()["images"]["indexed"] == 2
+    assert cli_main([*data, "check"]) == 0  # the start brought the indexes in line

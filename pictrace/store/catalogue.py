@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pictrace.errors import CatalogueCorruptError
 from pictrace.store.changes import ChangeLogQueries
 from pictrace.store.images import ImageQueries
 from pictrace.store.links import LinkQueries
@@ -63,6 +64,13 @@ class Catalogue(ImageQueries, ChangeLogQueries, LinkQueries, MetaQueries):
         self.path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.RLock()
+        try:
+            self._prepare()
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: one clear line, not a traceback
+            self._conn.close()
+            raise CatalogueCorruptError(str(path), exc) from exc
+
+    def _prepare(self) -> None:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
