@@ -167,10 +167,11 @@ def _serve(settings: Settings, tuning: Tuning) -> None:
 
     from pictrace.service import open_catalogue
     from pictrace.web import create_app
+    from pictrace.web.serving import server_config
 
     open_catalogue(settings).close()  # a damaged catalogue: one line from main(), not uvicorn's traceback
 
-    uvicorn.run(create_app(settings, tuning=tuning), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.Server(server_config(create_app(settings, tuning=tuning), settings, tuning.serving)).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

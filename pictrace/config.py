@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     db: Path = Field(Path("db.json"), description="Gallery file (JSON list of {url, id?, ...}).")
     data_dir: Path = Field(Path("data"), description="Where the catalogue, index and thumbnails live.")
     index_on_start: bool = Field(True, description="Index the gallery file in the background at start.")
+    max_connections: int = Field(
+        256, ge=1, description="Open connections and requests beyond which new requests get 503 at once."
+    )
 
     # --- model ---------------------------------------------------------------------------------------
     backbone: str = Field(

@@ -144,6 +144,18 @@ class Fetching(_Frozen):
     user_agent: str = "PicTrace/1.0 (+reverse image search)"
 
 
+class Serving(_Frozen):
+    """How long and how much a client may take to send a request (pictrace/web/serving.py). Sound defaults for a
+    service reached directly; behind a reverse proxy (docs/security.md) the proxy's own limits come first."""
+
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # a request's headers, whole
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024  # request line and headers (nginx's default)
+    body_timeout_s: Annotated[float, Field(gt=0)] = 120.0  # a whole body: 20 MiB at ~1.4 Mbit/s
+    body_idle_s: Annotated[float, Field(gt=0)] = 15.0  # longest pause between two parts of a body
+    keep_alive_s: Annotated[int, Field(ge=1)] = 5  # an idle kept-alive connection is closed after this
+    backlog: Annotated[int, Field(ge=16)] = 1024  # connections the kernel queues before accept
+
+
 class Evidence(_Frozen):
     """Bounds of the in-memory query store behind the evidence pictures (its lifetime is the operator's
     ``explain_ttl_s``): 64 queries of up to 1 MiB each cover a few minutes of a busy page."""
@@ -164,6 +176,7 @@ class Tuning(_Frozen):
     vectors: VectorIndexTuning = VectorIndexTuning()
     ingest: Ingest = Ingest()
     fetching: Fetching = Fetching()
+    serving: Serving = Serving()
     evidence: Evidence = Evidence()
 
     @classmethod

@@ -266,3 +266,80 @@ def test_backup_then_check_then_restore_then_search(
         assert "rocket" not in [m["id"] for m in search(c, rocket).json()["results"]]
         assert c.get("/api/health").json()["images"]["indexed"] == 2
     assert cli_main([*data, "check"]) == 0  # the start brought the indexes in line
+
+
+# --- slow clients are dropped ------------------------------------------------------------------------------------
+
+
+def _drip(port: int, head: bytes, drip: bytes, every_s: float, give_up_s: float) -> tuple[bytes, float]:
+    """Send ``head`` at once, then ``drip`` a byte at a time; return what the server answered and when it closed."""
+    import socket
+    import time
+
+    start = time.monotonic()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=give_up_s) as sock:
+        sock.sendall(head)
+        sock.settimeout(every_s)
+        for byte in drip:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # closed by the server
+                break
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            answer += chunk
+            if not chunk:
+                break
+            if time.monotonic() - start > give_up_s:
+                break
+        sock.settimeout(2)
+        try:
+            while chunk := sock.recv(4096):
+                answer += chunk
+        except OSError:
+            pass
+    return answer, time.monotonic() - start
+
+
+def test_slow_clients_are_dropped_after_the_read_timeouts(make_settings: Callable[..., Settings]) -> None:
+    """Clients sending their body (or headers) a byte at a time get 408 and are disconnected after the timeout,
+    in parallel, while the service goes on answering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pictrace.tuning import Tuning
+
+    tuning = Tuning().replace(serving={"header_timeout_s": 1.0, "body_timeout_s": 1.5, "body_idle_s": 1.0})
+    body_head = (
+        b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    )
+    header_head = b"GET /api/health HTTP/1.1\r\nHost: x\r\n"
+    with live_server(make_settings(), tuning=tuning) as live, ThreadPoolExecutor(12) as pool:
+        slow_bodies = [pool.submit(_drip, live.port, body_head, b"x" * 200, 0.2, 20) for _ in range(8)]
+        slow_headers = [pool.submit(_drip, live.port, header_head, b"X-Slow: " + b"a" * 200, 0.2, 20) for _ in range(4)]
+        with httpx.Client(base_url=live.base, timeout=10) as c:
+            assert c.get("/api/health").status_code == 200
+        for future in slow_bodies + slow_headers:
+            answer, took = future.result()
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert took < 10, took  # dropped: not held until the client gives up
+        # a body that pauses longer than the idle limit is dropped too, well before the total limit
+        answer, took = _drip(live.port, body_head, b"xx", 1.3, 20)
+        assert answer.startswith(b"HTTP/1.1 408") and took < 3, (answer, took)
+
+
+def test_oversized_headers_get_431_and_the_connection_is_closed(make_settings: Callable[..., Settings]) -> None:
+    import socket
+
+    with live_server(make_settings()) as live, socket.create_connection(("127.0.0.1", live.port), timeout=10) as s:
+        s.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:100]

@@ -20,7 +20,7 @@ from pictrace.gallery import load_gallery
 from pictrace.service import Service
 from pictrace.tuning import Tuning
 from pictrace.web import admin, api, errors, pages
-from pictrace.web.limits import BodySizeLimit
+from pictrace.web.limits import BodySizeLimit, BodyTimeouts
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +88,5 @@ def create_app(
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(BodyTimeouts, serving=(tuning or Tuning()).serving)
     return app
