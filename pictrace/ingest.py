@@ -8,6 +8,7 @@ image is committed whole, so a run that is killed resumes where it stopped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
 from pictrace.features.orb import OrbFeatures
-from pictrace.fetch import Fetcher
+from pictrace.fetch import Fetcher, host_of
 from pictrace.files import read_local_file
 from pictrace.gallery import Gallery, LocatedEntry, Shard
 from pictrace.graph import link_images
@@ -100,6 +101,44 @@ class _BatchOutcome:
     added: int = 0
     duplicates: int = 0
     failed: list[FailedEntry] = field(default_factory=list)
+
+
+class _HostSchedule:
+    """The entries to fetch, handed out so that no host has more than ``per_host`` in flight: the fetchers then
+    never queue behind one slow host's slots while other hosts' entries wait (a slow host delays its own
+    entries only). Hosts take turns; local files (no host) are one more turn-taker."""
+
+    def __init__(self, entries: list[LocatedEntry], per_host: int) -> None:
+        self._per_host = per_host
+        self._left: dict[str, collections.deque[LocatedEntry]] = {}
+        for entry in entries:
+            self._left.setdefault(self._host(entry), collections.deque()).append(entry)
+        self._turns = collections.deque(self._left)
+        self._busy: collections.Counter[str] = collections.Counter()
+        self._changed = asyncio.Condition()
+
+    @staticmethod
+    def _host(entry: LocatedEntry) -> str:
+        return host_of(entry.location) if entry.is_remote else ""
+
+    async def take(self) -> LocatedEntry | None:
+        """The next entry whose host has a free slot, waiting for one to free; None when none are left."""
+        async with self._changed:
+            while True:
+                for _ in range(len(self._turns)):
+                    host = self._turns[0]
+                    self._turns.rotate(-1)
+                    if self._left[host] and self._busy[host] < self._per_host:
+                        self._busy[host] += 1
+                        return self._left[host].popleft()
+                if not any(self._left.values()):
+                    return None
+                await self._changed.wait()
+
+    async def release(self, entry: LocatedEntry) -> None:
+        async with self._changed:
+            self._busy[self._host(entry)] -= 1
+            self._changed.notify_all()
 
 
 def _source(item: LocatedEntry, origin: str = "gallery") -> Source:
@@ -198,9 +237,7 @@ class Ingestor:
         self, todo: list[LocatedEntry], on_progress: Callable[[IngestProgress], None] | None
     ) -> _BatchOutcome:
         outcome = _BatchOutcome()
-        entries: asyncio.Queue[LocatedEntry] = asyncio.Queue()
-        for entry in todo:
-            entries.put_nowait(entry)
+        hosts = _HostSchedule(todo, self.settings.fetch_per_host)
         fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.tuning.ingest.embed_batch * 2)
         n_fetchers = max(1, min(self.settings.fetch_concurrency, len(todo)))
 
@@ -212,17 +249,15 @@ class Ingestor:
                 on_progress(self.progress)
 
         async def fetch_worker() -> None:
-            while True:
-                try:
-                    item = entries.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
+            while (item := await hosts.take()) is not None:
                 try:
                     data = await self._fetch(item)
                 except PicTraceError as exc:
                     await self.pool.run_background(self.catalogue.record_failure, _source(item), str(exc))
                     advance(1, [FailedEntry(position=item.position, url=item.entry.url, reason=str(exc))])
                     continue
+                finally:
+                    await hosts.release(item)
                 await fetched.put(_Fetched(_source(item), data, item.position))
 
         async def fetch_all() -> None:

@@ -142,6 +142,10 @@ class Fetching(_Frozen):
 
     max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
     user_agent: str = "PicTrace/1.0 (+reverse image search)"
+    # users' downloads that may wait for one host's slots; beyond, 503: a slow host delays its own queue only
+    host_queue: Annotated[int, Field(ge=0)] = 8
+    # the share of the download pool the gallery ingest may hold, so users' URL searches always find a slot
+    gallery_share: Annotated[float, Field(gt=0, le=1)] = 0.75
 
 
 class Serving(_Frozen):

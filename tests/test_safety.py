@@ -5,9 +5,10 @@ Everything runs against the real service under uvicorn on 127.0.0.1 (tests/live_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import numpy as np
@@ -343,3 +344,89 @@ def test_oversized_headers_get_431_and_the_connection_is_closed(make_settings: C
         while chunk := s.recv(4096):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+
+
+# --- one slow image host delays its own downloads only --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dripping_host(address: str = "127.0.0.2") -> Iterator[str]:
+    """An HTTP server on another loopback address that promises 100 kB and sends one byte a second."""
+    import socketserver
+    import threading
+    import time
+
+    class Drip(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.settimeout(60)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = self.request.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            try:
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+                for _ in range(60):
+                    self.request.sendall(b"\xff")
+                    time.sleep(1)
+            except OSError:
+                return
+
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer((address, 0), Drip)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{address}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_dripping_host_does_not_stall_url_searches_to_other_hosts(
+    image_server: ImageServer, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    """32 URL searches to a host sending a byte a second, then one to a healthy host: answered within 3 s. The
+    slow host's own searches beyond its slots and queue are refused with 503 at once."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    healthy = image_server.add("q/coffee.jpg", encode(photos["coffee"]))
+    settings = make_settings(fetch_allow=["127.0.0.0/8"], fetch_timeout_s=8.0, fetch_retries=0)
+    with dripping_host() as slow, live_server(settings) as live, ThreadPoolExecutor(32) as pool:
+
+        def search_url(url: str) -> httpx.Response:
+            with httpx.Client(base_url=live.base, timeout=30) as c:
+                return c.post("/api/search", json={"url": url})
+
+        stalled = [pool.submit(search_url, f"{slow}/{i}.jpg") for i in range(32)]
+        time.sleep(1.0)  # all 32 have reached the fetcher
+        started = time.monotonic()
+        answer = search_url(healthy)
+        took = time.monotonic() - started
+        assert answer.status_code == 200, answer.text
+        assert took < 3.0, f"the healthy URL search took {took:.1f}s"
+        statuses = [f.result().status_code for f in stalled]
+        assert statuses.count(503) >= 32 - 4 - 8  # beyond the host's 4 slots and its queue of 8
+        assert set(statuses) <= {502, 503}
+    print(f"healthy URL search beside 32 dripping ones: {took:.2f}s; statuses {sorted(statuses)}")
+
+
+def test_a_dripping_gallery_host_delays_only_its_own_entries(
+    image_server: ImageServer, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    settings = make_settings(index_on_start=True, fetch_timeout_s=8.0, fetch_retries=0)
+    with dripping_host() as slow:
+        entries = [{"id": f"slow{i}", "url": f"{slow}/{i}.jpg"} for i in range(24)]
+        entries += [{"id": n, "url": image_server.add(f"g/{n}.jpg", encode(photos[n]))} for n in ("coffee", "rocket")]
+        settings.db.write_text(json.dumps(entries))
+        with live_server(settings) as live, httpx.Client(base_url=live.base, timeout=30) as c:
+            import time
+
+            deadline = time.monotonic() + 4.0
+            while c.get("/api/health").json()["images"]["indexed"] < 2:
+                assert time.monotonic() < deadline, "the healthy host's entries waited behind the dripping one"
+                time.sleep(0.1)
+            assert c.get("/api/health").json()["images"]["pending"] > 0  # the slow ones are still going
