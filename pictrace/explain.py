@@ -133,7 +133,7 @@ def with_evidence(result: SearchResult, query_id: str | None) -> SearchResult:
 # ------------------------------------------------------------------------------------- the picture
 
 
-def gallery_picture(catalogue: Catalogue, sha256: str, settings: Settings) -> np.ndarray:
+def gallery_picture(catalogue: Catalogue, sha256: str, settings: Settings, draft_min_side: int = 0) -> np.ndarray:
     """The best gallery pixels available without storing more: the local original, else the thumbnail."""
     try:
         path = catalogue.local_path(sha256)
@@ -141,7 +141,8 @@ def gallery_picture(catalogue: Catalogue, sha256: str, settings: Settings) -> np
         path = None
     if path is not None:
         try:
-            return decode_image(read_local_file(path, settings.max_download_bytes), max_pixels=settings.max_pixels).rgb
+            data = read_local_file(path, settings.max_download_bytes)
+            return decode_image(data, max_pixels=settings.max_pixels, draft_min_side=draft_min_side).rgb
         except PicTraceError:
             pass  # the file changed or went away since it was indexed: the stored thumbnail still shows it
     thumb = cv2.imdecode(np.frombuffer(catalogue.thumbnail(sha256), np.uint8), cv2.IMREAD_COLOR)
@@ -157,8 +158,9 @@ def explain_match(
     match = next((m for m in kept.result.results if m.sha256 == sha256), None)
     if match is None:
         raise NotFoundError(f"image {sha256} is not among this query's results")
-    query = decode_image(kept.data, max_pixels=settings.max_pixels).rgb
-    gallery = gallery_picture(catalogue, sha256, settings)
+    draft = tuning.decoding.draft_min_side  # as the search decoded them, so the fitted map applies
+    query = decode_image(kept.data, max_pixels=settings.max_pixels, draft_min_side=draft).rgb
+    gallery = gallery_picture(catalogue, sha256, settings, draft)
     orb_blob, width, height = catalogue.orb_by_sha256(sha256)
     return render_evidence(query, gallery, (width, height), OrbFeatures.from_bytes(orb_blob), match, tuning)
 

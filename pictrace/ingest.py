@@ -297,7 +297,9 @@ class Ingestor:
 
     def _prepare(self, data: bytes, sha: str) -> tuple[StoredImage, np.ndarray]:
         """Decode and featurise one image (everything but the batched embedding). Raises on bad bytes."""
-        image = decode_image(data, max_pixels=self.settings.max_pixels)
+        image = decode_image(
+            data, max_pixels=self.settings.max_pixels, draft_min_side=self.tuning.decoding.draft_min_side
+        )
         local = local_features(image, self.tuning)
         stored = StoredImage(
             sha256=sha,

@@ -16,6 +16,7 @@ from pictrace.fetch import Fetcher
 from pictrace.indexes import DerivedIndexes
 from pictrace.indexes.vector import IndexInfo
 from pictrace.ingest import Ingestor
+from pictrace.pixels import PixelBudget
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.sync import Follower
@@ -89,6 +90,7 @@ class Service:
     ingestor: Ingestor
     queries: QueryMemory  # recent queries, in memory only, for the evidence pictures (bounded, TTL)
     follower: Follower  # this process's position in the catalogue's change log
+    pixels: PixelBudget  # pixels decoded at once by requests (pictrace/pixels.py)
     sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -142,6 +144,7 @@ class Service:
             ingestor=Ingestor(catalogue, indexes, embedder, fetcher, pool, settings, tuning),
             queries=QueryMemory.from_settings(settings, tuning.evidence),
             follower=Follower(catalogue, indexes, position),
+            pixels=PixelBudget(tuning.decoding.budget_pixels, settings.queue_limit),
         )
         if settings.sync_interval_s > 0:
             service.sync_task = asyncio.create_task(service._follow_catalogue())

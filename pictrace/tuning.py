@@ -148,6 +148,18 @@ class Fetching(_Frozen):
     gallery_share: Annotated[float, Field(gt=0, le=1)] = 0.75
 
 
+class Decoding(_Frozen):
+    """What decoding may cost (pictrace/decode.py, pictrace/pixels.py; bench/load.py --flood measures it).
+
+    Every feature works on at most 640 px (ORB; the embedding takes 260, SSIM and the thumbnail 256), so a JPEG
+    twice ``draft_min_side`` or more is decoded at a reduced size that keeps ``draft_min_side`` (2x ORB's, so its
+    resize still averages pixels). ``budget_pixels`` bounds the pixels decoded at once across requests: one image
+    at the 50 MP cap plus small ones beside it; a request over the budget waits, without holding a worker."""
+
+    draft_min_side: Annotated[int, Field(ge=0)] = 1280  # 0: always decode at full size
+    budget_pixels: Annotated[int, Field(ge=1_000_000)] = 64_000_000
+
+
 class Serving(_Frozen):
     """How long and how much a client may take to send a request (pictrace/web/serving.py). Sound defaults for a
     service reached directly; behind a reverse proxy (docs/security.md) the proxy's own limits come first."""
@@ -180,6 +192,7 @@ class Tuning(_Frozen):
     vectors: VectorIndexTuning = VectorIndexTuning()
     ingest: Ingest = Ingest()
     fetching: Fetching = Fetching()
+    decoding: Decoding = Decoding()
     serving: Serving = Serving()
     evidence: Evidence = Evidence()
 

@@ -430,3 +430,64 @@ def test_a_dripping_gallery_host_delays_only_its_own_entries(
                 assert time.monotonic() < deadline, "the healthy host's entries waited behind the dripping one"
                 time.sleep(0.1)
             assert c.get("/api/health").json()["images"]["pending"] > 0  # the slow ones are still going
+
+
+# --- a pixel budget: large images take turns, small ones pass ---------------------------------------------------
+
+
+def huge_images() -> dict[str, bytes]:
+    """A 49.99 MP PNG (a few hundred KB: flat colour compresses) and a 49.99 MP JPEG, under the 50 MP cap."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (7070, 7070), (200, 180, 160))
+    draw = ImageDraw.Draw(image)
+    for i in range(0, 7070, 400):
+        draw.rectangle((i, i // 2, i + 200, i // 2 + 300), fill=(i % 255, 40, 90))
+    out = {}
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {"quality": 70}))
+        out[fmt] = buffer.getvalue()
+    return out
+
+
+def test_a_flood_of_huge_images_leaves_normal_searches_answered(
+    make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    import threading
+    import time
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    huge = huge_images()
+    stop = threading.Event()
+    statuses: Counter[int] = Counter()
+
+    with live_server(make_settings()) as live, ThreadPoolExecutor(10) as pool:
+
+        def flood(client_no: int) -> None:
+            with httpx.Client(base_url=live.base, timeout=60) as c:
+                n = client_no
+                while not stop.is_set():
+                    fmt = ("PNG", "JPEG")[n % 2]
+                    n += 1
+                    answer = c.post("/api/search", files={"file": (f"big.{fmt.lower()}", huge[fmt], "image/" + fmt)})
+                    statuses[answer.status_code] += 1
+
+        flooding = [pool.submit(flood, i) for i in range(8)]
+        time.sleep(2.0)  # the flood is under way
+        with httpx.Client(base_url=live.base, timeout=60) as c:
+            started = time.monotonic()
+            answer = search(c, encode(photos["coffee"]))
+            took = time.monotonic() - started
+        stop.set()
+        for future in flooding:
+            future.result()
+    assert answer.status_code == 200, answer.text
+    # generous: alone it takes ~0.1 s; without the budget it queued behind the flood's decodes (~5-10 s here)
+    assert took < 4.0, f"a normal search took {took:.1f}s under the flood"
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[200] >= 1
+    print(f"normal search under the flood: {took:.2f}s; flood statuses {dict(statuses)}")

@@ -59,7 +59,9 @@ class Searcher:
         """The answer a client gets, plus the ids of *every* candidate ranked, shown or not (for ``eval``:
         an image the verdicts hide still counts where it was ranked, as with any ranked-list metric)."""
         started = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.max_pixels)
+        image = decode_image(
+            data, max_pixels=self.settings.max_pixels, draft_min_side=self.tuning.decoding.draft_min_side
+        )
         return self._search(image, sha256_hex(data), top_k or self.settings.top_k, started)
 
     def _search(

@@ -17,7 +17,16 @@ from pictrace.metadata import check_metadata, check_text, parse_metadata
 from pictrace.schemas import AddedImage, AddImageRequest, DeletedImage, Reindexed
 from pictrace.web.api import ERRORS
 from pictrace.web.auth import require_writer
-from pictrace.web.deps import FORM_TYPES, ServiceDep, admit, content_type, image_fields, json_body, query_bytes
+from pictrace.web.deps import (
+    FORM_TYPES,
+    ServiceDep,
+    admit,
+    content_type,
+    decoding,
+    image_fields,
+    json_body,
+    query_bytes,
+)
 
 router = APIRouter(dependencies=[Depends(require_writer)], tags=["writes"])
 
@@ -106,7 +115,8 @@ async def _read_add(request: Request, service: ServiceDep) -> tuple[bytes, str |
 )
 async def add_image(request: Request, service: ServiceDep) -> JSONResponse:
     data, url, entry_id, metadata = await _read_add(request, service)
-    added = await service.ingestor.add_image(data, url=url, entry_id=entry_id, metadata=metadata)
+    async with decoding(service, data):
+        added = await service.ingestor.add_image(data, url=url, entry_id=entry_id, metadata=metadata)
     body = AddedImage(
         sha256=added.sha256,
         id=added.id,
