@@ -12,8 +12,9 @@ module is the one place that decides what counts as an image. It:
 * normalises every colour mode (palette, CMYK, 16-bit, float, 1-bit, alpha) to 8-bit RGB, with transparent
   pixels composited onto white, and applies the EXIF orientation so a phone photo matches its rotated copy;
 * decodes a large JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, Pillow's draft mode) when that
-  still leaves ``draft_min_side`` pixels on its longest side: every feature works on 640 px or less, so a 50 MP
-  photo costs a 3 MP decode instead of 150 MB of pixels;
+  still leaves ``draft_min_side`` pixels on its longest side, and reduces other large images right after their
+  decode: every feature works on 640 px or less, so a 50 MP photo costs a 3 MP decode, not 150 MB of pixels
+  copied through each feature;
 * says what a decode will cost in pixels before it runs (:func:`decode_cost`), so concurrent decodes can be
   bounded by pixels, not by count;
 * raises only :class:`TooLargeError`, :class:`UnsupportedFormatError` or :class:`DecodeError` for bad input.
@@ -153,6 +154,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 _DRAFTABLE = frozenset({"JPEG", "MPO"})
+_REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "CMYK", "YCbCr"})
 
 
 def _reduction(fmt: str | None, width: int, height: int, draft_min_side: int) -> int:
@@ -234,9 +236,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 def decode_image(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> DecodedImage:
     """Decode the first frame of an allowed image to RGB, refusing oversized or malformed input.
 
-    ``draft_min_side`` (0: never): a JPEG whose longest side is at least twice this is decoded at the smallest
-    1/2, 1/4 or 1/8 scale that keeps this many pixels on that side; its width and height are then those of the
-    pixels decoded (as for any smaller copy of the photo).
+    ``draft_min_side`` (0: never): an image whose longest side is at least twice this is returned smaller, keeping
+    at least this many pixels on that side: a JPEG is decoded at 1/2, 1/4 or 1/8 scale, anything else is reduced
+    by an integer box filter right after its decode. Its width and height are then those of the pixels returned
+    (as for any smaller copy of the picture): every feature works on 640 px or less, and full-size copies of a
+    50 MP image cost 150 MB each.
     """
     im = _open(data, max_pixels)
     fmt = str(im.format)
@@ -260,7 +264,15 @@ def decode_image(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> De
             pass
         try:
             _check_pixels(im.width, im.height, max_pixels)
-            rgb = _to_rgb(im)
+            shrink = max(im.width, im.height) // draft_min_side if draft_min_side else 1
+            if shrink >= 2 and im.mode in _REDUCIBLE_MODES:
+                with im.reduce(shrink) as small:  # box-filtered: no full-size RGB copy is ever made
+                    rgb = _to_rgb(small)
+            else:
+                rgb = _to_rgb(im)
+                if shrink >= 2:
+                    with Image.fromarray(rgb).reduce(shrink) as small:
+                        rgb = np.asarray(small)
         except (TooLargeError, DecodeError, MemoryError):
             raise
         except Exception as exc:
