@@ -8,7 +8,10 @@ Two kinds of URL reach PicTrace and they deserve different trust:
   re-check of every redirect hop, and is tried once.
 
 Each kind gets its own ``ClientSession`` so the guarded resolver can never be bypassed by a shared connection
-pool. Both share the limits that keep us polite (total and per-host concurrency) and safe (time and bytes).
+pool. Both share the limits that keep us polite (total and per-host concurrency) and safe (time and bytes). A
+download's time limit counts from when it is asked for, every wait for a slot included; it takes its host's slot
+before one of the shared pool, so one slow host can hold only its own share; users' downloads queue behind a host
+only so far (then 503), and the gallery holds at most its share of the pool, so URL searches always find a slot.
 Failures always raise (``FetchError``, ``TooLargeError``, ``UnsafeURLError``); nothing returns ``None``.
 """
 

@@ -394,7 +394,7 @@ def test_a_dripping_host_does_not_stall_url_searches_to_other_hosts(
     from concurrent.futures import ThreadPoolExecutor
 
     healthy = image_server.add("q/coffee.jpg", encode(photos["coffee"]))
-    settings = make_settings(fetch_allow=["127.0.0.0/8"], fetch_timeout_s=8.0, fetch_retries=0)
+    settings = make_settings(fetch_allow=["127.0.0.0/8"], fetch_timeout_s=5.0, fetch_retries=0)
     with dripping_host() as slow, live_server(settings) as live, ThreadPoolExecutor(32) as pool:
 
         def search_url(url: str) -> httpx.Response:
@@ -417,7 +417,7 @@ def test_a_dripping_host_does_not_stall_url_searches_to_other_hosts(
 def test_a_dripping_gallery_host_delays_only_its_own_entries(
     image_server: ImageServer, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
 ) -> None:
-    settings = make_settings(index_on_start=True, fetch_timeout_s=8.0, fetch_retries=0)
+    settings = make_settings(index_on_start=True, fetch_timeout_s=5.0, fetch_retries=0)
     with dripping_host() as slow:
         entries = [{"id": f"slow{i}", "url": f"{slow}/{i}.jpg"} for i in range(24)]
         entries += [{"id": n, "url": image_server.add(f"g/{n}.jpg", encode(photos[n]))} for n in ("coffee", "rocket")]
@@ -491,3 +491,18 @@ def test_a_flood_of_huge_images_leaves_normal_searches_answered(
     assert set(statuses) <= {200, 503}, statuses
     assert statuses[200] >= 1
     print(f"normal search under the flood: {took:.2f}s; flood statuses {dict(statuses)}")
+
+
+def test_backup_of_a_postgresql_catalogue_says_to_use_pg_dump(
+    make_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pictrace.cli import main as cli_main
+
+    settings = make_settings()
+    env = {"PICTRACE_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert cli_main(["--data-dir", str(settings.data_dir), "backup", str(settings.data_dir / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "pg_dump" in err and len(err.strip().splitlines()) == 1
