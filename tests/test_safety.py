@@ -18,6 +18,7 @@ from live_server import live_server
 
 from pictrace.config import Settings
 from pictrace.gallery import load_gallery
+from pictrace.pixels import PixelBudget
 
 TOKEN = "safety-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -506,3 +507,30 @@ def test_backup_of_a_postgresql_catalogue_says_to_use_pg_dump(
         assert cli_main(["--data-dir", str(settings.data_dir), "backup", str(settings.data_dir / "b")]) == 2
     err = capsys.readouterr().err
     assert "pg_dump" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_the_pixel_budget_lets_large_images_take_turns_and_small_ones_pass() -> None:
+    import asyncio
+
+    from pictrace.errors import OverloadedError
+
+    budget = PixelBudget(64_000_000, max_waiting=1)
+    order: list[str] = []
+
+    async with budget.hold(50_000_000):  # a 50 MP decode running
+        waiting = asyncio.create_task(_hold(budget, 50_000_000, order, "second big"))
+        await asyncio.sleep(0)
+        async with budget.hold(300_000):  # a phone photo passes beside it
+            order.append("small")
+        with pytest.raises(OverloadedError):  # the queue of large ones is full: 503, not a pile-up
+            async with budget.hold(40_000_000):
+                pass
+        order.append("first big")
+    await waiting
+    assert order == ["small", "first big", "second big"]
+    assert budget.used == 0
+
+
+async def _hold(budget: PixelBudget, pixels: int, order: list[str], name: str) -> None:
+    async with budget.hold(pixels):
+        order.append(name)
