@@ -80,9 +80,7 @@ class TestCatalogue:
         cat = open_catalogue()
         ids = [cat.add_image(stored(n), source(f"http://h/{n}.jpg", n))[0] for n in range(5)]
         assert sorted(cat.vec_ids().tolist()) == sorted(ids)
-        feats = cat.rerank_features(ids[1:3])
-        assert set(feats) == set(ids[1:3])
-        assert feats[ids[1]].gray_png == stored(1).gray_png and feats[ids[1]].orb == stored(1).orb
+        assert dict(cat.orb_blobs_of(ids[1:3])) == {ids[1]: stored(1).orb, ids[2]: stored(2).orb}
         assert cat.grays_of([*ids[1:3], 10**6]) == {ids[1]: stored(1).gray_png, ids[2]: stored(2).gray_png}
         all_ids, vectors = zip(*cat.embeddings(batch=2), strict=True)
         got = dict(zip(np.concatenate(all_ids).tolist(), np.concatenate(vectors), strict=True))

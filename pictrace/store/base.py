@@ -16,7 +16,6 @@ if TYPE_CHECKING:
         FailedSource,
         GalleryImage,
         ImageRecord,
-        RerankFeatures,
         Source,
         SourceState,
         StoredImage,
@@ -69,8 +68,6 @@ class CatalogueStore(Protocol):
     def records(self, vec_ids: Iterable[int]) -> dict[int, ImageRecord]: ...
 
     def vec_ids_by_hash(self, sha256: str, pixel_sha256: str) -> list[int]: ...
-
-    def rerank_features(self, vec_ids: Iterable[int]) -> dict[int, RerankFeatures]: ...
 
     def grays_of(self, vec_ids: Iterable[int]) -> dict[int, bytes]: ...
 

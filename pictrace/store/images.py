@@ -22,7 +22,6 @@ from pictrace.store.records import (
     FailedSource,
     GalleryImage,
     ImageRecord,
-    RerankFeatures,
     Source,
     SourceState,
     StoredImage,
@@ -247,14 +246,6 @@ class ImageQueries(SqlAccess):
                 )
                 if rows:
                     yield _to_arrays(rows)
-
-    def rerank_features(self, vec_ids: Iterable[int]) -> dict[int, RerankFeatures]:
-        """Read SSIM/ORB features of the few candidates of one query only (memory does not grow with them)."""
-        wanted = [int(v) for v in vec_ids]
-        if not wanted:
-            return {}
-        rows = self._query(f"SELECT vec_id, gray, orb FROM images WHERE vec_id IN ({marks(len(wanted))})", wanted)
-        return {int(v): RerankFeatures(bytes(g), bytes(o)) for v, g, o in rows}
 
     def orb_blobs(self, batch: int = 1024) -> Iterator[tuple[int, bytes]]:
         """Every image's stored ORB blob, for rebuilding the local-feature index at start."""

@@ -90,12 +90,6 @@ class GalleryImage:
 
 
 @dataclass(frozen=True)
-class RerankFeatures:
-    gray_png: bytes
-    orb: bytes
-
-
-@dataclass(frozen=True)
 class ChangePosition:
     """Where a replica stands in the change log: the last seq applied and the generation it brought."""
 
