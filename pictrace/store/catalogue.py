@@ -21,30 +21,7 @@ from pictrace.store.changes import ChangeLogQueries
 from pictrace.store.images import ImageQueries
 from pictrace.store.links import LinkQueries
 from pictrace.store.meta import MetaQueries
-from pictrace.store.records import (
-    Change,
-    ChangePosition,
-    FailedSource,
-    GalleryImage,
-    ImageRecord,
-    Source,
-    SourceState,
-    StoredImage,
-)
 from pictrace.store.schema import SQLITE_SCHEMA
-
-# the records are re-exported: code imports them from here as well as from pictrace.store
-__all__ = [
-    "Catalogue",
-    "Change",
-    "ChangePosition",
-    "FailedSource",
-    "GalleryImage",
-    "ImageRecord",
-    "Source",
-    "SourceState",
-    "StoredImage",
-]
 
 _MMAP_BYTES = 1 << 40
 
