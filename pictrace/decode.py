@@ -4,7 +4,8 @@ Everything PicTrace indexes or searches comes through here, from uploads and fro
 module is the one place that decides what counts as an image. It:
 
 * accepts only an allow-list of raster formats (Pillow is told to try only those plugins, so exotic or
-  script-driven decoders such as EPS never see untrusted data);
+  script-driven decoders such as EPS never see untrusted data); HEIF/HEIC (phones) comes from the
+  pillow-heif plugin, AVIF from Pillow's own plugin;
 * checks ``width * height`` against ``max_pixels`` from the header, before a single pixel is decoded, so a
   tiny file claiming 65535x65535 pixels (a decompression bomb) costs nothing;
 * forces the full decode (``.load()``) so truncation is an error, never a silently grey image
@@ -27,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pictrace.errors import DecodeError, TooLargeError, UnsupportedFormatError
 
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "HEIF", "AVIF"})
 
 _ACCEPTED = ", ".join(sorted(ALLOWED_FORMATS))
 # Pillow plugin names to try when opening; MPO is opened by the JPEG plugin's factory.
@@ -38,6 +39,22 @@ _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S
 # ``warnings.catch_warnings`` swaps process-global state; serialise our (cheap, header-only) use of it so two
 # decoder threads cannot restore each other's filters.
 _WARNINGS_LOCK = threading.Lock()
+_REGISTER_LOCK = threading.Lock()
+_registered = False
+
+
+def _register_heif() -> None:
+    """Teach Pillow HEIF on first use (not at import). Thumbnails, depth maps and auxiliary images are not
+    parsed: only the primary image is wanted, and less of an untrusted file is read."""
+    global _registered
+    if _registered:
+        return
+    with _REGISTER_LOCK:
+        if not _registered:
+            from pillow_heif import register_heif_opener
+
+            register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+            _registered = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +67,7 @@ class DecodedImage:
     height: int
 
 
-def _sniff(data: bytes) -> str | None:
+def sniff(data: bytes) -> str | None:
     """Best-effort name of what the bytes are, for error messages and for 'allowed but corrupt' decisions."""
     head = data[:64]
     if head.startswith(b"\xff\xd8\xff"):
@@ -76,7 +93,7 @@ def _sniff(data: bytes) -> str | None:
         if brand in (b"avif", b"avis"):
             return "AVIF"
         if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
-            return "HEIC"
+            return "HEIF"
         return "an ISO media file (video?)"
     if head.startswith(b"\x00\x00\x00\x0cjP  ") or head.startswith(b"\xff\x4f\xff\x51"):
         return "JPEG 2000"
@@ -120,13 +137,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Parse only the header, with the format allow-list and Pillow's bomb guard turned into our errors."""
     if not data:
         raise _unsupported(data, None)
-    sniffed = _sniff(data)
+    sniffed = sniff(data)
     if sniffed is not None and sniffed not in ALLOWED_FORMATS:
         # Known non-allowed formats never reach a decoder at all.
         raise _unsupported(data, sniffed)
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. Below our own limit the warning is
     # noise; when the operator's limit is stricter than Pillow's the warning is a bomb and is an error.
     action: Literal["error", "ignore"] = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
+    _register_heif()
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter(action, Image.DecompressionBombWarning)
