@@ -68,18 +68,34 @@ class FolderWatcher:
             await asyncio.sleep(min(wait, max(deadline - time.monotonic(), 0)))
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Reconcile, then watch until ``stop`` is set (or the task is cancelled)."""
-        await self._reconcile_logged()
-        async for changes in awatch(
+        """Reconcile, then watch until ``stop`` is set (or the task is cancelled).
+
+        The watch is set up before the reconcile lists the folder, so a file added while it runs is seen by
+        one of the two."""
+        changes = awatch(
             self.folder,
             watch_filter=self._visible,
             step=self.timing.quiet_ms,
             debounce=self.timing.max_wait_ms,
             stop_event=stop,
             recursive=True,
-        ):
-            await self._settle({path for _, path in changes})
+        )
+        # the generator's first step (up to its first await) creates the OS watch; one turn of the loop runs it
+        first = asyncio.ensure_future(anext(changes))
+        try:
+            await asyncio.sleep(0)
             await self._reconcile_logged()
+            batch = await first
+            while True:
+                await self._settle({path for _, path in batch})
+                await self._reconcile_logged()
+                batch = await anext(changes)
+        except StopAsyncIteration:  # ``stop`` was set
+            return
+        finally:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)  # the generator is free again to be closed
+            await changes.aclose()
 
     async def _reconcile_logged(self) -> None:
         try:
