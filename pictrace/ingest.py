@@ -169,10 +169,11 @@ class Ingestor:
                     outcome = await self._run(todo, states, whole.folder, on_progress)
                     report.removed = await self._drop_removed(whole, gallery, shard, stats)
                 finally:
-                    # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by a
-                    # quarter since (not the doubling that triggers it while the ingest runs)
-                    await self.pool.run_background(self.indexes.maintain, 1.25)
-                    await self.pool.run_background(self.indexes.save)
+                    if todo or report.removed:  # a re-scan that found nothing to do writes nothing
+                        # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by
+                        # a quarter since (not the doubling that triggers it while the ingest runs)
+                        await self.pool.run_background(self.indexes.maintain, 1.25)
+                        await self.pool.run_background(self.indexes.save)
                 await self.pool.run_background(self._link_unlinked)
             finally:
                 self.progress.running = False
