@@ -164,12 +164,13 @@ class Ingestor:
             report.unchanged = len(unchanged)
             await self.pool.run_background(self._refresh_details, [e for e in unchanged if e.stat is None])
             self.progress = IngestProgress(total=len(todo), running=True)
+            dropped = 0
             try:
                 try:
                     outcome = await self._run(todo, states, whole.folder, on_progress)
-                    report.removed = await self._drop_removed(whole, gallery, shard, stats)
+                    report.removed, dropped = await self._drop_removed(whole, gallery, shard, stats)
                 finally:
-                    if todo or report.removed:  # a re-scan that found nothing to do writes nothing
+                    if todo or dropped:  # a re-scan that found nothing to do writes nothing
                         # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by
                         # a quarter since (not the doubling that triggers it while the ingest runs)
                         await self.pool.run_background(self.indexes.maintain, 1.25)
@@ -185,8 +186,9 @@ class Ingestor:
 
     async def _drop_removed(
         self, whole: Gallery, gallery: Gallery, shard: Shard | None, stats: dict[str, FileStat]
-    ) -> int:
-        """Forget the sources that left the gallery (and the images no source names any more)."""
+    ) -> tuple[int, int]:
+        """Forget the sources that left the gallery, and the images no source names any more.
+        Returns (sources dropped, images dropped)."""
         current = {e.location for e in gallery.entries}
         known = await self.pool.run_background(self.catalogue.gallery_entry_urls)
         gone = [
@@ -203,7 +205,7 @@ class Ingestor:
             removed += await self.pool.run_background(self.catalogue.remove_orphans)
         if removed:
             await self.pool.run_background(self.indexes.remove, removed)
-        return len(gone)
+        return len(gone), len(removed)
 
     def _refresh_details(self, entries: list[LocatedEntry]) -> None:
         if entries:
