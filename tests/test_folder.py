@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,8 +201,6 @@ class Watching:
             except BaseException as exc:  # shown by close()
                 self.error = exc
 
-        import threading
-
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
         eventually(lambda: self.watcher is not None and self.watcher.reconciles >= 1)
@@ -210,6 +209,7 @@ class Watching:
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(30)
         assert not self.thread.is_alive() and self.error is None, self.error
+        self.loop.close()
 
 
 @pytest.fixture
