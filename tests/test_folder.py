@@ -172,8 +172,11 @@ def test_search_a_folder_gallery_and_open_the_original(
 def eventually(check: Callable[[], bool], seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if check():
-            return
+        try:
+            if check():
+                return
+        except sqlite3.OperationalError:  # another process is still creating the catalogue
+            pass
         time.sleep(0.1)
     assert check()
 
@@ -303,3 +306,28 @@ def test_cli_index_and_watch_refuse_what_they_cannot_use(tmp_path: Path) -> None
     image.mkdir()
     Image.new("RGB", (64, 64), (200, 10, 10)).save(image / "red.png")
     assert main(["--data-dir", str(tmp_path / "d"), "index", str(image), "--quiet"]) == 0
+
+
+def test_cli_watch_follows_a_folder_until_interrupted(
+    folder: Path, tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICTRACE_")}
+    env["PYTHONPATH"] = str(root)
+    data = tmp_path / "cli-data"
+    settings = Settings(_env_file=None, data_dir=data)  # type: ignore[call-arg]
+    command = [sys.executable, "-m", "pictrace", "--data-dir", str(data), "watch", str(folder)]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        eventually(lambda: data.joinpath("catalogue.sqlite3").exists() and "a.jpg" in sources(settings), 120)
+        (folder / "from-the-camera.jpg").write_bytes(encode(photos["coins"]))
+        eventually(lambda: "from-the-camera.jpg" in sources(settings), 60)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "watching" in out and "added 4" in out
