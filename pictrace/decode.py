@@ -18,6 +18,7 @@ module is the one place that decides what counts as an image. It:
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pictrace.errors import DecodeError, TooLargeError, UnsupportedFormatError
+
+log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "HEIF", "AVIF"})
 
@@ -40,21 +43,27 @@ _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S
 # decoder threads cannot restore each other's filters.
 _WARNINGS_LOCK = threading.Lock()
 _REGISTER_LOCK = threading.Lock()
-_registered = False
+_available: tuple[str, ...] | None = None
 
 
-def _register_heif() -> None:
-    """Teach Pillow HEIF on first use (not at import). Thumbnails, depth maps and auxiliary images are not
-    parsed: only the primary image is wanted, and less of an untrusted file is read."""
-    global _registered
-    if _registered:
-        return
-    with _REGISTER_LOCK:
-        if not _registered:
-            from pillow_heif import register_heif_opener
+def _plugins() -> tuple[str, ...]:
+    """The allowed formats' Pillow plugins that this install has, HEIF taught to Pillow on first use (not at
+    import). Thumbnails, depth maps and auxiliary images are not parsed: only the primary image is wanted,
+    and less of an untrusted file is read. A plugin missing (a Pillow without libavif, no pillow-heif) costs
+    its format only: Pillow fails every open when asked for a plugin it does not know."""
+    global _available
+    if _available is None:
+        with _REGISTER_LOCK:
+            if _available is None:
+                try:
+                    from pillow_heif import register_heif_opener
 
-            register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
-            _registered = True
+                    register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+                except ImportError as exc:
+                    log.warning("HEIF/HEIC images will be refused: %s (pip install -r requirements.txt)", exc)
+                Image.init()
+                _available = tuple(p for p in _PLUGINS if p in Image.OPEN)
+    return _available
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,11 +153,13 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. Below our own limit the warning is
     # noise; when the operator's limit is stricter than Pillow's the warning is a bomb and is an error.
     action: Literal["error", "ignore"] = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
-    _register_heif()
+    plugins = _plugins()
+    if sniffed in ("HEIF", "AVIF") and sniffed not in plugins:
+        raise UnsupportedFormatError(f"{sniffed} is not decoded by this install (see requirements.txt)")
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter(action, Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=_PLUGINS)
+            im = Image.open(io.BytesIO(data), formats=plugins)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -168,7 +179,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def probe_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
     """(format, width, height) from the header alone: cheap admission control before any pixel work.
 
-    The size is the stored one, before EXIF orientation (reading orientation can require a decode).
+    The size is the stored one, before EXIF orientation (reading orientation can require a decode); HEIF
+    reports it already turned as its ``irot`` box says.
     """
     with _open(data, max_pixels) as im:
         return str(im.format), im.width, im.height
