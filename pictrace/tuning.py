@@ -135,6 +135,8 @@ class Ingest(_Frozen):
     """Ingest batching: bench/embed_speed.py (batch 16 is where onnxruntime's images/s levels off here)."""
 
     embed_batch: Annotated[int, Field(ge=1, le=256)] = 16
+    # files one POST /api/images may carry (their bytes together are capped by the operator's max_upload_bytes)
+    max_files_per_request: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
 class Fetching(_Frozen):
@@ -152,6 +154,15 @@ class Evidence(_Frozen):
     max_bytes: Annotated[int, Field(ge=MiB)] = 64 * MiB
 
 
+class FolderWatch(_Frozen):
+    """Watching a folder gallery: changes are gathered until the folder has been quiet for ``quiet_ms`` and no
+    changed file was modified more recently than that (a copy in progress is indexed once, complete), but for at
+    most ``max_wait_ms``, so a folder that never stops changing is still kept in step."""
+
+    quiet_ms: Annotated[int, Field(ge=10)] = 1500
+    max_wait_ms: Annotated[int, Field(ge=100)] = 60_000
+
+
 class Tuning(_Frozen):
     """Every fitted constant, in groups. ``Tuning()`` is what PicTrace ships."""
 
@@ -165,6 +176,7 @@ class Tuning(_Frozen):
     ingest: Ingest = Ingest()
     fetching: Fetching = Fetching()
     evidence: Evidence = Evidence()
+    watch: FolderWatch = FolderWatch()
 
     @classmethod
     def from_file(cls, path: Path) -> Tuning:

@@ -107,6 +107,22 @@ class ImageQueries(SqlAccess):
                 log_changes(conn, removed, "remove")
         return removed
 
+    def remove_orphans(self) -> list[int]:
+        """Delete images that no source names any more (a folder file whose bytes changed leaves its old image
+        behind, and so does a run killed between the two writes). Returns the vec_ids to drop from indexes."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                """SELECT i.vec_id FROM images i
+                   WHERE NOT EXISTS (SELECT 1 FROM sources s WHERE s.sha256 = i.sha256)"""
+            ).fetchall()
+            removed = [int(r[0]) for r in rows]
+            for start in range(0, len(removed), 500):
+                chunk = removed[start : start + 500]
+                conn.execute(f"DELETE FROM images WHERE vec_id IN ({marks(len(chunk))})", chunk)
+            if removed:
+                log_changes(conn, removed, "remove")
+        return removed
+
     def remove_image(self, sha256: str) -> int:
         """Delete an image and every source naming it, in one transaction. Returns its vec_id."""
         with self._transaction() as conn:
