@@ -29,11 +29,13 @@ class Settings(BaseSettings):
     # --- serving -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the web server binds to.")
     port: int = Field(5000, ge=1, le=65535, description="Port the web server listens on.")
-    db: Path = Field(Path("db.json"), description="Gallery file (JSON list of {url, id?, ...}).")
+    db: Path = Field(
+        Path("db.json"), description="Gallery: a file (JSON list of {url, id?, ...}) or a folder of images."
+    )
     data_dir: Path = Field(Path("data"), description="Where the catalogue, index and thumbnails live.")
     index_on_start: bool = Field(True, description="Index the gallery file in the background at start.")
-    max_connections: int = Field(
-        256, ge=1, description="Open connections and requests beyond which new requests get 503 at once."
+    watch: bool = Field(
+        False, description="With a folder as PICTRACE_DB: keep the index in step as its files change."
     )
 
     # --- model ---------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Everything PicTrace indexes or searches comes through here, from uploads and fro
 module is the one place that decides what counts as an image. It:
 
 * accepts only an allow-list of raster formats (Pillow is told to try only those plugins, so exotic or
-  script-driven decoders such as EPS never see untrusted data);
+  script-driven decoders such as EPS never see untrusted data); HEIF/HEIC (phones) comes from the
+  pillow-heif plugin, AVIF from Pillow's own plugin;
 * checks ``width * height`` against ``max_pixels`` from the header, before a single pixel is decoded, so a
   tiny file claiming 65535x65535 pixels (a decompression bomb) costs nothing;
 * forces the full decode (``.load()``) so truncation is an error, never a silently grey image
@@ -23,6 +24,7 @@ module is the one place that decides what counts as an image. It:
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -33,7 +35,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pictrace.errors import DecodeError, TooLargeError, UnsupportedFormatError
 
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+log = logging.getLogger(__name__)
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "HEIF", "AVIF"})
 
 _ACCEPTED = ", ".join(sorted(ALLOWED_FORMATS))
 # Pillow plugin names to try when opening; MPO is opened by the JPEG plugin's factory.
@@ -44,6 +48,28 @@ _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S
 # ``warnings.catch_warnings`` swaps process-global state; serialise our (cheap, header-only) use of it so two
 # decoder threads cannot restore each other's filters.
 _WARNINGS_LOCK = threading.Lock()
+_REGISTER_LOCK = threading.Lock()
+_available: tuple[str, ...] | None = None
+
+
+def _plugins() -> tuple[str, ...]:
+    """The allowed formats' Pillow plugins that this install has, HEIF taught to Pillow on first use (not at
+    import). Thumbnails, depth maps and auxiliary images are not parsed: only the primary image is wanted,
+    and less of an untrusted file is read. A plugin missing (a Pillow without libavif, no pillow-heif) costs
+    its format only: Pillow fails every open when asked for a plugin it does not know."""
+    global _available
+    if _available is None:
+        with _REGISTER_LOCK:
+            if _available is None:
+                try:
+                    from pillow_heif import register_heif_opener
+
+                    register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+                except ImportError as exc:
+                    log.warning("HEIF/HEIC images will be refused: %s (pip install -r requirements.txt)", exc)
+                Image.init()
+                _available = tuple(p for p in _PLUGINS if p in Image.OPEN)
+    return _available
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +82,7 @@ class DecodedImage:
     height: int
 
 
-def _sniff(data: bytes) -> str | None:
+def sniff(data: bytes) -> str | None:
     """Best-effort name of what the bytes are, for error messages and for 'allowed but corrupt' decisions."""
     head = data[:64]
     if head.startswith(b"\xff\xd8\xff"):
@@ -82,7 +108,7 @@ def _sniff(data: bytes) -> str | None:
         if brand in (b"avif", b"avis"):
             return "AVIF"
         if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
-            return "HEIC"
+            return "HEIF"
         return "an ISO media file (video?)"
     if head.startswith(b"\x00\x00\x00\x0cjP  ") or head.startswith(b"\xff\x4f\xff\x51"):
         return "JPEG 2000"
@@ -126,17 +152,20 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Parse only the header, with the format allow-list and Pillow's bomb guard turned into our errors."""
     if not data:
         raise _unsupported(data, None)
-    sniffed = _sniff(data)
+    sniffed = sniff(data)
     if sniffed is not None and sniffed not in ALLOWED_FORMATS:
         # Known non-allowed formats never reach a decoder at all.
         raise _unsupported(data, sniffed)
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. Below our own limit the warning is
     # noise; when the operator's limit is stricter than Pillow's the warning is a bomb and is an error.
     action: Literal["error", "ignore"] = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
+    plugins = _plugins()
+    if sniffed in ("HEIF", "AVIF") and sniffed not in plugins:
+        raise UnsupportedFormatError(f"{sniffed} is not decoded by this install (see requirements.txt)")
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter(action, Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=_PLUGINS)
+            im = Image.open(io.BytesIO(data), formats=plugins)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -178,7 +207,8 @@ def decode_cost(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> int
 def probe_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
     """(format, width, height) from the header alone: cheap admission control before any pixel work.
 
-    The size is the stored one, before EXIF orientation (reading orientation can require a decode).
+    The size is the stored one, before EXIF orientation (reading orientation can require a decode); HEIF
+    reports it already turned as its ``irot`` box says.
     """
     with _open(data, max_pixels) as im:
         return str(im.format), im.width, im.height

@@ -31,6 +31,11 @@ class UnsupportedFormatError(PicTraceError):
     """The bytes are not an image in one of the allowed formats."""
 
 
+class NotAnImageFileError(UnsupportedFormatError):
+    """A file of a folder gallery is not an image in an allowed format (a video, a text file): left out, not
+    reported as a failure."""
+
+
 class DecodeError(PicTraceError):
     """The bytes claim an allowed image format but cannot be decoded (truncated, corrupt)."""
 

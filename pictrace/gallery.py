@@ -1,13 +1,17 @@
-"""Read and validate db.json, the original PicTrace's gallery format: a JSON list of {"url", "id"?, ...}.
+"""The gallery: db.json (the original PicTrace's format, a JSON list of {"url", "id"?, ...}) or a folder.
 
-Bad entries are reported by position and skipped; the good ones are still indexed.
+Bad db.json entries are reported by position and skipped; the good ones are still indexed. A folder is walked
+recursively: hidden files and folders are skipped, and a symlink that leads outside it is refused and reported.
+Which of its files are images is decided by their first bytes, when they are read (pictrace/files.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,15 +20,19 @@ from urllib.parse import urlsplit
 from pictrace.errors import GalleryError
 from pictrace.metadata import MetadataError, check_metadata, check_text
 from pictrace.schemas import FailedEntry, GalleryEntry
+from pictrace.store.records import FileStat
 
 
 @dataclass(frozen=True)
 class LocatedEntry:
-    """A valid entry and where its bytes are: an http(s) URL, or an absolute path resolved from db.json."""
+    """A valid entry and where its bytes are: an http(s) URL, or an absolute path resolved from db.json.
 
-    position: int
+    A folder gallery's entry has no position, and its file's size and mtime as scanned (``stat``)."""
+
+    position: int | None
     entry: GalleryEntry
     location: str
+    stat: FileStat | None = None
 
     @property
     def is_remote(self) -> bool:
@@ -61,12 +69,14 @@ class Shard:
 class Gallery:
     entries: list[LocatedEntry] = field(default_factory=list)
     invalid: list[FailedEntry] = field(default_factory=list)
+    folder: Path | None = None  # a folder gallery's root, resolved; None for db.json
 
     def shard(self, shard: Shard) -> Gallery:
         """The entries (and invalid entries) this shard owns; positions stay those of the whole db.json."""
         return Gallery(
             entries=[e for e in self.entries if shard.owns(e.entry.url)],
             invalid=[f for f in self.invalid if shard.owns(f.url)],
+            folder=self.folder,
         )
 
 
@@ -128,8 +138,72 @@ def parse_gallery(data: Any, base_dir: Path) -> Gallery:
     return gallery
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def scan_folder(root: Path) -> Gallery:
+    """Every regular, non-hidden file under ``root``, each named by its path relative to it (its id and url).
+
+    Nothing is read here, only listed and stat'ed: an unchanged file of a re-scan costs one ``stat``. A symlink
+    is followed only when it stays inside the folder; a folder reached twice (a link to a parent) is walked once.
+    """
+    try:
+        base = root.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise GalleryError(f"gallery folder {root} cannot be opened: {exc}") from exc
+    if not base.is_dir():
+        raise GalleryError(f"gallery folder {root} is not a folder")
+    gallery = Gallery(folder=base)
+    seen_dirs = {base}
+    pending = [base]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                items = sorted(listing, key=lambda item: item.name)
+        except OSError as exc:
+            gallery.invalid.append(FailedEntry(position=None, url=_relative(directory, base), reason=str(exc)))
+            continue
+        for item in items:
+            if _is_hidden(item.name):
+                continue
+            path = Path(item.path)
+            relative = _relative(path, base)
+            try:
+                if item.is_symlink():
+                    target = path.resolve(strict=True)
+                    if not target.is_relative_to(base):
+                        raise ValueError(f"symbolic link leads outside the folder (to {target}): refused")
+                info = path.stat()  # follows a link that stays inside
+            except (OSError, RuntimeError) as exc:  # a dangling link, a loop, a permission
+                gallery.invalid.append(FailedEntry(position=None, url=relative, reason=f"cannot read: {exc}"))
+                continue
+            except ValueError as exc:
+                gallery.invalid.append(FailedEntry(position=None, url=relative, reason=str(exc)))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                real = path.resolve()
+                if real not in seen_dirs:
+                    seen_dirs.add(real)
+                    pending.append(path)
+            elif stat.S_ISREG(info.st_mode):
+                entry = GalleryEntry(url=relative, id=relative)
+                gallery.entries.append(
+                    LocatedEntry(None, entry, str(path), FileStat(info.st_size, info.st_mtime_ns))
+                )
+    gallery.entries.sort(key=lambda e: e.entry.url)
+    return gallery
+
+
+def _relative(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix() if path != base else "."
+
+
 def load_gallery(path: Path) -> Gallery:
-    """Read db.json; raises GalleryError when the file as a whole is unusable."""
+    """Read db.json, or list a folder; raises GalleryError when the gallery as a whole is unusable."""
+    if path.is_dir():
+        return scan_folder(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:

@@ -19,18 +19,18 @@ import numpy as np
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
-from pictrace.errors import NotFoundError, OverloadedError, PicTraceError
+from pictrace.errors import NotAnImageFileError, NotFoundError, OverloadedError, PicTraceError
 from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
 from pictrace.features.orb import OrbFeatures
 from pictrace.fetch import Fetcher, host_of
-from pictrace.files import read_local_file
+from pictrace.files import read_folder_image, read_local_file
 from pictrace.gallery import Gallery, LocatedEntry, Shard
 from pictrace.graph import link_images
 from pictrace.indexes import DerivedIndexes
 from pictrace.schemas import FailedEntry, IngestReport
-from pictrace.store import Catalogue, Source, StoredImage
+from pictrace.store import Catalogue, FileStat, Source, SourceState, StoredImage
 from pictrace.tuning import Tuning
 from pictrace.work import WorkPool
 
@@ -59,6 +59,8 @@ class _Fetched:
     source: Source
     data: bytes
     position: int | None = None
+    stat: FileStat | None = None  # a folder's file: its size and mtime before it was read
+    previous: str | None = None  # the SHA-256 its source named before this run
 
     @property
     def shown_url(self) -> str:
@@ -100,6 +102,8 @@ def deleted_source_key(url: str) -> str:
 class _BatchOutcome:
     added: int = 0
     duplicates: int = 0
+    unchanged: int = 0
+    skipped: int = 0
     failed: list[FailedEntry] = field(default_factory=list)
 
 
@@ -179,48 +183,55 @@ class Ingestor:
         on_progress: Callable[[IngestProgress], None] | None = None,
         shard: Shard | None = None,
     ) -> IngestReport:
-        """Bring the catalogue in line with a gallery file: add new entries, retry failures, drop removed ones.
+        """Bring the catalogue in line with a gallery (db.json or a folder): add new entries, retry failures,
+        re-read changed files, drop removed ones.
 
+        New entries are done before removed ones are dropped, so a file moved or renamed (a db.json URL
+        renamed) finds its bytes still stored and keeps its features: it is linked, not embedded again.
+        A folder's file is read again only when its size or mtime moved since it was last read.
         With a ``shard``, only the entries (and the removals) that the shard owns: workers with different
         shards of one db.json share a catalogue without duplicating or undoing each other's work.
         """
         async with self._lock:
+            whole = gallery
             if shard is not None:
                 gallery = gallery.shard(shard)
             report = IngestReport(invalid=list(gallery.invalid))
             states = await self.pool.run_background(self.catalogue.source_states)
             deleted = await self.pool.run_background(self._deleted_sources)
-            kept_out = [e for e in gallery.entries if e.location in deleted]
-            report.deleted = len(kept_out)
-            wanted = [e for e in gallery.entries if e.location not in deleted]
-            todo = [e for e in wanted if (s := states.get(e.location)) is None or s.status != "ok"]
-            unchanged = [e for e in wanted if e not in todo]
+            entries = [e for e in gallery.entries if e.location not in deleted]
+            report.deleted = len(gallery.entries) - len(entries)
+            stats = await self.pool.run_background(self.catalogue.file_stats) if whole.folder else {}
+
+            def is_todo(e: LocatedEntry) -> bool:
+                if e.stat is not None:  # a folder's file: unchanged size and mtime, not read again
+                    return stats.get(e.location) != e.stat
+                return (s := states.get(e.location)) is None or s.status != "ok"
+
+            todo: list[LocatedEntry] = []
+            unchanged: list[LocatedEntry] = []
+            for e in entries:
+                (todo if is_todo(e) else unchanged).append(e)
             report.unchanged = len(unchanged)
-            await self.pool.run_background(self._refresh_details, unchanged)
-            current = {e.location for e in wanted}
-            known = await self.pool.run_background(self.catalogue.gallery_entry_urls)
-            gone = [
-                url
-                for url, entry_url in known.items()
-                if url not in current and (shard is None or shard.owns(entry_url))
-            ]
-            if gone:
-                removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
-                await self.pool.run_background(self.indexes.remove, removed)
-                report.removed = len(gone)
+            await self.pool.run_background(self._refresh_details, [e for e in unchanged if e.stat is None])
             self.progress = IngestProgress(total=len(todo), running=True)
+            dropped = 0
             try:
                 try:
-                    outcome = await self._run(todo, on_progress)
+                    outcome = await self._run(todo, states, whole.folder, on_progress)
+                    report.removed, dropped = await self._drop_removed(whole, gallery, shard, stats)
                 finally:
-                    # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by a
-                    # quarter since (not the doubling that triggers it while the ingest runs)
-                    await self.pool.run_background(self.indexes.maintain, 1.25)
-                    await self.pool.run_background(self.indexes.save)
+                    if todo or dropped:  # a re-scan that found nothing to do writes nothing
+                        # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by
+                        # a quarter since (not the doubling that triggers it while the ingest runs)
+                        await self.pool.run_background(self.indexes.maintain, 1.25)
+                        await self.pool.run_background(self.indexes.save)
                 await self.pool.run_background(self._link_unlinked)
             finally:
                 self.progress.running = False
             report.added, report.duplicates = outcome.added, outcome.duplicates
+            report.unchanged += outcome.unchanged
+            report.skipped = outcome.skipped
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
 
@@ -229,12 +240,39 @@ class Ingestor:
         marked = self.catalogue.meta_with_prefix(DELETED_SOURCE)
         tombstoned = self.catalogue.meta_with_prefix(tombstone_key(""))
         return {url for url, sha in marked.items() if sha in tombstoned}
+    async def _drop_removed(
+        self, whole: Gallery, gallery: Gallery, shard: Shard | None, stats: dict[str, FileStat]
+    ) -> tuple[int, int]:
+        """Forget the sources that left the gallery, and the images no source names any more.
+        Returns (sources dropped, images dropped)."""
+        current = {e.location for e in gallery.entries}
+        known = await self.pool.run_background(self.catalogue.gallery_entry_urls)
+        gone = [
+            url
+            for url, entry_url in known.items()
+            if url not in current and (shard is None or shard.owns(entry_url))
+        ]
+        removed: list[int] = []
+        if gone:
+            removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
+        if whole.folder is not None:
+            listed = {e.location for e in whole.entries}
+            await self.pool.run_background(self.catalogue.forget_file_stats, [u for u in stats if u not in listed])
+            removed += await self.pool.run_background(self.catalogue.remove_orphans)
+        if removed:
+            await self.pool.run_background(self.indexes.remove, removed)
+        return len(gone), len(removed)
 
     def _refresh_details(self, entries: list[LocatedEntry]) -> None:
-        self.catalogue.update_sources_details([_source(e) for e in entries])
+        if entries:
+            self.catalogue.update_sources_details([_source(e) for e in entries])
 
     async def _run(
-        self, todo: list[LocatedEntry], on_progress: Callable[[IngestProgress], None] | None
+        self,
+        todo: list[LocatedEntry],
+        states: dict[str, SourceState],
+        folder: Path | None,
+        on_progress: Callable[[IngestProgress], None] | None,
     ) -> _BatchOutcome:
         outcome = _BatchOutcome()
         hosts = _HostSchedule(todo, self.settings.fetch_per_host)
@@ -251,14 +289,21 @@ class Ingestor:
         async def fetch_worker() -> None:
             while (item := await hosts.take()) is not None:
                 try:
-                    data = await self._fetch(item)
+                    data = await self._fetch(item, folder)
+                except NotAnImageFileError:
+                    await self.pool.run_background(self._forget_source, item)
+                    outcome.skipped += 1
+                    advance(1, [])
+                    continue
                 except PicTraceError as exc:
-                    await self.pool.run_background(self.catalogue.record_failure, _source(item), str(exc))
+                    await self.pool.run_background(self._record_failure, item, str(exc))
                     advance(1, [FailedEntry(position=item.position, url=item.entry.url, reason=str(exc))])
                     continue
                 finally:
                     await hosts.release(item)
-                await fetched.put(_Fetched(_source(item), data, item.position))
+                state = states.get(item.location)
+                previous = state.sha256 if state is not None and state.status == "ok" else None
+                await fetched.put(_Fetched(_source(item), data, item.position, item.stat, previous))
 
         async def fetch_all() -> None:
             try:
@@ -284,16 +329,31 @@ class Ingestor:
                     if self._links_enabled:
                         self.progress.linking += result.added  # linked at the end of the ingest
                     outcome.duplicates += result.duplicates
+                    outcome.unchanged += result.unchanged
                     advance(len(batch), result.failed)
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
         return outcome
 
-    async def _fetch(self, item: LocatedEntry) -> bytes:
+    async def _fetch(self, item: LocatedEntry, folder: Path | None) -> bytes:
         if item.is_remote:
             return await self.fetcher.fetch_gallery(item.location)
-        return await self.pool.run_background(read_local_file, Path(item.location), self.settings.max_download_bytes)
+        limit = self.settings.max_download_bytes
+        if folder is not None and item.stat is not None:
+            return await self.pool.run_background(read_folder_image, Path(item.location), folder, limit)
+        return await self.pool.run_background(read_local_file, Path(item.location), limit)
+
+    def _record_failure(self, item: LocatedEntry, reason: str) -> None:
+        self.catalogue.record_failure(_source(item), reason)
+        if item.stat is not None:  # not retried until the file changes: it would fail the same way
+            self.catalogue.record_file_stats([(item.location, item.stat)])
+
+    def _forget_source(self, item: LocatedEntry) -> None:
+        """A folder's file that is not (or no longer) an image: no source, and not read again while unchanged."""
+        self.catalogue.remove_sources([item.location])
+        if item.stat is not None:
+            self.catalogue.record_file_stats([(item.location, item.stat)])
 
     def _prepare(self, data: bytes, sha: str) -> tuple[StoredImage, np.ndarray]:
         """Decode and featurise one image (everything but the batched embedding). Raises on bad bytes."""
@@ -321,9 +381,13 @@ class Ingestor:
         outcome = _BatchOutcome()
         ready: list[tuple[_Fetched, StoredImage]] = []
         pixels = []
+        stats = [(f.source.url, f.stat) for f in batch if f.stat is not None]
         for fetched in batch:
             source = fetched.source
             sha = sha256_hex(fetched.data)
+            if fetched.previous == sha:  # a file touched, not changed: its source already names these bytes
+                outcome.unchanged += 1
+                continue
             try:
                 if self.catalogue.get_meta(tombstone_key(sha)) is not None:
                     raise PicTraceError(
@@ -341,6 +405,7 @@ class Ingestor:
             ready.append((fetched, stored))
             pixels.append(rgb)
         if not ready:
+            self.catalogue.record_file_stats(stats)
             return outcome
         vectors = self.embedder.embed(pixels)
         new_ids: list[int] = []
@@ -359,6 +424,7 @@ class Ingestor:
         if new_ids:
             self.indexes.add(new_ids, np.stack(new_vectors), new_orbs)
             self.indexes.relearn_if_outgrown()
+        self.catalogue.record_file_stats(stats)  # after the images: a crash before it only costs a re-read
         return outcome
 
     @property

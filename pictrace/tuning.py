@@ -135,6 +135,8 @@ class Ingest(_Frozen):
     """Ingest batching: bench/embed_speed.py (batch 16 is where onnxruntime's images/s levels off here)."""
 
     embed_batch: Annotated[int, Field(ge=1, le=256)] = 16
+    # files one POST /api/images may carry (their bytes together are capped by the operator's max_upload_bytes)
+    max_files_per_request: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
 class Fetching(_Frozen):
@@ -165,6 +167,9 @@ class Serving(_Frozen):
     """How long and how much a client may take to send a request (pictrace/web/serving.py). Sound defaults for a
     service reached directly; behind a reverse proxy (docs/security.md) the proxy's own limits come first."""
 
+    # open connections and requests beyond which new requests get 503 at once (uvicorn's limit_concurrency); a
+    # reverse proxy in front keeps its own number of connections to PicTrace below this
+    max_connections: Annotated[int, Field(ge=1)] = 256
     header_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # a request's headers, whole
     max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024  # request line and headers (nginx's default)
     body_timeout_s: Annotated[float, Field(gt=0)] = 120.0  # a whole body: 20 MiB at ~1.4 Mbit/s
@@ -179,6 +184,15 @@ class Evidence(_Frozen):
 
     max_entries: Annotated[int, Field(ge=1)] = 64
     max_bytes: Annotated[int, Field(ge=MiB)] = 64 * MiB
+
+
+class FolderWatch(_Frozen):
+    """Watching a folder gallery: changes are gathered until the folder has been quiet for ``quiet_ms`` and no
+    changed file was modified more recently than that (a copy in progress is indexed once, complete), but for at
+    most ``max_wait_ms``, so a folder that never stops changing is still kept in step."""
+
+    quiet_ms: Annotated[int, Field(ge=10)] = 1500
+    max_wait_ms: Annotated[int, Field(ge=100)] = 60_000
 
 
 class Tuning(_Frozen):
@@ -196,6 +210,7 @@ class Tuning(_Frozen):
     decoding: Decoding = Decoding()
     serving: Serving = Serving()
     evidence: Evidence = Evidence()
+    watch: FolderWatch = FolderWatch()
 
     @classmethod
     def from_file(cls, path: Path) -> Tuning:

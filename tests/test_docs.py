@@ -14,7 +14,7 @@ README = (ROOT / "README.md").read_text()
 # What an operator sets, as environment variables; the fitted constants live in pictrace/tuning.py instead.
 OPERATOR_SETTINGS = (
     # serving
-    "host", "port", "db", "data_dir", "index_on_start", "max_connections",
+    "host", "port", "db", "data_dir", "index_on_start", "watch",
     # model
     "backbone", "model_path", "resnet50_weights", "embed_threads",
     # search and evidence

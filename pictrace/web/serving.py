@@ -3,7 +3,7 @@
 uvicorn on its own waits for a request's headers, and for its body, as long as the client likes: 30 clients
 sending a byte a second each held a connection (and a request slot) forever. Here:
 
-* ``PICTRACE_MAX_CONNECTIONS`` bounds open connections and requests (uvicorn's ``limit_concurrency``: beyond
+* ``max_connections`` bounds open connections and requests (uvicorn's ``limit_concurrency``: beyond
   it, new requests get 503 at once);
 * a request's headers must arrive whole within ``header_timeout_s`` and ``max_header_bytes``
   (:class:`LimitedHttpProtocol`; 408 or 431, then the connection is closed);
@@ -90,7 +90,7 @@ def server_config(app: Any, settings: Settings, serving: Serving, **extra: Any) 
         "host": settings.host,
         "port": settings.port,
         "http": limited_protocol(serving),
-        "limit_concurrency": settings.max_connections,
+        "limit_concurrency": serving.max_connections,
         "timeout_keep_alive": serving.keep_alive_s,
         "backlog": serving.backlog,
         "log_level": "info",
