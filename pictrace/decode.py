@@ -74,12 +74,14 @@ def _plugins() -> tuple[str, ...]:
 
 @dataclass(frozen=True, eq=False)
 class DecodedImage:
-    """Decoded pixels plus what the header said; width/height are after EXIF orientation."""
+    """Decoded pixels plus what the header said; width/height are the picture's own (after EXIF orientation),
+    whatever size ``rgb`` was decoded at, so that what is reported (sizes, crop boxes) is in the file's pixels."""
 
     rgb: np.ndarray  # (H, W, 3) uint8, C-contiguous
     format: str
     width: int
     height: int
+    scale: float = 1.0  # rgb pixels per picture pixel: below 1 for a large image decoded smaller
 
 
 def sniff(data: bytes) -> str | None:
@@ -268,12 +270,13 @@ def decode_image(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> De
 
     ``draft_min_side`` (0: never): an image whose longest side is at least twice this is returned smaller, keeping
     at least this many pixels on that side: a JPEG is decoded at 1/2, 1/4 or 1/8 scale, anything else is reduced
-    by an integer box filter right after its decode. Its width and height are then those of the pixels returned
-    (as for any smaller copy of the picture): every feature works on 640 px or less, and full-size copies of a
-    50 MP image cost 150 MB each.
+    by an integer box filter right after its decode (every feature works on 640 px or less, and full-size copies
+    of a 50 MP image cost 150 MB each). Its width and height stay the picture's, and ``scale`` says how much
+    smaller ``rgb`` is, so that sizes and crop boxes are reported in the file's pixels.
     """
     im = _open(data, max_pixels)
     fmt = str(im.format)
+    full = (im.width, im.height)  # before any reduction; swapped below if EXIF turns the picture
     try:
         reduction = _reduction(fmt, im.width, im.height, draft_min_side)
         if reduction > 1:
@@ -286,12 +289,15 @@ def decode_image(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> De
             raise
         except Exception as exc:  # OSError, SyntaxError, ValueError, EOFError, struct.error, ...
             raise DecodeError(f"cannot decode {fmt} data: {type(exc).__name__}: {exc}") from exc
+        stored = (im.width, im.height)
         try:
             ImageOps.exif_transpose(im, in_place=True)
         except MemoryError:
             raise
         except Exception:  # malformed EXIF must not cost us the picture: keep the stored orientation
             pass
+        if (im.width, im.height) != stored:
+            full = (full[1], full[0])
         try:
             _check_pixels(im.width, im.height, max_pixels)
             shrink = max(im.width, im.height) // draft_min_side if draft_min_side else 1
@@ -312,4 +318,6 @@ def decode_image(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> De
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DecodeError(f"decoded {fmt} image has an unexpected shape {rgb.shape}")
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    return DecodedImage(rgb=rgb, format=fmt, width=int(rgb.shape[1]), height=int(rgb.shape[0]))
+    if rgb.shape[1] == full[0]:
+        return DecodedImage(rgb=rgb, format=fmt, width=int(rgb.shape[1]), height=int(rgb.shape[0]))
+    return DecodedImage(rgb=rgb, format=fmt, width=full[0], height=full[1], scale=rgb.shape[1] / full[0])

@@ -432,3 +432,20 @@ def test_truncated_heif_and_avif_are_decode_errors(fmt: str) -> None:
     data = _phone(Image.fromarray(_noise_rgb(128, 128)), fmt, quality=90)
     with pytest.raises(DecodeError):
         decode_image(data[: len(data) // 2], max_pixels=MAX)
+
+
+@pytest.mark.parametrize(("orientation", "size"), [(1, (3000, 2000)), (6, (2000, 3000))])
+def test_a_large_jpeg_is_decoded_smaller_but_keeps_the_pictures_size(orientation: int, size: tuple[int, int]) -> None:
+    """Draft mode saves the pixels, not the truth: width and height stay the file's (after EXIF orientation),
+    and ``scale`` says how many decoded pixels there are per picture pixel."""
+    rgb = np.random.default_rng(3).integers(0, 255, (2000, 3000, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _save(Image.fromarray(rgb), "JPEG", quality=90, exif=exif)
+    out = decode_image(data, max_pixels=MAX, draft_min_side=1280)
+    assert (out.width, out.height) == size
+    assert max(out.rgb.shape[:2]) < 3000 and max(out.rgb.shape[:2]) >= 1280
+    assert (out.rgb.shape[0] > out.rgb.shape[1]) == (size[1] > size[0])
+    assert out.scale == pytest.approx(out.rgb.shape[1] / size[0])
+    full = decode_image(data, max_pixels=MAX)
+    assert (full.width, full.height, full.scale) == (*size, 1.0) and full.rgb.shape[:2] == size[::-1]

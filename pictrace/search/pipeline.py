@@ -68,8 +68,8 @@ class Searcher:
         self, image: DecodedImage, sha256: str, top_k: int, started: float
     ) -> tuple[SearchResult, list[str]]:
         t, run, reads = self.tuning, self._schedule, QueryReads(self.catalogue)
-        jobs = run.query_jobs(image.rgb, self.embedder, t)  # beside the worker: pixel hash, embedding, SSIM ref.
-        query = orb_of(image.rgb, t)
+        jobs = run.query_jobs(image.rgb, self.embedder, t, image.scale)  # beside: pixel hash, embedding, SSIM ref.
+        query = orb_of(image.rgb, t, image.scale)
         # candidates found without the embedding, verified while it is computed
         votes = candidates.votes_for(query, self.local, t, run.map)
         found = candidates.local_candidates(self.catalogue.vec_ids_by_hash(sha256, jobs.pixel_hash.result()), votes, t)
