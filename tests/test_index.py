@@ -34,24 +34,34 @@ def milvus_lite(path: Path) -> VectorIndex:
     return MilvusIndex(str(path / "milvus.db"), INFO)
 
 
+def milvus_server(uri: str) -> IndexFactory:
+    from pictrace.indexes.vector.milvus_index import MilvusIndex
+
+    return lambda path: MilvusIndex(uri, INFO)
+
+
 BACKENDS: dict[str, IndexFactory] = {
     "faiss-flat": lambda path: FaissIndex.open(path / "v.faiss", INFO),
     "faiss-hnsw": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(mode="hnsw")),
     "faiss-hnsw-sq8": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(mode="hnsw-sq8")),
     "faiss-auto": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(approx_from=40)),
     "milvus-lite": milvus_lite,
+    "milvus-server": lambda path: pytest.fail("made by the backend fixture, from the session's server"),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, IndexFactory]]:
     opened: list[VectorIndex] = []
+    make = BACKENDS[request.param]
+    if request.param == "milvus-server":  # a real server (tests/milvusserver.py), emptied for this test
+        make = milvus_server(request.getfixturevalue("milvus_uri"))
 
     def factory(path: Path) -> VectorIndex:
         for index in opened:  # Milvus Lite allows one client per file: the previous one is done
             index.close()
         opened.clear()
-        opened.append(BACKENDS[request.param](path))
+        opened.append(make(path))
         return opened[0]
 
     yield request.param, factory
@@ -250,8 +260,9 @@ def test_faiss_older_format_is_reported_as_corrupt(tmp_path: Path) -> None:
 # --- the service on each backend: ingest, search, restart -------------------------------------------------
 
 
-@pytest.mark.parametrize("backend_settings", ["faiss-hnsw-sq8", "milvus-lite"])
+@pytest.mark.parametrize("backend_settings", ["faiss-hnsw-sq8", "milvus-lite", "milvus-server"])
 async def test_service_ingests_and_finds_on_each_backend(
+    request: pytest.FixtureRequest,
     backend_settings: str,
     image_server: ImageServer,
     photos: dict[str, np.ndarray],
@@ -263,6 +274,8 @@ async def test_service_ingests_and_finds_on_each_backend(
     overrides: dict[str, object] = (
         {"index_mode": "hnsw-sq8"} if backend_settings.startswith("faiss") else {"milvus_uri": str(tmp_path / "m.db")}
     )
+    if backend_settings == "milvus-server":
+        overrides = {"milvus_uri": request.getfixturevalue("milvus_uri")}
     settings = make_settings(**overrides)
     names = ["astronaut", "chelsea", "coffee", "rocket"]
     settings.db.write_text(
