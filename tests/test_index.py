@@ -365,3 +365,18 @@ def test_milvus_lite_file_is_free_for_another_process_after_close(tmp_path: Path
                           timeout=120, cwd=tests.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "5"
+
+
+@pytest.mark.parametrize("other", ["dimension", "model"])
+def test_milvus_server_refuses_a_collection_of_another_model(milvus_uri: str, other: str) -> None:
+    """A collection of this name that holds another model's vectors is refused at open, in one line."""
+    from pictrace.indexes.vector.milvus_index import MilvusIndex
+
+    made_by = (IndexInfo("another-backbone", "fff999", 64) if other == "model"
+               else IndexInfo(INFO.backbone, INFO.fingerprint, 32))
+    MilvusIndex(milvus_uri, made_by, collection="shared_vectors").close()
+    with pytest.raises(IndexMismatchError) as refused:
+        MilvusIndex(milvus_uri, INFO, collection="shared_vectors")
+    message = str(refused.value)
+    assert "\n" not in message and "shared_vectors" in message
+    assert ("dim 32" in message) if other == "dimension" else ("another-backbone" in message)

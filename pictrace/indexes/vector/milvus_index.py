@@ -30,6 +30,7 @@ from pictrace.errors import IndexMismatchError, VectorStoreUnavailableError
 from pictrace.indexes.vector.base import IndexInfo
 
 _BATCH = 2000
+_SEARCH_PARAMS = {"metric_type": "IP"}
 _OWN_WRITES_S = 2.0  # searches this long after this process's last write wait for the server to apply it
 T = TypeVar("T")
 
@@ -180,7 +181,7 @@ class MilvusIndex:
             return scores[:, :0], found[:, :0]
         level = "Strong" if time.monotonic() - self._wrote_at < _OWN_WRITES_S else "Session"
         hits = self._call("search", lambda: self._client.search(
-            self._name, data=list(vectors), limit=k, output_fields=["id"], search_params={"metric_type": "IP"},
+            self._name, data=list(vectors), limit=k, output_fields=["id"], search_params=_SEARCH_PARAMS,
             consistency_level=level, timeout=self._timeout,
         ))
         width = 0
