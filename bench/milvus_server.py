@@ -145,6 +145,9 @@ def main() -> None:
         from pymilvus import MilvusClient
 
         version = MilvusClient(uri=server.uri).get_server_version()
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # as the service searches (Service.start)
         faiss_index = FaissIndex(INFO)
         faiss_index.add(ids, gallery)
         faiss_ms, exact = timed_searches(faiss_index, queries)

@@ -76,13 +76,15 @@ class MilvusIndex:
         return json.dumps({"backbone": info.backbone, "fingerprint": info.fingerprint, "dim": info.dim})
 
     def _open_collection(self) -> None:
+        from pymilvus.exceptions import MilvusException
+
         client = self._client
         if not client.has_collection(self._name):
             physical = self._create_collection()
             try:
                 client.create_alias(physical, self._name)
                 return
-            except Exception:
+            except MilvusException:
                 client.drop_collection(physical)
                 if not client.has_collection(self._name):
                     raise
