@@ -380,3 +380,29 @@ def test_milvus_server_refuses_a_collection_of_another_model(milvus_uri: str, ot
     message = str(refused.value)
     assert "\n" not in message and "shared_vectors" in message
     assert ("dim 32" in message) if other == "dimension" else ("another-backbone" in message)
+
+
+def test_milvus_server_reindex_moves_a_collection_made_before_aliases_behind_one(milvus_uri: str) -> None:
+    """A collection named after the model itself (as before reindex used aliases) is used as it is, and the
+    first rebuild replaces it with a new collection behind an alias of that name."""
+    from pymilvus import MilvusClient
+
+    from pictrace.indexes.vector.milvus_index import MilvusIndex, collection_name
+
+    name = collection_name(INFO)
+    client = MilvusClient(uri=milvus_uri)
+    client.create_collection(name, dimension=INFO.dim, metric_type="IP", consistency_level="Strong")
+    vectors = unit_vectors(20, seed=7)
+    client.insert(name, [{"id": i, "vector": v.tolist()} for i, v in enumerate(vectors)])
+    index = MilvusIndex(milvus_uri, INFO)
+    try:
+        assert len(index) == 20
+        index.rebuild([(np.arange(100, 105, dtype=np.int64), vectors[:5])])
+        assert sorted(index.ids().tolist()) == list(range(100, 105))
+        _, found = index.search(vectors[:1], 1)
+        assert found[0, 0] == 100
+        (physical,) = client.list_collections()
+        assert physical != name and client.list_aliases(physical)["aliases"] == [name]
+    finally:
+        index.close()
+        client.close()
