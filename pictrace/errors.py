@@ -84,6 +84,10 @@ class IndexMismatchError(PicTraceError):
     """A persisted index was built by another backbone/dimension and must not be mixed with this one."""
 
 
+class VectorStoreUnavailableError(NotReadyError):
+    """The shared vector store (a Milvus server) is down, failing or slower than its timeout: retry later."""
+
+
 class IndexCorruptError(PicTraceError):
     """A persisted vector index file cannot be read back."""
 

@@ -129,6 +129,8 @@ class VectorIndexTuning(_Frozen):
     approx_from: Annotated[int, Field(ge=1)] = 20_000  # auto: images from which HNSW replaces exact search
     sq8_from: Annotated[int, Field(ge=1)] = 100_000  # auto: images from which HNSW stores 8-bit vectors
     ef_search: Annotated[int, Field(ge=8, le=4096)] = 128  # HNSW candidates explored per query
+    # a Milvus request (search, add, remove) taking longer fails as unavailable (503) instead of holding a worker
+    milvus_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
 
 
 class Ingest(_Frozen):
