@@ -11,7 +11,7 @@ each side (the other checkout must read the same catalogue format). Each side pr
 the median time of embedding one image, and their ratio (the quality issue's latency yardstick).
 
     python bench/search_ab.py GT.json --b ../other-checkout [--b-env PICTRACE_X=1] [--rounds 1] [--queries 250]
-    python bench/search_ab.py GT.json --b-env PICTRACE_EMBED_ALONGSIDE=false      # same code, another setting
+    python bench/search_ab.py GT.json --b-tuning one-thread.json     # same code, other constants (--tuning FILE)
 """
 
 from __future__ import annotations
@@ -45,13 +45,20 @@ from pathlib import Path
 sys.path.insert(0, ".")
 from pictrace.config import Settings
 from pictrace.eval import GroundTruth, _embed_one_ms
-from pictrace.files import read_local_file
+try:
+    from pictrace.files import read_local_file
+except ImportError:  # a checkout from before pictrace/files.py
+    from pictrace.ingest import read_local_file
 from pictrace.service import Service
 
 async def main() -> None:
     gt = GroundTruth.load(Path(sys.argv[1]))
     images = Path(sys.argv[1]).parent / "images"
-    service = await Service.start(Settings(data_dir=Path(sys.argv[2]), index_on_start=False))
+    options = {}
+    if len(sys.argv) > 3:
+        from pictrace.tuning import Tuning
+        options["tuning"] = Tuning.from_file(Path(sys.argv[3]))
+    service = await Service.start(Settings(data_dir=Path(sys.argv[2]), index_on_start=False), **options)
     queries = [read_local_file(images / q.name, service.settings.max_upload_bytes) for q in gt.queries]
     for data in queries[:3]:  # warm-up
         await service.pool.run_background(service.searcher.search_ranked, data)
@@ -88,13 +95,16 @@ async def build_index(gt_path: Path, workdir: Path) -> Path:
 
 
 class Side:
-    def __init__(self, name: str, checkout: Path, env: dict[str, str], gt_path: Path, data_dir: Path) -> None:
+    def __init__(
+        self, name: str, checkout: Path, env: dict[str, str], gt_path: Path, data_dir: Path, tuning: Path | None
+    ) -> None:
         self.name = name
         self.search_ms: list[float] = []
         self.embed_ms: list[float] = []
         python = checkout / ".venv" / "bin" / "python"
         self.proc = subprocess.Popen(
-            [str(python if python.exists() else Path(sys.executable)), "-c", WORKER, str(gt_path), str(data_dir)],
+            [str(python if python.exists() else Path(sys.executable)), "-c", WORKER, str(gt_path), str(data_dir),
+             *([str(tuning.resolve())] if tuning else [])],
             cwd=checkout,
             env={**os.environ, **env},
             stdin=subprocess.PIPE,
@@ -140,6 +150,8 @@ def main() -> None:
     parser.add_argument("--b", type=Path, default=ROOT, help="checkout B (default: this one)")
     parser.add_argument("--a-env", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--b-env", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--a-tuning", type=Path, help="a tuning file for side A (pictrace/tuning.py)")
+    parser.add_argument("--b-tuning", type=Path, help="a tuning file for side B")
     parser.add_argument("--rounds", type=int, default=1, help="passes over the queries")
     parser.add_argument("--queries", type=int, default=0, help="the first N queries (0: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "search_ab.json")
@@ -152,14 +164,12 @@ def main() -> None:
         shutil.copytree(data_dir, Path(tmp) / "data-b")
         sides = [
             Side(
-                f"A {args.a} {' '.join(args.a_env)}".strip(), args.a.resolve(), parse_env(args.a_env), gt_path, data_dir
+                f"A {args.a} {' '.join(args.a_env)} {args.a_tuning or ''}".strip(),
+                args.a.resolve(), parse_env(args.a_env), gt_path, data_dir, args.a_tuning,
             ),
             Side(
-                f"B {args.b} {' '.join(args.b_env)}".strip(),
-                args.b.resolve(),
-                parse_env(args.b_env),
-                gt_path,
-                Path(tmp) / "data-b",
+                f"B {args.b} {' '.join(args.b_env)} {args.b_tuning or ''}".strip(),
+                args.b.resolve(), parse_env(args.b_env), gt_path, Path(tmp) / "data-b", args.b_tuning,
             ),
         ]
         try:

@@ -47,6 +47,7 @@ from pictrace.search.rerank import mirror_pass, needs_mirror
 from pictrace.search.schedule import map_serial
 from pictrace.search.verify import fit_all
 from pictrace.service import Service
+from pictrace.tuning import Tuning
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CANDIDATES = 20  # hardest distractors per query (the embedding's top 20)
@@ -339,6 +340,14 @@ def main() -> None:
     summary["outcomes"] = outcomes(rows, rule, args.similar)
     summary["readout"] = readout_accuracy(rows)
     (RESULTS / "thresholds.json").write_text(json.dumps(summary, indent=1))
+    # The chosen rule as a tuning file: `python -m pictrace --tuning bench/results/tuning-verdicts.json eval ...`
+    # tries it end to end before it replaces the defaults in pictrace/tuning.py.
+    chosen = Tuning().replace(verdicts={
+        "copy_min_inliers": rule[0], "copy_max_perspective": rule[1], "copy_min_embedding": rule[2],
+        "similar_min_embedding": args.similar,
+    })
+    chosen.to_file(RESULTS / "tuning-verdicts.json")
+    print(f"\nwrote {RESULTS / 'tuning-verdicts.json'}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""`python -m pictrace index|search|reindex|duplicates|eval|serve`: thin commands over the web app's pipeline."""
+"""`python -m pictrace index|watch|search|reindex|duplicates|eval|serve|backup|check`: thin commands over the
+same pipeline as the web app."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -12,10 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pictrace.config import Settings, load_settings
-from pictrace.errors import PicTraceError
+from pictrace.errors import GalleryError, PicTraceError
 from pictrace.files import read_local_file
 from pictrace.gallery import Shard, load_gallery
 from pictrace.ingest import IngestProgress
+from pictrace.maintenance import backup_catalogue, check_catalogue
 from pictrace.schemas import IngestReport, SearchResult
 from pictrace.service import Service
 from pictrace.tuning import Tuning
@@ -37,13 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    index = sub.add_parser("index", help="build or update the index from a gallery file (db.json)")
-    index.add_argument("db", nargs="?", type=Path, help="gallery file (default: PICTRACE_DB)")
+    index = sub.add_parser("index", help="build or update the index from a gallery: db.json or a folder")
+    index.add_argument("db", nargs="?", type=Path, help="gallery file or folder (default: PICTRACE_DB)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.add_argument(
         "--shard", type=_shard, default=None, metavar="I/N",
         help="index only the entries whose URL hashes to I mod N (parallel workers on one PostgreSQL)",
     )
+
+    watch = sub.add_parser("watch", help="index a folder, then keep the index in step as its files change")
+    watch.add_argument("folder", nargs="?", type=Path, help="the gallery folder (default: PICTRACE_DB)")
 
     search = sub.add_parser("search", help="search the index with an image file or URL")
     search.add_argument("image", help="path or http(s) URL of the query image")
@@ -65,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     out = dups.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the API's groups as JSON")
     out.add_argument("--csv", action="store_true", help="CSV, for a spreadsheet")
+    backup = sub.add_parser("backup", help="copy the SQLite catalogue, online (PostgreSQL: use pg_dump)")
+    backup.add_argument("dest", type=Path, help="file to write, or a directory to write catalogue.sqlite3 in")
+    sub.add_parser("check", help="check the catalogue's integrity and the indexes against it (exit 1 on problems)")
 
     serve = sub.add_parser("serve", help="run the web service")
     serve.add_argument("--host", help="override PICTRACE_HOST")
@@ -92,6 +101,18 @@ async def _index(
         await service.close()
 
 
+async def _watch(settings: Settings, tuning: Tuning, folder: Path) -> None:
+    from pictrace.watch import FolderWatcher
+
+    service = await Service.start(settings, tuning=tuning)
+    try:
+        watcher = FolderWatcher(service.ingestor, folder, tuning.watch, on_report=_print_report)
+        print(f"watching {watcher.folder} (Ctrl-C stops)")
+        await watcher.run()
+    finally:
+        await service.close()
+
+
 async def _reindex(settings: Settings, tuning: Tuning) -> int:
     """Build the index afresh from the catalogue's stored embeddings: nothing is downloaded or re-embedded."""
     service = await Service.start(settings, tuning=tuning, rebuild_index=True)
@@ -102,14 +123,18 @@ async def _reindex(settings: Settings, tuning: Tuning) -> int:
 
 
 def _print_report(report: IngestReport) -> None:
+    skipped = f", not images {report.skipped}" if report.skipped else ""
     print(
         f"added {report.added}, duplicates {report.duplicates}, unchanged {report.unchanged}, "
-        f"removed {report.removed}, failed {len(report.failed)}, invalid {len(report.invalid)}"
+        f"removed {report.removed}, failed {len(report.failed)}, invalid {len(report.invalid)}{skipped}"
+        + (f", kept out {report.deleted} (deleted through the API)" if report.deleted else "")
     )
     for failure in report.invalid:
-        print(f"  invalid entry {failure.position}: {failure.reason}")
+        where = f"entry {failure.position}" if failure.position is not None else failure.url
+        print(f"  invalid {where}: {failure.reason}")
     for failure in report.failed:
-        print(f"  failed entry {failure.position} ({failure.url}): {failure.reason}")
+        where = f"entry {failure.position} ({failure.url})" if failure.position is not None else failure.url
+        print(f"  failed {where}: {failure.reason}")
 
 
 async def _search(settings: Settings, tuning: Tuning, image: str, top_k: int | None) -> SearchResult:
@@ -165,9 +190,13 @@ def _eval(settings: Settings, tuning: Tuning, args: argparse.Namespace) -> int:
 def _serve(settings: Settings, tuning: Tuning) -> None:
     import uvicorn
 
+    from pictrace.service import open_catalogue
     from pictrace.web import create_app
+    from pictrace.web.serving import server_config
 
-    uvicorn.run(create_app(settings, tuning=tuning), host=settings.host, port=settings.port, log_level="info")
+    open_catalogue(settings).close()  # a damaged catalogue: one line from main(), not uvicorn's traceback
+
+    uvicorn.Server(server_config(create_app(settings, tuning=tuning), settings, tuning.serving)).run()
 
 
 DUPLICATE_COLUMNS = ("group", "tier", "keeper", "role", "id", "sha256", "width", "height", "edit")
@@ -221,6 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = asyncio.run(_index(settings, tuning, args.db or settings.db, args.quiet, args.shard))
             _print_report(report)
             return 0
+        if args.command == "watch":
+            folder = args.folder or settings.db
+            if not folder.is_dir():
+                raise GalleryError(f"{folder} is not a folder: only a folder gallery can be watched")
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(_watch(settings, tuning, folder))
+            return 0
         if args.command == "reindex":
             count = asyncio.run(_reindex(settings, tuning))
             print(f"rebuilt {settings.milvus_uri or settings.index_path} from the catalogue: {count} vectors")
@@ -237,6 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "duplicates":
             _duplicates(settings, tuning, args.tier, "json" if args.json else "csv" if args.csv else "text")
             return 0
+        if args.command == "backup":
+            written = backup_catalogue(settings, args.dest)
+            print(f"backed up {settings.catalogue_path} to {written}")
+            return 0
+        if args.command == "check":
+            checked = check_catalogue(settings, tuning)
+            for line in checked.notes:
+                print(f"ok: {line}")
+            for line in checked.problems:
+                print(f"problem: {line}")
+            return 0 if checked.ok else 1
     except PicTraceError as exc:
         print(f"pictrace: {exc}", file=sys.stderr)
         return 2

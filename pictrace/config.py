@@ -29,9 +29,14 @@ class Settings(BaseSettings):
     # --- serving -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the web server binds to.")
     port: int = Field(5000, ge=1, le=65535, description="Port the web server listens on.")
-    db: Path = Field(Path("db.json"), description="Gallery file (JSON list of {url, id?, ...}).")
+    db: Path = Field(
+        Path("db.json"), description="Gallery: a file (JSON list of {url, id?, ...}) or a folder of images."
+    )
     data_dir: Path = Field(Path("data"), description="Where the catalogue, index and thumbnails live.")
     index_on_start: bool = Field(True, description="Index the gallery file in the background at start.")
+    watch: bool = Field(
+        False, description="With a folder as PICTRACE_DB: keep the index in step as its files change."
+    )
 
     # --- model ---------------------------------------------------------------------------------------
     backbone: str = Field(
@@ -73,6 +78,9 @@ class Settings(BaseSettings):
     queue_limit: int = Field(16, ge=1, description="CPU jobs waiting beyond which requests get 503.")
     api_token: str | None = Field(
         None, description="Bearer token for write endpoints; unset disables writes."
+    )
+    gallery_public_details: bool = Field(
+        False, description="Show /gallery's source URLs and failure reasons to all; off: only with the API token."
     )
     keep_queries: bool = Field(
         False, description="Keep query images (named by SHA-256) under DATA_DIR/queries; off: never stored."

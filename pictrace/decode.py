@@ -4,19 +4,27 @@ Everything PicTrace indexes or searches comes through here, from uploads and fro
 module is the one place that decides what counts as an image. It:
 
 * accepts only an allow-list of raster formats (Pillow is told to try only those plugins, so exotic or
-  script-driven decoders such as EPS never see untrusted data);
+  script-driven decoders such as EPS never see untrusted data); HEIF/HEIC (phones) comes from the
+  pillow-heif plugin, AVIF from Pillow's own plugin;
 * checks ``width * height`` against ``max_pixels`` from the header, before a single pixel is decoded, so a
   tiny file claiming 65535x65535 pixels (a decompression bomb) costs nothing;
 * forces the full decode (``.load()``) so truncation is an error, never a silently grey image
   (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set here);
 * normalises every colour mode (palette, CMYK, 16-bit, float, 1-bit, alpha) to 8-bit RGB, with transparent
   pixels composited onto white, and applies the EXIF orientation so a phone photo matches its rotated copy;
+* decodes a large JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, Pillow's draft mode) when that
+  still leaves ``draft_min_side`` pixels on its longest side, and reduces other large images right after their
+  decode: every feature works on 640 px or less, so a 50 MP photo costs a 3 MP decode, not 150 MB of pixels
+  copied through each feature;
+* says what a decode will cost in pixels before it runs (:func:`decode_cost`), so concurrent decodes can be
+  bounded by pixels, not by count;
 * raises only :class:`TooLargeError`, :class:`UnsupportedFormatError` or :class:`DecodeError` for bad input.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -27,7 +35,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pictrace.errors import DecodeError, TooLargeError, UnsupportedFormatError
 
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+log = logging.getLogger(__name__)
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "HEIF", "AVIF"})
 
 _ACCEPTED = ", ".join(sorted(ALLOWED_FORMATS))
 # Pillow plugin names to try when opening; MPO is opened by the JPEG plugin's factory.
@@ -38,19 +48,43 @@ _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S
 # ``warnings.catch_warnings`` swaps process-global state; serialise our (cheap, header-only) use of it so two
 # decoder threads cannot restore each other's filters.
 _WARNINGS_LOCK = threading.Lock()
+_REGISTER_LOCK = threading.Lock()
+_available: tuple[str, ...] | None = None
+
+
+def _plugins() -> tuple[str, ...]:
+    """The allowed formats' Pillow plugins that this install has, HEIF taught to Pillow on first use (not at
+    import). Thumbnails, depth maps and auxiliary images are not parsed: only the primary image is wanted,
+    and less of an untrusted file is read. A plugin missing (a Pillow without libavif, no pillow-heif) costs
+    its format only: Pillow fails every open when asked for a plugin it does not know."""
+    global _available
+    if _available is None:
+        with _REGISTER_LOCK:
+            if _available is None:
+                try:
+                    from pillow_heif import register_heif_opener
+
+                    register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+                except ImportError as exc:
+                    log.warning("HEIF/HEIC images will be refused: %s (pip install -r requirements.txt)", exc)
+                Image.init()
+                _available = tuple(p for p in _PLUGINS if p in Image.OPEN)
+    return _available
 
 
 @dataclass(frozen=True, eq=False)
 class DecodedImage:
-    """Decoded pixels plus what the header said; width/height are after EXIF orientation."""
+    """Decoded pixels plus what the header said; width/height are the picture's own (after EXIF orientation),
+    whatever size ``rgb`` was decoded at, so that what is reported (sizes, crop boxes) is in the file's pixels."""
 
     rgb: np.ndarray  # (H, W, 3) uint8, C-contiguous
     format: str
     width: int
     height: int
+    scale: float = 1.0  # rgb pixels per picture pixel: below 1 for a large image decoded smaller
 
 
-def _sniff(data: bytes) -> str | None:
+def sniff(data: bytes) -> str | None:
     """Best-effort name of what the bytes are, for error messages and for 'allowed but corrupt' decisions."""
     head = data[:64]
     if head.startswith(b"\xff\xd8\xff"):
@@ -76,7 +110,7 @@ def _sniff(data: bytes) -> str | None:
         if brand in (b"avif", b"avis"):
             return "AVIF"
         if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
-            return "HEIC"
+            return "HEIF"
         return "an ISO media file (video?)"
     if head.startswith(b"\x00\x00\x00\x0cjP  ") or head.startswith(b"\xff\x4f\xff\x51"):
         return "JPEG 2000"
@@ -120,17 +154,20 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Parse only the header, with the format allow-list and Pillow's bomb guard turned into our errors."""
     if not data:
         raise _unsupported(data, None)
-    sniffed = _sniff(data)
+    sniffed = sniff(data)
     if sniffed is not None and sniffed not in ALLOWED_FORMATS:
         # Known non-allowed formats never reach a decoder at all.
         raise _unsupported(data, sniffed)
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that. Below our own limit the warning is
     # noise; when the operator's limit is stricter than Pillow's the warning is a bomb and is an error.
     action: Literal["error", "ignore"] = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
+    plugins = _plugins()
+    if sniffed in ("HEIF", "AVIF") and sniffed not in plugins:
+        raise UnsupportedFormatError(f"{sniffed} is not decoded by this install (see requirements.txt)")
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter(action, Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=_PLUGINS)
+            im = Image.open(io.BytesIO(data), formats=plugins)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -147,10 +184,33 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
+_DRAFTABLE = frozenset({"JPEG", "MPO"})
+_REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "CMYK", "YCbCr"})
+
+
+def _reduction(fmt: str | None, width: int, height: int, draft_min_side: int) -> int:
+    """The power of two (1, 2, 4, 8) a JPEG is decoded smaller by, keeping ``draft_min_side`` on its long side."""
+    if not draft_min_side or fmt not in _DRAFTABLE:
+        return 1
+    reduction = 1
+    while reduction < 8 and max(width, height) // (reduction * 2) >= draft_min_side:
+        reduction *= 2
+    return reduction
+
+
+def decode_cost(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> int:
+    """The pixels a decode of ``data`` will hold, from its header alone (raises as :func:`decode_image` would
+    for an unsupported format or an image over ``max_pixels``)."""
+    fmt, width, height = probe_image(data, max_pixels=max_pixels)
+    reduction = _reduction(fmt, width, height, draft_min_side)
+    return max(1, (width // reduction) * (height // reduction))
+
+
 def probe_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
     """(format, width, height) from the header alone: cheap admission control before any pixel work.
 
-    The size is the stored one, before EXIF orientation (reading orientation can require a decode).
+    The size is the stored one, before EXIF orientation (reading orientation can require a decode); HEIF
+    reports it already turned as its ``irot`` box says.
     """
     with _open(data, max_pixels) as im:
         return str(im.format), im.width, im.height
@@ -205,11 +265,22 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.array(rgb_im, dtype=np.uint8)
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
-    """Decode the first frame of an allowed image to RGB, refusing oversized or malformed input."""
+def decode_image(data: bytes, *, max_pixels: int, draft_min_side: int = 0) -> DecodedImage:
+    """Decode the first frame of an allowed image to RGB, refusing oversized or malformed input.
+
+    ``draft_min_side`` (0: never): an image whose longest side is at least twice this is returned smaller, keeping
+    at least this many pixels on that side: a JPEG is decoded at 1/2, 1/4 or 1/8 scale, anything else is reduced
+    by an integer box filter right after its decode (every feature works on 640 px or less, and full-size copies
+    of a 50 MP image cost 150 MB each). Its width and height stay the picture's, and ``scale`` says how much
+    smaller ``rgb`` is, so that sizes and crop boxes are reported in the file's pixels.
+    """
     im = _open(data, max_pixels)
     fmt = str(im.format)
+    full = (im.width, im.height)  # before any reduction; swapped below if EXIF turns the picture
     try:
+        reduction = _reduction(fmt, im.width, im.height, draft_min_side)
+        if reduction > 1:
+            im.draft(im.mode, (im.width // reduction, im.height // reduction))
         try:
             im.load()  # forces the full decode, so truncation is detected here and not later
         except Image.DecompressionBombError as exc:
@@ -218,15 +289,26 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
             raise
         except Exception as exc:  # OSError, SyntaxError, ValueError, EOFError, struct.error, ...
             raise DecodeError(f"cannot decode {fmt} data: {type(exc).__name__}: {exc}") from exc
+        stored = (im.width, im.height)
         try:
             ImageOps.exif_transpose(im, in_place=True)
         except MemoryError:
             raise
         except Exception:  # malformed EXIF must not cost us the picture: keep the stored orientation
             pass
+        if (im.width, im.height) != stored:
+            full = (full[1], full[0])
         try:
             _check_pixels(im.width, im.height, max_pixels)
-            rgb = _to_rgb(im)
+            shrink = max(im.width, im.height) // draft_min_side if draft_min_side else 1
+            if shrink >= 2 and im.mode in _REDUCIBLE_MODES:
+                with im.reduce(shrink) as small:  # box-filtered: no full-size RGB copy is ever made
+                    rgb = _to_rgb(small)
+            else:
+                rgb = _to_rgb(im)
+                if shrink >= 2:
+                    with Image.fromarray(rgb).reduce(shrink) as small:
+                        rgb = np.asarray(small)
         except (TooLargeError, DecodeError, MemoryError):
             raise
         except Exception as exc:
@@ -236,4 +318,6 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DecodeError(f"decoded {fmt} image has an unexpected shape {rgb.shape}")
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    return DecodedImage(rgb=rgb, format=fmt, width=int(rgb.shape[1]), height=int(rgb.shape[0]))
+    if rgb.shape[1] == full[0]:
+        return DecodedImage(rgb=rgb, format=fmt, width=int(rgb.shape[1]), height=int(rgb.shape[0]))
+    return DecodedImage(rgb=rgb, format=fmt, width=full[0], height=full[1], scale=rgb.shape[1] / full[0])

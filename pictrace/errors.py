@@ -31,6 +31,11 @@ class UnsupportedFormatError(PicTraceError):
     """The bytes are not an image in one of the allowed formats."""
 
 
+class NotAnImageFileError(UnsupportedFormatError):
+    """A file of a folder gallery is not an image in an allowed format (a video, a text file): left out, not
+    reported as a failure."""
+
+
 class DecodeError(PicTraceError):
     """The bytes claim an allowed image format but cannot be decoded (truncated, corrupt)."""
 
@@ -79,8 +84,22 @@ class IndexMismatchError(PicTraceError):
     """A persisted index was built by another backbone/dimension and must not be mixed with this one."""
 
 
+class VectorStoreUnavailableError(NotReadyError):
+    """The shared vector store (a Milvus server) is down, failing or slower than its timeout: retry later."""
+
+
 class IndexCorruptError(PicTraceError):
     """A persisted vector index file cannot be read back."""
+
+
+class CatalogueCorruptError(PicTraceError):
+    """The catalogue cannot be read: the one message names the file and the commands that check or restore it."""
+
+    def __init__(self, location: str, reason: object) -> None:
+        super().__init__(
+            f"the catalogue {location} cannot be read ({reason}); see what is wrong with `python -m pictrace "
+            "check`, then restore a backup made by `python -m pictrace backup DEST` (copy it back over the file)"
+        )
 
 
 class EvalError(InvalidInputError):

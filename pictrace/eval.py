@@ -164,7 +164,8 @@ def _embed_one_ms(service: Service, data: bytes, repeats: int = 3) -> float:
     """Median time of embedding one decoded image: the yardstick search latency is compared with."""
     from pictrace.decode import decode_image
 
-    rgb = decode_image(data, max_pixels=service.settings.max_pixels).rgb
+    draft = service.tuning.decoding.draft_min_side
+    rgb = decode_image(data, max_pixels=service.settings.max_pixels, draft_min_side=draft).rgb
     service.embedder.embed([rgb])  # warm-up
     times = []
     for _ in range(repeats):

@@ -136,7 +136,7 @@ def with_evidence(result: SearchResult, query_id: str | None) -> SearchResult:
 # ------------------------------------------------------------------------------------- the picture
 
 
-def gallery_picture(catalogue: Catalogue, sha256: str, settings: Settings) -> np.ndarray:
+def gallery_picture(catalogue: Catalogue, sha256: str, settings: Settings, draft_min_side: int = 0) -> np.ndarray:
     """The best gallery pixels available without storing more: the local original, else the thumbnail."""
     try:
         path = catalogue.local_path(sha256)
@@ -144,7 +144,8 @@ def gallery_picture(catalogue: Catalogue, sha256: str, settings: Settings) -> np
         path = None
     if path is not None:
         try:
-            return decode_image(read_local_file(path, settings.max_download_bytes), max_pixels=settings.max_pixels).rgb
+            data = read_local_file(path, settings.max_download_bytes)
+            return decode_image(data, max_pixels=settings.max_pixels, draft_min_side=draft_min_side).rgb
         except PicTraceError:
             pass  # the file changed or went away since it was indexed: the stored thumbnail still shows it
     thumb = cv2.imdecode(np.frombuffer(catalogue.thumbnail(sha256), np.uint8), cv2.IMREAD_COLOR)
@@ -160,10 +161,13 @@ def explain_match(
     match = next((m for m in kept.result.results if m.sha256 == sha256), None)
     if match is None:
         raise NotFoundError(f"image {sha256} is not among this query's results")
-    query = decode_image(kept.data, max_pixels=settings.max_pixels).rgb
-    gallery = gallery_picture(catalogue, sha256, settings)
+    draft = tuning.decoding.draft_min_side  # as the search decoded them, so the fitted map applies
+    query = decode_image(kept.data, max_pixels=settings.max_pixels, draft_min_side=draft)
+    gallery = gallery_picture(catalogue, sha256, settings, draft)
     orb_blob, width, height = catalogue.orb_by_sha256(sha256)
-    return render_evidence(query, gallery, (width, height), OrbFeatures.from_bytes(orb_blob), match, tuning)
+    return render_evidence(
+        query.rgb, gallery, (width, height), OrbFeatures.from_bytes(orb_blob), match, tuning, query.scale
+    )
 
 
 def _fit_height(rgb: np.ndarray, height: int) -> tuple[np.ndarray, float]:
@@ -174,7 +178,12 @@ def _fit_height(rgb: np.ndarray, height: int) -> tuple[np.ndarray, float]:
 
 
 def inlier_pairs(
-    query_rgb: np.ndarray, gallery_orb: OrbFeatures, hom: np.ndarray, flip: bool, tuning: Tuning
+    query_rgb: np.ndarray,
+    gallery_orb: OrbFeatures,
+    hom: np.ndarray,
+    flip: bool,
+    tuning: Tuning,
+    query_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Matched points (query pixels, gallery pixels) that agree with the fitted homography ``hom``.
 
@@ -182,7 +191,7 @@ def inlier_pairs(
     gallery's are the stored ones; pairs pass the same ratio test and then the same reprojection tolerance.
     """
     source = np.ascontiguousarray(query_rgb[:, ::-1]) if flip else query_rgb
-    q = orb_of(source, tuning)
+    q = orb_of(source, tuning, query_scale)
     empty = np.zeros((0, 2)), np.zeros((0, 2))
     if len(q) < 2 or len(gallery_orb) < 2:
         return empty
@@ -261,13 +270,16 @@ def render_evidence(
     gallery_orb: OrbFeatures,
     match: Match,
     tuning: Tuning,
+    query_scale: float = 1.0,
     query_caption: str = "query",
 ) -> bytes:
     """Query | gallery with inlier lines | SSIM difference map, as one PNG.
 
     ``gallery_size`` is the gallery image's original size; ``gallery_rgb`` may be smaller (the thumbnail).
+    ``query_scale``: ``query_rgb``'s pixels per query picture pixel (a large query is decoded smaller).
     """
     q_img, q_factor = _fit_height(query_rgb, PANEL_HEIGHT)
+    q_factor *= query_scale  # query picture pixels (the homography's) -> drawn pixels
     g_img, g_factor = _fit_height(gallery_rgb, PANEL_HEIGHT)
     g_factor *= gallery_rgb.shape[1] / gallery_size[0]  # gallery original pixels -> drawn pixels
     panels = [_caption(q_img, query_caption[:60]), _caption(g_img, f"{match.verdict}: {match.id}"[:60])]
@@ -275,7 +287,7 @@ def render_evidence(
     count = 0
     if transform is not None:
         hom = np.array(transform.homography, dtype=np.float64)
-        qpts, gpts = inlier_pairs(query_rgb, gallery_orb, hom, transform.flip, tuning)
+        qpts, gpts = inlier_pairs(query_rgb, gallery_orb, hom, transform.flip, tuning, query_scale)
         count = len(qpts)
         drawn = np.diag([g_factor, g_factor, 1.0]) @ hom @ np.diag([1 / q_factor, 1 / q_factor, 1.0])
         panels.append(_caption(difference_map(q_img, g_img, drawn), "difference after alignment (1 - SSIM)"))

@@ -8,7 +8,10 @@ Two kinds of URL reach PicTrace and they deserve different trust:
   re-check of every redirect hop, and is tried once.
 
 Each kind gets its own ``ClientSession`` so the guarded resolver can never be bypassed by a shared connection
-pool. Both share the limits that keep us polite (total and per-host concurrency) and safe (time and bytes).
+pool. Both share the limits that keep us polite (total and per-host concurrency) and safe (time and bytes). A
+download's time limit counts from when it is asked for, every wait for a slot included; it takes its host's slot
+before one of the shared pool, so one slow host can hold only its own share; users' downloads queue behind a host
+only so far (then 503), and the gallery holds at most its share of the pool, so URL searches always find a slot.
 Failures always raise (``FetchError``, ``TooLargeError``, ``UnsafeURLError``); nothing returns ``None``.
 """
 
@@ -28,8 +31,8 @@ import yarl
 from aiohttp.abc import AbstractResolver
 
 from pictrace.config import Settings
-from pictrace.errors import FetchError, TooLargeError, UnsafeURLError
-from pictrace.ssrf import ALLOWED_SCHEMES, GuardedResolver, check_url, parse_allow
+from pictrace.errors import FetchError, OverloadedError, TooLargeError, UnsafeURLError
+from pictrace.ssrf import ALLOWED_SCHEMES, GuardedResolver, check_host_characters, check_url, parse_allow
 from pictrace.tuning import Fetching
 
 __all__ = ["Fetcher", "HTTPStatusError"]
@@ -67,18 +70,35 @@ def _host_key(url: yarl.URL) -> str:
     return (url.host or "").rstrip(".").lower()
 
 
+def host_of(url: str) -> str:
+    """The politeness key of a URL: its host, as the per-host limit counts it (the ingest schedules by it)."""
+    try:
+        return _host_key(yarl.URL(url))
+    except ValueError:
+        return ""
+
+
 class _HostLimiter:
-    """Per-host semaphores, dropped when idle so a stream of distinct hosts cannot grow the dict forever."""
+    """Per-host slots with a bounded queue of waiters, dropped when idle so a stream of distinct hosts cannot
+    grow the dict forever."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
+    def waiting(self, host: str) -> int:
+        """Downloads of ``host`` that hold no slot yet."""
+        sem, users = self._slots.get(host, (None, 0))
+        return max(0, users - self._limit) if sem is not None else 0
+
     @contextlib.asynccontextmanager
-    async def hold(self, host: str) -> AsyncIterator[None]:
+    async def hold(self, host: str, *, max_waiting: int | None = None) -> AsyncIterator[None]:
+        """A slot of ``host``; with ``max_waiting``, OverloadedError instead of waiting behind that many."""
         sem, users = self._slots.get(host, (None, 0))
         if sem is None:
             sem = asyncio.Semaphore(self._limit)
+        if max_waiting is not None and sem.locked() and self.waiting(host) >= max_waiting:
+            raise OverloadedError(f"too many downloads from {host} are waiting; retry later", retry_after_s=5)
         self._slots[host] = (sem, users + 1)
         try:
             async with sem:
@@ -117,6 +137,8 @@ class Fetcher:
         self._backoff_base_s = backoff_base_s
         self._retry_after_cap_s = retry_after_cap_s
         self._global = asyncio.Semaphore(settings.fetch_concurrency)
+        gallery_slots = max(1, int(settings.fetch_concurrency * self._constants.gallery_share))
+        self._gallery_slots = asyncio.Semaphore(gallery_slots)
         self._hosts = _HostLimiter(settings.fetch_per_host)
         self._gallery: aiohttp.ClientSession | None = None
         self._user: aiohttp.ClientSession | None = None
@@ -144,7 +166,9 @@ class Fetcher:
     def _make_session(
         self, resolver: AbstractResolver, timeout: aiohttp.ClientTimeout, headers: dict[str, str]
     ) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(resolver=resolver, limit=self._settings.fetch_concurrency)
+        connector = aiohttp.TCPConnector(
+            resolver=resolver, limit=self._settings.fetch_concurrency, limit_per_host=self._settings.fetch_per_host
+        )
         return aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
@@ -192,7 +216,7 @@ class Fetcher:
         attempts = self._settings.fetch_retries + 1
         for attempt in range(attempts):
             try:
-                return await self._follow(session, parsed, self._check_scheme)
+                return await self._follow(session, parsed, self._check_scheme, user=False)
             except FetchError as exc:
                 if not exc.retryable:
                     raise
@@ -210,7 +234,7 @@ class Fetcher:
     async def fetch_user(self, url: str) -> bytes:
         """Download a stranger's URL once, refusing non-public addresses at every hop."""
         session = self._session(self._user)
-        return await self._follow(session, check_url(url, self._allow), self._check_user_url)
+        return await self._follow(session, check_url(url, self._allow), self._check_user_url, user=True)
 
     # --- internals -----------------------------------------------------------------------------------
 
@@ -218,31 +242,45 @@ class Fetcher:
         return check_url(url, self._allow)
 
     async def _follow(
-        self, session: aiohttp.ClientSession, start: yarl.URL, vet: Callable[[yarl.URL], yarl.URL]
+        self, session: aiohttp.ClientSession, start: yarl.URL, vet: Callable[[yarl.URL], yarl.URL], *, user: bool
     ) -> bytes:
         """GET with redirects followed by hand, so ``vet`` sees every hop before it is requested.
 
         aiohttp's own redirect handling would connect first and ask later (and its ``max_redirects=0``
-        means unlimited), so it is never used.
+        means unlimited), so it is never used. One clock for the whole download, waits for slots included.
         """
         current = start
         seen = {str(current.with_fragment(None))}
         max_redirects = self._constants.max_redirects
-        deadline: float | None = None
-        async with self._global:
-            for hop in range(max_redirects + 1):
-                outcome, deadline = await self._exchange(session, current, deadline=deadline)
-                if isinstance(outcome, bytes):
-                    return outcome
-                if hop >= max_redirects:
-                    break
-                target = vet(outcome)
-                key = str(target.with_fragment(None))
-                if key in seen:
-                    raise FetchError(f"redirect loop: {current} redirects back to {target}")
-                seen.add(key)
-                current = target
+        deadline = asyncio.get_running_loop().time() + self._settings.fetch_timeout_s
+        for hop in range(max_redirects + 1):
+            outcome = await self._exchange(session, current, deadline=deadline, user=user)
+            if isinstance(outcome, bytes):
+                return outcome
+            if hop >= max_redirects:
+                break
+            target = vet(outcome)
+            key = str(target.with_fragment(None))
+            if key in seen:
+                raise FetchError(f"redirect loop: {current} redirects back to {target}")
+            seen.add(key)
+            current = target
         raise FetchError(f"too many redirects (more than {max_redirects}) starting from {start}")
+
+    @contextlib.asynccontextmanager
+    async def _slots(self, url: yarl.URL, *, user: bool) -> AsyncIterator[None]:
+        """The host's slot first, then one of the shared pool: a download waiting for a slow host holds nothing
+        another host's downloads need, so a host can take at most ``fetch_per_host`` of the pool. A user's
+        download is refused (503) rather than queued behind ``host_queue`` others; the gallery's waits its turn,
+        within its share of the pool."""
+        host = _host_key(url)
+        async with self._hosts.hold(host, max_waiting=self._constants.host_queue if user else None):
+            if user:
+                async with self._global:
+                    yield
+            else:
+                async with self._gallery_slots, self._global:
+                    yield
 
     @staticmethod
     def _check_scheme(url: str | yarl.URL) -> yarl.URL:
@@ -254,6 +292,7 @@ class Fetcher:
             raise UnsafeURLError(f"only http and https URLs can be fetched (scheme: {parsed.scheme!r})")
         if not parsed.host:
             raise UnsafeURLError("the URL has no host")
+        check_host_characters(parsed.host)
         return parsed
 
     def _backoff(self, attempt: int, exc: FetchError) -> float:
@@ -265,44 +304,40 @@ class Fetcher:
         return delay
 
     async def _exchange(
-        self, session: aiohttp.ClientSession, url: yarl.URL, *, deadline: float | None
-    ) -> tuple[bytes | yarl.URL, float]:
-        """One request under the per-host limit; the clock starts once a slot is ours (queueing is free)."""
-        async with self._hosts.hold(_host_key(url)):
-            loop = asyncio.get_running_loop()
-            if deadline is None:
-                deadline = loop.time() + self._settings.fetch_timeout_s
-            try:
-                async with asyncio.timeout_at(deadline):
-                    return await self._request(session, url), deadline
-            except aiohttp.ConnectionTimeoutError as exc:
-                raise FetchError(
-                    f"timed out connecting to {url.host} after {self._settings.fetch_connect_timeout_s:g}s",
-                    retryable=True,
-                ) from exc
-            except TimeoutError as exc:
-                raise FetchError(
-                    f"timed out after {self._settings.fetch_timeout_s:g}s fetching {url}", retryable=True
-                ) from exc
-            except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, UnsafeURLError):
-                    raise UnsafeURLError(str(exc.os_error)) from exc
-                if isinstance(exc, aiohttp.ClientConnectorDNSError):
-                    raise FetchError(f"cannot resolve host {url.host}", retryable=True) from exc
-                reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
-                raise FetchError(
-                    f"cannot connect to {url.host}:{url.port}: {reason}", retryable=True
-                ) from exc
-            except aiohttp.InvalidURL as exc:
-                raise UnsafeURLError(f"URL refused by the HTTP client: {exc}") from exc
-            except aiohttp.ClientPayloadError as exc:
-                raise FetchError(f"incomplete response body from {url}: {exc}", retryable=True) from exc
-            except aiohttp.ClientConnectionError as exc:
-                reason = str(exc) or type(exc).__name__
-                raise FetchError(f"connection to {url.host} failed: {reason}", retryable=True) from exc
-            except aiohttp.ClientError as exc:
-                reason = str(exc) or type(exc).__name__
-                raise FetchError(f"fetching {url} failed: {reason}") from exc
+        self, session: aiohttp.ClientSession, url: yarl.URL, *, deadline: float, user: bool
+    ) -> bytes | yarl.URL:
+        """One request within the download's deadline, the wait for its slots included."""
+        try:
+            async with asyncio.timeout_at(deadline), self._slots(url, user=user):
+                return await self._request(session, url)
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise FetchError(
+                f"timed out connecting to {url.host} after {self._settings.fetch_connect_timeout_s:g}s",
+                retryable=True,
+            ) from exc
+        except TimeoutError as exc:
+            raise FetchError(
+                f"timed out after {self._settings.fetch_timeout_s:g}s fetching {url}", retryable=True
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, UnsafeURLError):
+                raise UnsafeURLError(str(exc.os_error)) from exc
+            if isinstance(exc, aiohttp.ClientConnectorDNSError):
+                raise FetchError(f"cannot resolve host {url.host}", retryable=True) from exc
+            reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+            raise FetchError(
+                f"cannot connect to {url.host}:{url.port}: {reason}", retryable=True
+            ) from exc
+        except aiohttp.InvalidURL as exc:
+            raise UnsafeURLError(f"URL refused by the HTTP client: {exc}") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise FetchError(f"incomplete response body from {url}: {exc}", retryable=True) from exc
+        except aiohttp.ClientConnectionError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise FetchError(f"connection to {url.host} failed: {reason}", retryable=True) from exc
+        except aiohttp.ClientError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise FetchError(f"fetching {url} failed: {reason}") from exc
 
     async def _request(self, session: aiohttp.ClientSession, url: yarl.URL) -> bytes | yarl.URL:
         """GET ``url``: the body, or the redirect target for the caller to vet."""

@@ -1,29 +1,38 @@
-"""Read and validate db.json, the original PicTrace's gallery format: a JSON list of {"url", "id"?, ...}.
+"""The gallery: db.json (the original PicTrace's format, a JSON list of {"url", "id"?, ...}) or a folder.
 
-Bad entries are reported by position and skipped; the good ones are still indexed.
+Bad db.json entries are reported by position and skipped; the good ones are still indexed. A folder is walked
+recursively: hidden files and folders are skipped, and a symlink that leads outside it is refused and reported.
+Which of its files are images is decided by their first bytes, when they are read (pictrace/files.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pictrace.errors import GalleryError
+from pictrace.metadata import MetadataError, check_metadata, check_text
 from pictrace.schemas import FailedEntry, GalleryEntry
+from pictrace.store.records import FileStat
 
 
 @dataclass(frozen=True)
 class LocatedEntry:
-    """A valid entry and where its bytes are: an http(s) URL, or an absolute path resolved from db.json."""
+    """A valid entry and where its bytes are: an http(s) URL, or an absolute path resolved from db.json.
 
-    position: int
+    A folder gallery's entry has no position, and its file's size and mtime as scanned (``stat``)."""
+
+    position: int | None
     entry: GalleryEntry
     location: str
+    stat: FileStat | None = None
 
     @property
     def is_remote(self) -> bool:
@@ -60,12 +69,14 @@ class Shard:
 class Gallery:
     entries: list[LocatedEntry] = field(default_factory=list)
     invalid: list[FailedEntry] = field(default_factory=list)
+    folder: Path | None = None  # a folder gallery's root, resolved; None for db.json
 
     def shard(self, shard: Shard) -> Gallery:
         """The entries (and invalid entries) this shard owns; positions stay those of the whole db.json."""
         return Gallery(
             entries=[e for e in self.entries if shard.owns(e.entry.url)],
             invalid=[f for f in self.invalid if shard.owns(f.url)],
+            folder=self.folder,
         )
 
 
@@ -80,7 +91,12 @@ def parse_entry(position: int, raw: Any, base_dir: Path) -> LocatedEntry:
     raw_id = raw.get("id")
     if raw_id is not None and not isinstance(raw_id, str | int):
         raise ValueError("'id' must be a string or an integer")
-    metadata = {k: v for k, v in raw.items() if k not in ("url", "id")}
+    check_text(url, "'url'")
+    if isinstance(raw_id, str):
+        check_text(raw_id, "'id'")
+    elif isinstance(raw_id, int) and not -(1 << 63) <= raw_id < 1 << 63:
+        raise ValueError("'id' is an integer outside 64 bits")
+    metadata = check_metadata({k: v for k, v in raw.items() if k not in ("url", "id")}, None, "the entry")
     entry = GalleryEntry(url=url, id=None if raw_id is None else str(raw_id), metadata=metadata)
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
@@ -110,9 +126,10 @@ def parse_gallery(data: Any, base_dir: Path) -> Gallery:
                 raise ValueError(
                     f"duplicate id {located.entry.id!r} (first used by entry {seen_ids[located.entry.id]})"
                 )
-        except ValueError as exc:
+        except (ValueError, MetadataError) as exc:
             url = raw.get("url") if isinstance(raw, dict) else None
-            gallery.invalid.append(FailedEntry(position=position, url=str(url or ""), reason=str(exc)))
+            shown = url.encode("utf-8", "replace").decode() if isinstance(url, str) else ""
+            gallery.invalid.append(FailedEntry(position=position, url=shown, reason=str(exc)))
             continue
         seen_locations[located.location] = position
         if located.entry.id is not None:
@@ -121,8 +138,72 @@ def parse_gallery(data: Any, base_dir: Path) -> Gallery:
     return gallery
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def scan_folder(root: Path) -> Gallery:
+    """Every regular, non-hidden file under ``root``, each named by its path relative to it (its id and url).
+
+    Nothing is read here, only listed and stat'ed: an unchanged file of a re-scan costs one ``stat``. A symlink
+    is followed only when it stays inside the folder; a folder reached twice (a link to a parent) is walked once.
+    """
+    try:
+        base = root.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise GalleryError(f"gallery folder {root} cannot be opened: {exc}") from exc
+    if not base.is_dir():
+        raise GalleryError(f"gallery folder {root} is not a folder")
+    gallery = Gallery(folder=base)
+    seen_dirs = {base}
+    pending = [base]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                items = sorted(listing, key=lambda item: item.name)
+        except OSError as exc:
+            gallery.invalid.append(FailedEntry(position=None, url=_relative(directory, base), reason=str(exc)))
+            continue
+        for item in items:
+            if _is_hidden(item.name):
+                continue
+            path = Path(item.path)
+            relative = _relative(path, base)
+            try:
+                if item.is_symlink():
+                    target = path.resolve(strict=True)
+                    if not target.is_relative_to(base):
+                        raise ValueError(f"symbolic link leads outside the folder (to {target}): refused")
+                info = path.stat()  # follows a link that stays inside
+            except (OSError, RuntimeError) as exc:  # a dangling link, a loop, a permission
+                gallery.invalid.append(FailedEntry(position=None, url=relative, reason=f"cannot read: {exc}"))
+                continue
+            except ValueError as exc:
+                gallery.invalid.append(FailedEntry(position=None, url=relative, reason=str(exc)))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                real = path.resolve()
+                if real not in seen_dirs:
+                    seen_dirs.add(real)
+                    pending.append(path)
+            elif stat.S_ISREG(info.st_mode):
+                entry = GalleryEntry(url=relative, id=relative)
+                gallery.entries.append(
+                    LocatedEntry(None, entry, str(path), FileStat(info.st_size, info.st_mtime_ns))
+                )
+    gallery.entries.sort(key=lambda e: e.entry.url)
+    return gallery
+
+
+def _relative(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix() if path != base else "."
+
+
 def load_gallery(path: Path) -> Gallery:
-    """Read db.json; raises GalleryError when the file as a whole is unusable."""
+    """Read db.json, or list a folder; raises GalleryError when the gallery as a whole is unusable."""
+    if path.is_dir():
+        return scan_folder(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -133,4 +214,6 @@ def load_gallery(path: Path) -> Gallery:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GalleryError(f"{path} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, a nest deeper than Python's stack
+        raise GalleryError(f"{path} cannot be read as JSON: {exc}") from exc
     return parse_gallery(data, path.resolve().parent)

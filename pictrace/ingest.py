@@ -8,6 +8,7 @@ image is committed whole, so a run that is killed resumes where it stopped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,18 +19,18 @@ import numpy as np
 
 from pictrace.config import Settings
 from pictrace.decode import decode_image
-from pictrace.errors import NotFoundError, OverloadedError, PicTraceError
+from pictrace.errors import NotAnImageFileError, NotFoundError, OverloadedError, PicTraceError
 from pictrace.features.embed import Embedder
 from pictrace.features.extract import local_features
 from pictrace.features.hashing import sha256_hex
 from pictrace.features.orb import OrbFeatures
-from pictrace.fetch import Fetcher
-from pictrace.files import read_local_file
+from pictrace.fetch import Fetcher, host_of
+from pictrace.files import read_folder_image, read_local_file
 from pictrace.gallery import Gallery, LocatedEntry, Shard
 from pictrace.graph import link_images
 from pictrace.indexes import DerivedIndexes
 from pictrace.schemas import FailedEntry, IngestReport
-from pictrace.store import Catalogue, Source, StoredImage
+from pictrace.store import Catalogue, FileStat, Source, SourceState, StoredImage
 from pictrace.tuning import Tuning
 from pictrace.work import WorkPool
 
@@ -58,6 +59,8 @@ class _Fetched:
     source: Source
     data: bytes
     position: int | None = None
+    stat: FileStat | None = None  # a folder's file: its size and mtime before it was read
+    previous: str | None = None  # the SHA-256 its source named before this run
 
     @property
     def shown_url(self) -> str:
@@ -86,11 +89,60 @@ def tombstone_key(sha256: str) -> str:
     return f"deleted:{sha256}"
 
 
+DELETED_SOURCE = "deleted-source:"
+
+
+def deleted_source_key(url: str) -> str:
+    """Meta key remembering that a db.json entry's image was deleted through the API (its value: the image's
+    SHA-256), so the next ingest keeps the entry out instead of fetching it again and calling it failed."""
+    return f"{DELETED_SOURCE}{url}"
+
+
 @dataclass
 class _BatchOutcome:
     added: int = 0
     duplicates: int = 0
+    unchanged: int = 0
+    skipped: int = 0
     failed: list[FailedEntry] = field(default_factory=list)
+
+
+class _HostSchedule:
+    """The entries to fetch, handed out so that no host has more than ``per_host`` in flight: the fetchers then
+    never queue behind one slow host's slots while other hosts' entries wait (a slow host delays its own
+    entries only). Hosts take turns; local files (no host) are one more turn-taker."""
+
+    def __init__(self, entries: list[LocatedEntry], per_host: int) -> None:
+        self._per_host = per_host
+        self._left: dict[str, collections.deque[LocatedEntry]] = {}
+        for entry in entries:
+            self._left.setdefault(self._host(entry), collections.deque()).append(entry)
+        self._turns = collections.deque(self._left)
+        self._busy: collections.Counter[str] = collections.Counter()
+        self._changed = asyncio.Condition()
+
+    @staticmethod
+    def _host(entry: LocatedEntry) -> str:
+        return host_of(entry.location) if entry.is_remote else ""
+
+    async def take(self) -> LocatedEntry | None:
+        """The next entry whose host has a free slot, waiting for one to free; None when none are left."""
+        async with self._changed:
+            while True:
+                for _ in range(len(self._turns)):
+                    host = self._turns[0]
+                    self._turns.rotate(-1)
+                    if self._left[host] and self._busy[host] < self._per_host:
+                        self._busy[host] += 1
+                        return self._left[host].popleft()
+                if not any(self._left.values()):
+                    return None
+                await self._changed.wait()
+
+    async def release(self, entry: LocatedEntry) -> None:
+        async with self._changed:
+            self._busy[self._host(entry)] -= 1
+            self._changed.notify_all()
 
 
 def _source(item: LocatedEntry, origin: str = "gallery") -> Source:
@@ -131,57 +183,99 @@ class Ingestor:
         on_progress: Callable[[IngestProgress], None] | None = None,
         shard: Shard | None = None,
     ) -> IngestReport:
-        """Bring the catalogue in line with a gallery file: add new entries, retry failures, drop removed ones.
+        """Bring the catalogue in line with a gallery (db.json or a folder): add new entries, retry failures,
+        re-read changed files, drop removed ones.
 
+        New entries are done before removed ones are dropped, so a file moved or renamed (a db.json URL
+        renamed) finds its bytes still stored and keeps its features: it is linked, not embedded again.
+        A folder's file is read again only when its size or mtime moved since it was last read.
         With a ``shard``, only the entries (and the removals) that the shard owns: workers with different
         shards of one db.json share a catalogue without duplicating or undoing each other's work.
         """
         async with self._lock:
+            whole = gallery
             if shard is not None:
                 gallery = gallery.shard(shard)
             report = IngestReport(invalid=list(gallery.invalid))
             states = await self.pool.run_background(self.catalogue.source_states)
-            todo = [e for e in gallery.entries if (s := states.get(e.location)) is None or s.status != "ok"]
-            unchanged = [e for e in gallery.entries if e not in todo]
+            deleted = await self.pool.run_background(self._deleted_sources)
+            entries = [e for e in gallery.entries if e.location not in deleted]
+            report.deleted = len(gallery.entries) - len(entries)
+            stats = await self.pool.run_background(self.catalogue.file_stats) if whole.folder else {}
+
+            def is_todo(e: LocatedEntry) -> bool:
+                if e.stat is not None:  # a folder's file: unchanged size and mtime, not read again
+                    return stats.get(e.location) != e.stat
+                return (s := states.get(e.location)) is None or s.status != "ok"
+
+            todo: list[LocatedEntry] = []
+            unchanged: list[LocatedEntry] = []
+            for e in entries:
+                (todo if is_todo(e) else unchanged).append(e)
             report.unchanged = len(unchanged)
-            await self.pool.run_background(self._refresh_details, unchanged)
-            current = {e.location for e in gallery.entries}
-            known = await self.pool.run_background(self.catalogue.gallery_entry_urls)
-            gone = [
-                url
-                for url, entry_url in known.items()
-                if url not in current and (shard is None or shard.owns(entry_url))
-            ]
-            if gone:
-                removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
-                await self.pool.run_background(self.indexes.remove, removed)
-                report.removed = len(gone)
+            await self.pool.run_background(self._refresh_details, [e for e in unchanged if e.stat is None])
             self.progress = IngestProgress(total=len(todo), running=True)
+            dropped = 0
             try:
                 try:
-                    outcome = await self._run(todo, on_progress)
+                    outcome = await self._run(todo, states, whole.folder, on_progress)
+                    report.removed, dropped = await self._drop_removed(whole, gallery, shard, stats)
                 finally:
-                    # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by a
-                    # quarter since (not the doubling that triggers it while the ingest runs)
-                    await self.pool.run_background(self.indexes.maintain, 1.25)
-                    await self.pool.run_background(self.indexes.save)
+                    if todo or dropped:  # a re-scan that found nothing to do writes nothing
+                        # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by
+                        # a quarter since (not the doubling that triggers it while the ingest runs)
+                        await self.pool.run_background(self.indexes.maintain, 1.25)
+                        await self.pool.run_background(self.indexes.save)
                 await self.pool.run_background(self._link_unlinked)
             finally:
                 self.progress.running = False
             report.added, report.duplicates = outcome.added, outcome.duplicates
+            report.unchanged += outcome.unchanged
+            report.skipped = outcome.skipped
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
 
+    def _deleted_sources(self) -> set[str]:
+        """db.json URLs whose image was deleted through the API and not added back since."""
+        marked = self.catalogue.meta_with_prefix(DELETED_SOURCE)
+        tombstoned = self.catalogue.meta_with_prefix(tombstone_key(""))
+        return {url for url, sha in marked.items() if sha in tombstoned}
+    async def _drop_removed(
+        self, whole: Gallery, gallery: Gallery, shard: Shard | None, stats: dict[str, FileStat]
+    ) -> tuple[int, int]:
+        """Forget the sources that left the gallery, and the images no source names any more.
+        Returns (sources dropped, images dropped)."""
+        current = {e.location for e in gallery.entries}
+        known = await self.pool.run_background(self.catalogue.gallery_entry_urls)
+        gone = [
+            url
+            for url, entry_url in known.items()
+            if url not in current and (shard is None or shard.owns(entry_url))
+        ]
+        removed: list[int] = []
+        if gone:
+            removed = await self.pool.run_background(self.catalogue.remove_sources, gone)
+        if whole.folder is not None:
+            listed = {e.location for e in whole.entries}
+            await self.pool.run_background(self.catalogue.forget_file_stats, [u for u in stats if u not in listed])
+            removed += await self.pool.run_background(self.catalogue.remove_orphans)
+        if removed:
+            await self.pool.run_background(self.indexes.remove, removed)
+        return len(gone), len(removed)
+
     def _refresh_details(self, entries: list[LocatedEntry]) -> None:
-        self.catalogue.update_sources_details([_source(e) for e in entries])
+        if entries:
+            self.catalogue.update_sources_details([_source(e) for e in entries])
 
     async def _run(
-        self, todo: list[LocatedEntry], on_progress: Callable[[IngestProgress], None] | None
+        self,
+        todo: list[LocatedEntry],
+        states: dict[str, SourceState],
+        folder: Path | None,
+        on_progress: Callable[[IngestProgress], None] | None,
     ) -> _BatchOutcome:
         outcome = _BatchOutcome()
-        entries: asyncio.Queue[LocatedEntry] = asyncio.Queue()
-        for entry in todo:
-            entries.put_nowait(entry)
+        hosts = _HostSchedule(todo, self.settings.fetch_per_host)
         fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.tuning.ingest.embed_batch * 2)
         n_fetchers = max(1, min(self.settings.fetch_concurrency, len(todo)))
 
@@ -193,18 +287,23 @@ class Ingestor:
                 on_progress(self.progress)
 
         async def fetch_worker() -> None:
-            while True:
+            while (item := await hosts.take()) is not None:
                 try:
-                    item = entries.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                try:
-                    data = await self._fetch(item)
+                    data = await self._fetch(item, folder)
+                except NotAnImageFileError:
+                    await self.pool.run_background(self._forget_source, item)
+                    outcome.skipped += 1
+                    advance(1, [])
+                    continue
                 except PicTraceError as exc:
-                    await self.pool.run_background(self.catalogue.record_failure, _source(item), str(exc))
+                    await self.pool.run_background(self._record_failure, item, str(exc))
                     advance(1, [FailedEntry(position=item.position, url=item.entry.url, reason=str(exc))])
                     continue
-                await fetched.put(_Fetched(_source(item), data, item.position))
+                finally:
+                    await hosts.release(item)
+                state = states.get(item.location)
+                previous = state.sha256 if state is not None and state.status == "ok" else None
+                await fetched.put(_Fetched(_source(item), data, item.position, item.stat, previous))
 
         async def fetch_all() -> None:
             try:
@@ -230,20 +329,37 @@ class Ingestor:
                     if self._links_enabled:
                         self.progress.linking += result.added  # linked at the end of the ingest
                     outcome.duplicates += result.duplicates
+                    outcome.unchanged += result.unchanged
                     advance(len(batch), result.failed)
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
         return outcome
 
-    async def _fetch(self, item: LocatedEntry) -> bytes:
+    async def _fetch(self, item: LocatedEntry, folder: Path | None) -> bytes:
         if item.is_remote:
             return await self.fetcher.fetch_gallery(item.location)
-        return await self.pool.run_background(read_local_file, Path(item.location), self.settings.max_download_bytes)
+        limit = self.settings.max_download_bytes
+        if folder is not None and item.stat is not None:
+            return await self.pool.run_background(read_folder_image, Path(item.location), folder, limit)
+        return await self.pool.run_background(read_local_file, Path(item.location), limit)
+
+    def _record_failure(self, item: LocatedEntry, reason: str) -> None:
+        self.catalogue.record_failure(_source(item), reason)
+        if item.stat is not None:  # not retried until the file changes: it would fail the same way
+            self.catalogue.record_file_stats([(item.location, item.stat)])
+
+    def _forget_source(self, item: LocatedEntry) -> None:
+        """A folder's file that is not (or no longer) an image: no source, and not read again while unchanged."""
+        self.catalogue.remove_sources([item.location])
+        if item.stat is not None:
+            self.catalogue.record_file_stats([(item.location, item.stat)])
 
     def _prepare(self, data: bytes, sha: str) -> tuple[StoredImage, np.ndarray]:
         """Decode and featurise one image (everything but the batched embedding). Raises on bad bytes."""
-        image = decode_image(data, max_pixels=self.settings.max_pixels)
+        image = decode_image(
+            data, max_pixels=self.settings.max_pixels, draft_min_side=self.tuning.decoding.draft_min_side
+        )
         local = local_features(image, self.tuning)
         stored = StoredImage(
             sha256=sha,
@@ -265,9 +381,13 @@ class Ingestor:
         outcome = _BatchOutcome()
         ready: list[tuple[_Fetched, StoredImage]] = []
         pixels = []
+        stats = [(f.source.url, f.stat) for f in batch if f.stat is not None]
         for fetched in batch:
             source = fetched.source
             sha = sha256_hex(fetched.data)
+            if fetched.previous == sha:  # a file touched, not changed: its source already names these bytes
+                outcome.unchanged += 1
+                continue
             try:
                 if self.catalogue.get_meta(tombstone_key(sha)) is not None:
                     raise PicTraceError(
@@ -285,6 +405,7 @@ class Ingestor:
             ready.append((fetched, stored))
             pixels.append(rgb)
         if not ready:
+            self.catalogue.record_file_stats(stats)
             return outcome
         vectors = self.embedder.embed(pixels)
         new_ids: list[int] = []
@@ -303,6 +424,7 @@ class Ingestor:
         if new_ids:
             self.indexes.add(new_ids, np.stack(new_vectors), new_orbs)
             self.indexes.relearn_if_outgrown()
+        self.catalogue.record_file_stats(stats)  # after the images: a crash before it only costs a re-read
         return outcome
 
     @property
@@ -375,6 +497,8 @@ class Ingestor:
             raise NotFoundError(f"no image with sha256 {sha256}")
         # tombstone first: an ingest running now must not re-add the bytes between the two writes
         self.catalogue.set_meta(tombstone_key(sha256), "api")
+        for url in self.catalogue.gallery_sources_of(sha256):
+            self.catalogue.set_meta(deleted_source_key(url), sha256)
         vec_id = self.catalogue.remove_image(sha256)
         self.indexes.remove([vec_id])
 

@@ -140,7 +140,11 @@ class IngestReport(BaseModel):
     added: int = 0
     duplicates: int = Field(0, description="New URLs whose bytes were already stored (stored once).")
     unchanged: int = 0
-    removed: int = Field(0, description="Sources dropped because they left db.json.")
+    removed: int = Field(0, description="Sources dropped because they left db.json (or the folder).")
+    skipped: int = Field(0, description="Files of a folder gallery read and left out: not images.")
+    deleted: int = Field(
+        0, description="Entries kept out because their image was deleted through the API (not fetched)."
+    )
     failed: list[FailedEntry] = Field(default_factory=list)
     invalid: list[FailedEntry] = Field(default_factory=list, description="db.json entries refused.")
 
@@ -166,6 +170,23 @@ class AddedImage(BaseModel):
     width: int
     height: int
     thumbnail_url: str
+
+
+class AddedItem(BaseModel):
+    """One file of a ``POST /api/images`` with several files: what happened to it, as the one-file answer's
+    status would say (201 added, 200 already stored, 4xx refused with the reason)."""
+
+    filename: str | None = Field(None, description="The part's file name, as the client sent it.")
+    status: int = Field(description="201 added, 200 already stored (source linked), or the refusal's 4xx/503.")
+    outcome: Literal["added", "duplicate", "refused"]
+    image: AddedImage | None = Field(None, description="The image, unless it was refused.")
+    detail: str | None = Field(None, description="Why it was refused.")
+
+
+class AddedImages(BaseModel):
+    """Answer of ``POST /api/images`` with several files (always 200): one entry per file, in order."""
+
+    results: list[AddedItem]
 
 
 class DeletedImage(BaseModel):

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 from dataclasses import dataclass, field
 
 from pictrace.config import Settings, unknown_environment
 from pictrace.duplicates import DuplicateGroups
-from pictrace.errors import FeatureMismatchError, IndexMismatchError
+from pictrace.errors import CatalogueCorruptError, FeatureMismatchError, IndexMismatchError
 from pictrace.explain import QueryMemory
 from pictrace.features.embed import Embedder, build_embedder
 from pictrace.fetch import Fetcher
 from pictrace.indexes import DerivedIndexes
 from pictrace.indexes.vector import IndexInfo
 from pictrace.ingest import Ingestor
+from pictrace.pixels import PixelBudget
 from pictrace.search import Searcher
 from pictrace.store import Catalogue
 from pictrace.sync import Follower
@@ -89,6 +91,7 @@ class Service:
     ingestor: Ingestor
     queries: QueryMemory  # recent queries, in memory only, for the evidence pictures (bounded, TTL)
     follower: Follower  # this process's position in the catalogue's change log
+    pixels: PixelBudget  # pixels decoded at once by requests (pictrace/pixels.py)
     duplicates: DuplicateGroups  # every duplicate in the gallery, derived from the catalogue's links
     sync_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -122,6 +125,9 @@ class Service:
             check_features(catalogue, tuning.orb)
             position = catalogue.change_position()  # before the indexes read the catalogue: see pictrace/sync.py
             indexes = DerivedIndexes.open(settings, catalogue, index_info(embedder), tuning, rebuild=rebuild_index)
+        except sqlite3.DatabaseError as exc:  # a damaged page found on the first reads
+            catalogue.close()
+            raise CatalogueCorruptError(catalogue.location, exc) from exc
         except BaseException:
             catalogue.close()
             raise
@@ -140,6 +146,7 @@ class Service:
             ingestor=Ingestor(catalogue, indexes, embedder, fetcher, pool, settings, tuning),
             queries=QueryMemory.from_settings(settings, tuning.evidence),
             follower=Follower(catalogue, indexes, position),
+            pixels=PixelBudget(tuning.decoding.budget_pixels, settings.queue_limit),
             duplicates=DuplicateGroups(catalogue, tuning.duplicates),
         )
         if settings.sync_interval_s > 0:

@@ -9,14 +9,17 @@ metadata endpoint. Two checks cover that:
   the resolver returned, so a DNS answer that changes between a check and the connect (DNS rebinding) cannot
   slip through.
 
-``fetch_allow`` entries (hostnames, IPs or CIDR networks) let an operator open holes deliberately.
+``fetch_allow`` entries (hostnames, IPs or CIDR networks, or a host or IP on one port: ``host:port``) let an
+operator open holes deliberately.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import socket
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ __all__ = [
     "AllowList",
     "ForbiddenAddressError",
     "GuardedResolver",
+    "check_host_characters",
     "check_url",
     "is_forbidden_address",
     "parse_allow",
@@ -59,38 +63,70 @@ class ForbiddenAddressError(UnsafeURLError, OSError):
 
 @dataclass(frozen=True)
 class AllowList:
-    """Parsed ``fetch_allow``: exact hostnames (lower case, no trailing dot) and IP networks."""
+    """Parsed ``fetch_allow``: hostnames (lower case, no trailing dot) and IP networks, each on every port, and
+    hosts or addresses on one port only (``host:port``, ``1.2.3.4:port``, ``[v6]:port``)."""
 
     hosts: frozenset[str]
     networks: tuple[IPNetwork, ...]
+    host_ports: frozenset[tuple[str, int]] = frozenset()
+    address_ports: frozenset[tuple[IPAddress, int]] = frozenset()
 
-    def allows_host(self, host: str) -> bool:
-        return _normalise_host(host) in self.hosts
+    def allows_host(self, host: str, port: int | None = None) -> bool:
+        name = _normalise_host(host)
+        return name in self.hosts or (port is not None and (name, port) in self.host_ports)
 
-    def allows_address(self, ip: IPAddress) -> bool:
+    def allows_address(self, ip: IPAddress, port: int | None = None) -> bool:
         ip = _strip_scope(ip)
-        return any(ip.version == net.version and ip in net for net in self.networks)
+        if any(ip.version == net.version and ip in net for net in self.networks):
+            return True
+        return port is not None and (ip, port) in self.address_ports
+
+
+_WITH_PORT = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>\d{1,5})|(?P<host>[^:\[\]/]+):(?P<port>\d{1,5})")
+
+
+def _entry_port(entry: str) -> tuple[str, int] | None:
+    """(host or address, port) of a ``host:port`` or ``[v6]:port`` entry, None for an entry on every port."""
+    match = _WITH_PORT.fullmatch(entry)
+    if match is None:
+        return None
+    host = match["v6"] if match["v6"] is not None else match["host"]
+    port = int(match["port6"] if match["port6"] is not None else match["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"fetch_allow entry {entry!r} names port {port}, outside 1-65535")
+    return host, port
 
 
 @functools.lru_cache(maxsize=64)
 def _parse_allow_cached(entries: tuple[str, ...]) -> AllowList:
     hosts: set[str] = set()
     networks: list[IPNetwork] = []
+    host_ports: set[tuple[str, int]] = set()
+    address_ports: set[tuple[IPAddress, int]] = set()
     for raw in entries:
         entry = raw.strip()
         if not entry:
+            continue
+        with_port = _entry_port(entry)
+        if with_port is not None:
+            host, port = with_port
+            try:
+                address_ports.add((_strip_scope(ipaddress.ip_address(host)), port))
+            except ValueError:
+                host_ports.add((_normalise_host(host), port))
             continue
         candidate = entry[1:-1] if entry.startswith("[") and entry.endswith("]") else entry
         try:
             networks.append(ipaddress.ip_network(candidate, strict=False))
             continue
         except ValueError:
-            if "/" in candidate:
+            if "/" in candidate or ":" in candidate:
                 raise ValueError(
-                    f"fetch_allow entry {raw!r} is neither a hostname nor a CIDR network"
+                    f"fetch_allow entry {raw!r} is not a hostname, host:port, address or CIDR network "
+                    "(a network opens every port of its hosts)"
                 ) from None
         hosts.add(_normalise_host(entry))
-    return AllowList(frozenset(hosts), tuple(networks))
+    return AllowList(frozenset(hosts), tuple(networks), frozenset(host_ports), frozenset(address_ports))
 
 
 def parse_allow(allow: Sequence[str] | AllowList) -> AllowList:
@@ -98,6 +134,14 @@ def parse_allow(allow: Sequence[str] | AllowList) -> AllowList:
     if isinstance(allow, AllowList):
         return allow
     return _parse_allow_cached(tuple(allow))
+
+
+def check_host_characters(host: str) -> None:
+    """Refuse a host with whitespace or control characters (a trailing space, NBSP, U+3000...): URL parsers
+    keep them, and a system resolver would be asked about a name no DNS server could hold."""
+    for ch in host:
+        if ch.isspace() or unicodedata.category(ch)[0] in "CZ":
+            raise UnsafeURLError(f"host {host!r} contains whitespace or a control character (U+{ord(ch):04X})")
 
 
 def _normalise_host(host: str) -> str:
@@ -225,8 +269,8 @@ def parse_ip_host(host: str) -> IPAddress | None:
     return None
 
 
-def _check_address(ip: IPAddress, allow: AllowList, what: str) -> None:
-    if allow.allows_address(ip):
+def _check_address(ip: IPAddress, allow: AllowList, what: str, port: int | None) -> None:
+    if allow.allows_address(ip, port):
         return
     if is_forbidden_address(ip):
         raise UnsafeURLError(f"{what} is a non-public address ({ip}); refusing to fetch it")
@@ -252,15 +296,16 @@ def check_url(url: str | yarl.URL, allow: Sequence[str] | AllowList = ()) -> yar
     host = parsed.host
     if not host:
         raise UnsafeURLError("the URL has no host")
+    check_host_characters(host)
     try:
-        parsed.port  # noqa: B018 - yarl validates the port lazily
+        port = parsed.port  # yarl validates the port lazily; the scheme's default when none is given
     except ValueError as exc:
         raise UnsafeURLError(f"invalid port: {exc}") from None
-    if allow_list.allows_host(host):
+    if allow_list.allows_host(host, port):
         return parsed
     ip = parse_ip_host(host)
     if ip is not None:
-        _check_address(ip, allow_list, f"host {host!r}")
+        _check_address(ip, allow_list, f"host {host!r}", port)
         return parsed
     if "%" in host or "/" in host or "\\" in host:
         raise UnsafeURLError(f"host {host!r} contains characters a host name cannot have")
@@ -285,8 +330,9 @@ class GuardedResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        check_host_characters(host)
         results = await self._base.resolve(host, port, family)
-        if self._allow.allows_host(host):
+        if self._allow.allows_host(host, port):
             return results
         for result in results:
             try:
@@ -295,7 +341,7 @@ class GuardedResolver(AbstractResolver):
                 raise ForbiddenAddressError(
                     f"host {host!r} resolved to an unparseable address {result['host']!r}"
                 ) from None
-            if not self._allow.allows_address(ip) and is_forbidden_address(ip):
+            if not self._allow.allows_address(ip, port) and is_forbidden_address(ip):
                 raise ForbiddenAddressError(
                     f"host {host!r} resolves to a non-public address ({ip}); refusing to fetch it"
                 )

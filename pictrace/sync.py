@@ -20,8 +20,7 @@ import threading
 from dataclasses import dataclass
 
 from pictrace.indexes import DerivedIndexes
-from pictrace.store import Catalogue
-from pictrace.store.catalogue import Change, ChangePosition
+from pictrace.store import Catalogue, Change, ChangePosition
 
 log = logging.getLogger(__name__)
 

@@ -142,12 +142,16 @@ class VectorIndexTuning(_Frozen):
     approx_from: Annotated[int, Field(ge=1)] = 20_000  # auto: images from which HNSW replaces exact search
     sq8_from: Annotated[int, Field(ge=1)] = 100_000  # auto: images from which HNSW stores 8-bit vectors
     ef_search: Annotated[int, Field(ge=8, le=4096)] = 128  # HNSW candidates explored per query
+    # a Milvus request (search, add, remove) taking longer fails as unavailable (503) instead of holding a worker
+    milvus_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
 
 
 class Ingest(_Frozen):
     """Ingest batching: bench/embed_speed.py (batch 16 is where onnxruntime's images/s levels off here)."""
 
     embed_batch: Annotated[int, Field(ge=1, le=256)] = 16
+    # files one POST /api/images may carry (their bytes together are capped by the operator's max_upload_bytes)
+    max_files_per_request: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
 class Fetching(_Frozen):
@@ -155,6 +159,38 @@ class Fetching(_Frozen):
 
     max_redirects: Annotated[int, Field(ge=0, le=10)] = 3
     user_agent: str = "PicTrace/1.0 (+reverse image search)"
+    # users' downloads that may wait for one host's slots; beyond, 503: a slow host delays its own queue only
+    host_queue: Annotated[int, Field(ge=0)] = 8
+    # the share of the download pool the gallery ingest may hold, so users' URL searches always find a slot
+    gallery_share: Annotated[float, Field(gt=0, le=1)] = 0.75
+
+
+class Decoding(_Frozen):
+    """What decoding may cost (pictrace/decode.py, pictrace/pixels.py; bench/load.py --flood measures it).
+
+    Every feature works on at most 640 px (ORB; the embedding takes 260, SSIM and the thumbnail 256), so an image
+    twice ``draft_min_side`` or more is decoded (JPEG) or kept (others) at a reduced size that keeps
+    ``draft_min_side`` (2x ORB's, so its resize still averages pixels). ``budget_pixels`` bounds the pixels
+    decoded at once across requests: one image at the 50 MP cap plus small ones beside it; a request over the
+    budget waits, without holding a worker (docs/security.md, "Load": peak RSS 1,376 -> 672 MiB under a flood)."""
+
+    draft_min_side: Annotated[int, Field(ge=0)] = 1280  # 0: always decode at full size
+    budget_pixels: Annotated[int, Field(ge=1_000_000)] = 64_000_000
+
+
+class Serving(_Frozen):
+    """How long and how much a client may take to send a request (pictrace/web/serving.py). Sound defaults for a
+    service reached directly; behind a reverse proxy (docs/security.md) the proxy's own limits come first."""
+
+    # open connections and requests beyond which new requests get 503 at once (uvicorn's limit_concurrency); a
+    # reverse proxy in front keeps its own number of connections to PicTrace below this
+    max_connections: Annotated[int, Field(ge=1)] = 256
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # a request's headers, whole
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024  # request line and headers (nginx's default)
+    body_timeout_s: Annotated[float, Field(gt=0)] = 120.0  # a whole body: 20 MiB at ~1.4 Mbit/s
+    body_idle_s: Annotated[float, Field(gt=0)] = 15.0  # longest pause between two parts of a body
+    keep_alive_s: Annotated[int, Field(ge=1)] = 5  # an idle kept-alive connection is closed after this
+    backlog: Annotated[int, Field(ge=16)] = 1024  # connections the kernel queues before accept
 
 
 class Evidence(_Frozen):
@@ -163,6 +199,15 @@ class Evidence(_Frozen):
 
     max_entries: Annotated[int, Field(ge=1)] = 64
     max_bytes: Annotated[int, Field(ge=MiB)] = 64 * MiB
+
+
+class FolderWatch(_Frozen):
+    """Watching a folder gallery: changes are gathered until the folder has been quiet for ``quiet_ms`` and no
+    changed file was modified more recently than that (a copy in progress is indexed once, complete), but for at
+    most ``max_wait_ms``, so a folder that never stops changing is still kept in step."""
+
+    quiet_ms: Annotated[int, Field(ge=10)] = 1500
+    max_wait_ms: Annotated[int, Field(ge=100)] = 60_000
 
 
 class Tuning(_Frozen):
@@ -178,7 +223,10 @@ class Tuning(_Frozen):
     vectors: VectorIndexTuning = VectorIndexTuning()
     ingest: Ingest = Ingest()
     fetching: Fetching = Fetching()
+    decoding: Decoding = Decoding()
+    serving: Serving = Serving()
     evidence: Evidence = Evidence()
+    watch: FolderWatch = FolderWatch()
 
     @classmethod
     def from_file(cls, path: Path) -> Tuning:

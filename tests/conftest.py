@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# a throw-away PostgreSQL server (session) and a fresh database per test; see tests/pgserver.py
+# throw-away PostgreSQL and Milvus servers (session), fresh per test; see tests/pgserver.py, tests/milvusserver.py
+from milvusserver import milvus_server, milvus_uri  # noqa: F401  (fixtures)
 from pgserver import postgres_server, postgres_url  # noqa: F401  (fixtures)
 from PIL import Image
 

@@ -18,7 +18,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from pictrace.config import Settings
+from pictrace.tuning import Tuning
 from pictrace.web import create_app
+from pictrace.web.serving import server_config
 
 
 @dataclass
@@ -33,13 +35,17 @@ class Live:
 
 
 @contextlib.contextmanager
-def live_server(settings: Settings, timeout: float = 60) -> Iterator[Live]:
-    app = create_app(settings)
+def live_server(settings: Settings, timeout: float = 60, tuning: Tuning | None = None) -> Iterator[Live]:
+    """The app as ``python app.py`` serves it (pictrace/web/serving.py's limits), on a free port."""
+    tuning = tuning or Tuning()
+    app = create_app(settings, tuning=tuning)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        server_config(app, settings, tuning.serving, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve(sockets=[sock])), daemon=True)
     thread.start()

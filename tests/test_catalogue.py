@@ -15,6 +15,7 @@ from pictrace.store import (
     CatalogueStore,
     ChangePosition,
     CorruptMetaError,
+    FileStat,
     LinkFit,
     Source,
     StoredImage,
@@ -88,9 +89,7 @@ class TestCatalogue:
         cat = open_catalogue()
         ids = [cat.add_image(stored(n), source(f"http://h/{n}.jpg", n))[0] for n in range(5)]
         assert sorted(cat.vec_ids().tolist()) == sorted(ids)
-        feats = cat.rerank_features(ids[1:3])
-        assert set(feats) == set(ids[1:3])
-        assert feats[ids[1]].gray_png == stored(1).gray_png and feats[ids[1]].orb == stored(1).orb
+        assert dict(cat.orb_blobs_of(ids[1:3])) == {ids[1]: stored(1).orb, ids[2]: stored(2).orb}
         assert cat.grays_of([*ids[1:3], 10**6]) == {ids[1]: stored(1).gray_png, ids[2]: stored(2).gray_png}
         all_ids, vectors = zip(*cat.embeddings(batch=2), strict=True)
         got = dict(zip(np.concatenate(all_ids).tolist(), np.concatenate(vectors), strict=True))
@@ -123,6 +122,22 @@ class TestCatalogue:
         unchanged = cat.generation()
         cat.link_source(source("http://h/1-again.jpg"), stored(1).sha256)  # no image added: no move
         assert cat.generation() == unchanged
+
+    def test_file_stats_and_orphans_of_a_folder_gallery(self, open_catalogue: Opener) -> None:
+        cat = open_catalogue()
+        big = 2**40 + 7  # sizes and nanosecond mtimes need 64 bits
+        cat.record_file_stats([("/p/a.jpg", FileStat(10, big)), ("/p/b.jpg", FileStat(20, 1))])
+        cat.record_file_stats([("/p/a.jpg", FileStat(11, big + 1))])  # re-read: replaced
+        assert cat.file_stats() == {"/p/a.jpg": FileStat(11, big + 1), "/p/b.jpg": FileStat(20, 1)}
+        cat.forget_file_stats(["/p/b.jpg", "/p/never.jpg"])
+        assert cat.file_stats() == {"/p/a.jpg": FileStat(11, big + 1)}
+        kept, _ = cat.add_image(stored(1), source("/p/a.jpg"))
+        old, _ = cat.add_image(stored(2), source("/p/c.jpg"))
+        cat.record_failure(source("/p/c.jpg"), "changed into something corrupt")  # its image is left behind
+        before = cat.generation()
+        assert cat.remove_orphans() == [old]
+        assert cat.vec_ids().tolist() == [kept] and cat.generation() > before
+        assert cat.remove_orphans() == []
 
     def test_remove_image_and_meta_deletes_move_what_they_should(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()

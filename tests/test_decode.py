@@ -366,3 +366,86 @@ def test_fuzz_never_raises_anything_else(data: bytes) -> None:
     assert out.rgb.shape == (out.height, out.width, 3)
     assert out.width * out.height <= 2_000_000
     assert out.rgb.flags["C_CONTIGUOUS"]
+
+
+# ------------------------------------------------------------------------- phone and web formats: HEIF, AVIF
+
+
+def _phone(im: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    """HEIF written by pillow-heif (the plugin PicTrace reads it with), AVIF by Pillow's own plugin."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    return _save(im, fmt, **kwargs)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heif_and_avif_decode(fmt: str) -> None:
+    data = _phone(Image.fromarray(_noise_rgb(96, 128)), fmt, quality=95)
+    assert probe_image(data, max_pixels=MAX) == (fmt, 128, 96)
+    out = _decode(data)
+    assert out.format == fmt and (out.width, out.height) == (128, 96)
+    # lossy, but the same picture: blocky noise survives with a small mean error
+    assert np.abs(out.rgb.astype(int) - _noise_rgb(96, 128)).mean() < 12
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heif_and_avif_exif_orientation_6_rotates_clockwise(fmt: str) -> None:
+    green, white = (0, 255, 0), (255, 255, 255)
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)
+    stored[:16, :24], stored[:16, 24:], stored[16:, :24], stored[16:, 24:] = RED, BLUE, green, white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # what a phone held upright writes
+    out = _decode(_phone(Image.fromarray(stored), fmt, quality=98, exif=exif.tobytes()))
+    assert (out.width, out.height) == (32, 48)
+    for (y, x), colour in zip([(6, 6), (6, 26), (40, 26), (40, 6)], [green, RED, BLUE, white], strict=True):
+        assert np.abs(out.rgb[y, x].astype(int) - colour).max() <= 40, (y, x, out.rgb[y, x])
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heif_and_avif_alpha_is_white(fmt: str) -> None:
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[:, :16] = (255, 0, 0, 255)  # left opaque red, right fully transparent
+    out = _decode(_phone(Image.fromarray(rgba), fmt, quality=98))
+    assert np.abs(out.rgb[16, 4].astype(int) - RED).max() <= 30
+    assert (out.rgb[16, 28].astype(int) >= 225).all()
+
+
+def test_heif_with_several_images_gives_the_first() -> None:
+    frames = [Image.new("RGB", (64, 48), RED), Image.new("RGB", (64, 48), BLUE)]
+    out = _decode(_phone(frames[0], "HEIF", save_all=True, append_images=frames[1:], quality=95))
+    assert np.abs(out.rgb[10, 10].astype(int) - RED).max() <= 12
+
+
+def test_heif_over_the_pixel_cap_is_refused_from_the_header() -> None:
+    data = _phone(Image.fromarray(_noise_rgb(1200, 1600)), "HEIF", quality=50)
+    start = time.perf_counter()
+    with pytest.raises(TooLargeError):
+        probe_image(data, max_pixels=1_000_000)
+    with pytest.raises(TooLargeError):
+        decode_image(data, max_pixels=1_000_000)
+    assert time.perf_counter() - start < 1.0  # generous: the header is a few hundred bytes of boxes
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_truncated_heif_and_avif_are_decode_errors(fmt: str) -> None:
+    data = _phone(Image.fromarray(_noise_rgb(128, 128)), fmt, quality=90)
+    with pytest.raises(DecodeError):
+        decode_image(data[: len(data) // 2], max_pixels=MAX)
+
+
+@pytest.mark.parametrize(("orientation", "size"), [(1, (3000, 2000)), (6, (2000, 3000))])
+def test_a_large_jpeg_is_decoded_smaller_but_keeps_the_pictures_size(orientation: int, size: tuple[int, int]) -> None:
+    """Draft mode saves the pixels, not the truth: width and height stay the file's (after EXIF orientation),
+    and ``scale`` says how many decoded pixels there are per picture pixel."""
+    rgb = np.random.default_rng(3).integers(0, 255, (2000, 3000, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _save(Image.fromarray(rgb), "JPEG", quality=90, exif=exif)
+    out = decode_image(data, max_pixels=MAX, draft_min_side=1280)
+    assert (out.width, out.height) == size
+    assert max(out.rgb.shape[:2]) < 3000 and max(out.rgb.shape[:2]) >= 1280
+    assert (out.rgb.shape[0] > out.rgb.shape[1]) == (size[1] > size[0])
+    assert out.scale == pytest.approx(out.rgb.shape[1] / size[0])
+    full = decode_image(data, max_pixels=MAX)
+    assert (full.width, full.height, full.scale) == (*size, 1.0) and full.rgb.shape[:2] == size[::-1]

@@ -34,24 +34,34 @@ def milvus_lite(path: Path) -> VectorIndex:
     return MilvusIndex(str(path / "milvus.db"), INFO)
 
 
+def milvus_server(uri: str) -> IndexFactory:
+    from pictrace.indexes.vector.milvus_index import MilvusIndex
+
+    return lambda path: MilvusIndex(uri, INFO)
+
+
 BACKENDS: dict[str, IndexFactory] = {
     "faiss-flat": lambda path: FaissIndex.open(path / "v.faiss", INFO),
     "faiss-hnsw": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(mode="hnsw")),
     "faiss-hnsw-sq8": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(mode="hnsw-sq8")),
     "faiss-auto": lambda path: FaissIndex.open(path / "v.faiss", INFO, FaissParams(approx_from=40)),
     "milvus-lite": milvus_lite,
+    "milvus-server": lambda path: pytest.fail("made by the backend fixture, from the session's server"),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, IndexFactory]]:
     opened: list[VectorIndex] = []
+    make = BACKENDS[request.param]
+    if request.param == "milvus-server":  # a real server (tests/milvusserver.py), emptied for this test
+        make = milvus_server(request.getfixturevalue("milvus_uri"))
 
     def factory(path: Path) -> VectorIndex:
         for index in opened:  # Milvus Lite allows one client per file: the previous one is done
             index.close()
         opened.clear()
-        opened.append(BACKENDS[request.param](path))
+        opened.append(make(path))
         return opened[0]
 
     yield request.param, factory
@@ -250,8 +260,9 @@ def test_faiss_older_format_is_reported_as_corrupt(tmp_path: Path) -> None:
 # --- the service on each backend: ingest, search, restart -------------------------------------------------
 
 
-@pytest.mark.parametrize("backend_settings", ["faiss-hnsw-sq8", "milvus-lite"])
+@pytest.mark.parametrize("backend_settings", ["faiss-hnsw-sq8", "milvus-lite", "milvus-server"])
 async def test_service_ingests_and_finds_on_each_backend(
+    request: pytest.FixtureRequest,
     backend_settings: str,
     image_server: ImageServer,
     photos: dict[str, np.ndarray],
@@ -263,6 +274,8 @@ async def test_service_ingests_and_finds_on_each_backend(
     overrides: dict[str, object] = (
         {"index_mode": "hnsw-sq8"} if backend_settings.startswith("faiss") else {"milvus_uri": str(tmp_path / "m.db")}
     )
+    if backend_settings == "milvus-server":
+        overrides = {"milvus_uri": request.getfixturevalue("milvus_uri")}
     settings = make_settings(**overrides)
     names = ["astronaut", "chelsea", "coffee", "rocket"]
     settings.db.write_text(
@@ -352,3 +365,44 @@ def test_milvus_lite_file_is_free_for_another_process_after_close(tmp_path: Path
                           timeout=120, cwd=tests.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "5"
+
+
+@pytest.mark.parametrize("other", ["dimension", "model"])
+def test_milvus_server_refuses_a_collection_of_another_model(milvus_uri: str, other: str) -> None:
+    """A collection of this name that holds another model's vectors is refused at open, in one line."""
+    from pictrace.indexes.vector.milvus_index import MilvusIndex
+
+    made_by = (IndexInfo("another-backbone", "fff999", 64) if other == "model"
+               else IndexInfo(INFO.backbone, INFO.fingerprint, 32))
+    MilvusIndex(milvus_uri, made_by, collection="shared_vectors").close()
+    with pytest.raises(IndexMismatchError) as refused:
+        MilvusIndex(milvus_uri, INFO, collection="shared_vectors")
+    message = str(refused.value)
+    assert "\n" not in message and "shared_vectors" in message
+    assert ("dim 32" in message) if other == "dimension" else ("another-backbone" in message)
+
+
+def test_milvus_server_reindex_moves_a_collection_made_before_aliases_behind_one(milvus_uri: str) -> None:
+    """A collection named after the model itself (as before reindex used aliases) is used as it is, and the
+    first rebuild replaces it with a new collection behind an alias of that name."""
+    from pymilvus import MilvusClient
+
+    from pictrace.indexes.vector.milvus_index import MilvusIndex, collection_name
+
+    name = collection_name(INFO)
+    client = MilvusClient(uri=milvus_uri)
+    client.create_collection(name, dimension=INFO.dim, metric_type="IP", consistency_level="Strong")
+    vectors = unit_vectors(20, seed=7)
+    client.insert(name, [{"id": i, "vector": v.tolist()} for i, v in enumerate(vectors)])
+    index = MilvusIndex(milvus_uri, INFO)
+    try:
+        assert len(index) == 20
+        index.rebuild([(np.arange(100, 105, dtype=np.int64), vectors[:5])])
+        assert sorted(index.ids().tolist()) == list(range(100, 105))
+        _, found = index.search(vectors[:1], 1)
+        assert found[0, 0] == 100
+        (physical,) = client.list_collections()
+        assert physical != name and client.list_aliases(physical)["aliases"] == [name]
+    finally:
+        index.close()
+        client.close()

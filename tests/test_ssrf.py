@@ -281,3 +281,51 @@ async def test_guarded_resolver_default_base_refuses_localhost() -> None:
             await resolver.resolve("localhost", 80)
     finally:
         await resolver.close()
+
+
+# --- host names no resolver should see, and allow entries on one port ------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [" ", "\u00a0", "\u3000", "\x01", "\x7f", "\u2028"])
+async def test_hosts_with_whitespace_or_control_characters_are_refused_before_any_lookup(suffix: str) -> None:
+    base = MapResolver({"example.com": ["93.184.216.34"]})
+    guarded = GuardedResolver(base, [])
+    url = f"http://example.com{suffix}/a.jpg"
+    with pytest.raises(UnsafeURLError, match=r"whitespace or a control character|not a valid URL"):
+        check_url(url, [])
+    with pytest.raises(UnsafeURLError, match="whitespace or a control character"):
+        await guarded.resolve(f"example.com{suffix}", 80)
+    assert base.lookups == {}
+
+
+@pytest.mark.parametrize(
+    ("allow", "allowed", "refused"),
+    [
+        (["127.0.0.1:8080"], ["http://127.0.0.1:8080/a"], ["http://127.0.0.1:8081/a", "http://127.0.0.1/a"]),
+        (["[::1]:8080"], ["http://[::1]:8080/a"], ["http://[::1]:22/a", "http://[::1]/a"]),
+        (["intranet.test:443"], ["https://intranet.test/a", "http://intranet.test:443/a"], []),
+        (["10.0.0.0/8"], ["http://10.1.2.3:22/a", "http://10.1.2.3/a"], []),
+    ],
+)
+def test_allow_entries_may_name_one_port(allow: list[str], allowed: list[str], refused: list[str]) -> None:
+    for url in allowed:
+        check_url(url, allow)
+    for url in refused:
+        with pytest.raises(UnsafeURLError, match="non-public"):
+            check_url(url, allow)
+    parsed = parse_allow(allow)
+    if allow == ["intranet.test:443"]:
+        assert parsed.allows_host("intranet.test", 443) and not parsed.allows_host("intranet.test", 80)
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/8:80", "host:port", "[::1]:99999"])
+def test_allow_entries_that_mean_nothing_are_refused(entry: str) -> None:
+    with pytest.raises(ValueError, match="fetch_allow entry"):
+        parse_allow([entry])
+
+
+async def test_a_name_allowed_on_one_port_resolves_to_loopback_on_that_port_only() -> None:
+    guarded = GuardedResolver(MapResolver({"intranet.test": ["10.0.0.5"]}), ["intranet.test:8443"])
+    assert [r["host"] for r in await guarded.resolve("intranet.test", 8443)] == ["10.0.0.5"]
+    with pytest.raises(UnsafeURLError, match="non-public"):
+        await guarded.resolve("intranet.test", 22)

@@ -18,7 +18,7 @@ from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.local import LocalIndex, LocalIndexParams
 from pictrace.service import Service
-from pictrace.store.catalogue import Change, ChangePosition
+from pictrace.store import Change, ChangePosition
 from pictrace.sync import covers, net_effect
 
 Pair = tuple[Service, Service]

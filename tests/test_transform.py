@@ -196,3 +196,23 @@ def test_small_mirrored_copy_is_upscaled_like_any_query(photos: dict[str, np.nda
     assert after.homography is not None and after.orb_inliers >= tuning.check.min_inliers
     out = read_transform(after.homography, (query.shape[1], query.shape[0]), (w, h))
     assert out.flip and abs(out.scale - side / w) < SCALE_TOL * side / w
+
+
+def test_a_crop_of_a_large_picture_reads_out_in_the_files_pixels(photos: dict[str, np.ndarray]) -> None:
+    """A gallery photo of 3,000 px is decoded at half size (draft mode), yet the crop box is read out in its own
+    pixels: the decode's scale is carried into the keypoints' scale, so the homography maps file pixels."""
+    from conftest import encode
+
+    from pictrace.decode import decode_image
+    from pictrace.matching.geometry import fit_geometry
+
+    tuning = Tuning()
+    big = cv2.resize(photos["astronaut"], (3000, 3000), interpolation=cv2.INTER_CUBIC)
+    gallery = decode_image(encode(big), max_pixels=50_000_000, draft_min_side=tuning.decoding.draft_min_side)
+    assert gallery.scale < 1 and (gallery.width, gallery.height) == (3000, 3000)
+    x0, y0, x1, y1 = 600, 450, 2250, 2400
+    query = decode_image(encode(cv2.resize(big[y0:y1, x0:x1], (550, 650))), max_pixels=50_000_000)
+    fit = fit_geometry(orb_of(query.rgb, tuning, query.scale), orb_of(gallery.rgb, tuning, gallery.scale), tuning)
+    assert fit.homography is not None
+    out = read_transform(fit.homography, (query.width, query.height), (gallery.width, gallery.height))
+    assert_box(out.crop, (x0, y0, x1, y1), 3000)

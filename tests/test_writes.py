@@ -211,13 +211,13 @@ def test_delete_is_final_also_after_restart_and_reingest(
     with TestClient(create_app(settings)) as client:
         assert "rocket" not in ids_found(client, rocket)
         assert client.get("/api/health").json()["images"]["indexed"] == len(GALLERY) - 1
-    # db.json still lists it: the next ingest does not bring it back, and says why
+    # db.json still lists it: the next ingest keeps it out (not fetched, not a failure)
     ingest(settings)
     with TestClient(create_app(settings)) as client:
         assert "rocket" not in ids_found(client, rocket)
         with sqlite3.connect(settings.catalogue_path) as conn:
-            (error,) = conn.execute("SELECT error FROM sources WHERE entry_id = 'rocket'").fetchone()
-        assert "deleted through the API" in error
+            assert conn.execute("SELECT 1 FROM sources WHERE entry_id = 'rocket'").fetchone() is None
+        assert client.get("/api/health").json()["images"]["failed"] == 0
         # an explicit add brings it back
         again = client.post("/api/images", files={"file": ("r.jpg", rocket, "image/jpeg")}, headers=AUTH)
         assert again.status_code == 201, again.text
@@ -262,3 +262,52 @@ def test_cli_reindex_replaces_a_bad_index_file(settings: Settings, capsys: pytes
     embedder = build_embedder(settings.backbone, settings.model_path, threads=1)
     index = FaissIndex.open(settings.index_path, IndexInfo(embedder.name, embedder.fingerprint, embedder.dim))
     assert len(index) == len(GALLERY)
+
+
+# --- several images in one request ------------------------------------------------------------------------
+
+
+def test_add_several_files_answers_one_entry_each(
+    client: TestClient, settings: Settings, photos: dict[str, np.ndarray]
+) -> None:
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    heic = encode(photos["astronaut"], "HEIF", quality=90)
+    files = [
+        ("file", ("a.heic", heic, "image/heic")),
+        ("file", ("notes.txt", b"not an image at all", "text/plain")),
+        ("file", ("coffee.jpg", encode(photos["coffee"]), "image/jpeg")),  # already in the gallery
+        ("file", ("cut.jpg", encode(photos["chelsea"])[:2000], "image/jpeg")),  # truncated
+        ("file", ("brick.png", encode(photos["brick"], "PNG"), "image/png")),
+    ]
+    response = client.post("/api/images", files=files, data={"metadata": '{"batch": 1}'}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [(r["filename"], r["status"], r["outcome"]) for r in results] == [
+        ("a.heic", 201, "added"),
+        ("notes.txt", 415, "refused"),
+        ("coffee.jpg", 200, "duplicate"),
+        ("cut.jpg", 422, "refused"),
+        ("brick.png", 201, "added"),
+    ]
+    assert results[1]["detail"] and results[1]["image"] is None
+    assert results[0]["image"]["width"] == photos["astronaut"].shape[1]
+    assert client.get("/api/health").json()["images"]["indexed"] == len(GALLERY) + 2
+    best = client.post("/api/search", files={"file": ("q.jpg", encode(crop(photos["brick"])), "image/jpeg")})
+    assert best.json()["results"][0]["metadata"] == {"batch": 1}
+
+
+def test_add_files_field_and_single_file_keeps_its_answer(client: TestClient, photos: dict[str, np.ndarray]) -> None:
+    one = client.post("/api/images", files={"files": ("b.jpg", encode(photos["brick"]), "image/jpeg")}, headers=AUTH)
+    assert one.status_code == 200 and [r["status"] for r in one.json()["results"]] == [201]
+    cat = {"file": ("c.jpg", encode(photos["chelsea"]), "image/jpeg")}
+    single = client.post("/api/images", files=cat, headers=AUTH)
+    assert single.status_code == 201 and single.json()["added"] is True and "results" not in single.json()
+    named = client.post(
+        "/api/images",
+        files=[("file", ("x.jpg", encode(photos["coins"]), "image/jpeg"))] * 2,
+        data={"id": "one-name-for-two"},
+        headers=AUTH,
+    )
+    assert named.status_code == 400 and "id" in named.json()["detail"]

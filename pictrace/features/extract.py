@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,15 +23,19 @@ class LocalFeatures:
     thumbnail: bytes
 
 
-def orb_of(rgb: np.ndarray, tuning: Tuning) -> OrbFeatures:
-    """ORB with the configured sizes: gallery images at ingest, queries (and their mirror) at search alike."""
-    return extract_orb(
+def orb_of(rgb: np.ndarray, tuning: Tuning, decoded_scale: float = 1.0) -> OrbFeatures:
+    """ORB with the configured sizes: gallery images at ingest, queries (and their mirror) at search alike.
+
+    ``decoded_scale`` (``DecodedImage.scale``): ``rgb`` is that many pixels per picture pixel, so the keypoints'
+    scale is taken relative to the picture, and fitted homographies come out in the file's pixels."""
+    orb = extract_orb(
         rgb, n_features=tuning.orb.features, max_side=tuning.orb.max_side, min_side=tuning.orb.min_side
     )
+    return orb if decoded_scale == 1.0 else replace(orb, scale=orb.scale * decoded_scale)
 
 
 def local_features(image: DecodedImage, tuning: Tuning) -> LocalFeatures:
-    orb = orb_of(image.rgb, tuning)
+    orb = orb_of(image.rgb, tuning, image.scale)
     return LocalFeatures(
         pixel_sha256=pixel_sha256(image.rgb),
         dhash=dhash64(image.rgb),

@@ -221,6 +221,8 @@ class DerivedIndexes:
         """Replace every vector with the catalogue's (a fresh structure, chosen for their count) and save."""
         count = self.catalogue.counts()[0]
         self.vector.rebuild(self.catalogue.embeddings(), expected=count)
+        if self.shares_vectors:  # other processes' writes during the load went to the collection it replaced
+            self._reconcile_vector()
         self.vector.save()
         return count
 

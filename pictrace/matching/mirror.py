@@ -31,9 +31,9 @@ def worth_mirroring(candidate: CandidateScore, tuning: Tuning) -> bool:
     )
 
 
-def mirrored_orb(rgb: np.ndarray, tuning: Tuning) -> OrbFeatures:
+def mirrored_orb(rgb: np.ndarray, tuning: Tuning, decoded_scale: float = 1.0) -> OrbFeatures:
     """The mirrored query's ORB features, extracted as the query's (small ones upscaled too)."""
-    return orb_of(np.ascontiguousarray(rgb[:, ::-1]), tuning)
+    return orb_of(np.ascontiguousarray(rgb[:, ::-1]), tuning, decoded_scale)
 
 
 def mirror_fit(

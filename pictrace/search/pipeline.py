@@ -59,15 +59,17 @@ class Searcher:
         """The answer a client gets, plus the ids of *every* candidate ranked, shown or not (for ``eval``:
         an image the verdicts hide still counts where it was ranked, as with any ranked-list metric)."""
         started = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.max_pixels)
+        image = decode_image(
+            data, max_pixels=self.settings.max_pixels, draft_min_side=self.tuning.decoding.draft_min_side
+        )
         return self._search(image, sha256_hex(data), top_k or self.settings.top_k, started)
 
     def _search(
         self, image: DecodedImage, sha256: str, top_k: int, started: float
     ) -> tuple[SearchResult, list[str]]:
         t, run, reads = self.tuning, self._schedule, QueryReads(self.catalogue)
-        jobs = run.query_jobs(image.rgb, self.embedder, t)  # beside the worker: pixel hash, embedding, SSIM ref.
-        query = orb_of(image.rgb, t)
+        jobs = run.query_jobs(image.rgb, self.embedder, t, image.scale)  # beside: pixel hash, embedding, SSIM ref.
+        query = orb_of(image.rgb, t, image.scale)
         # candidates found without the embedding, verified while it is computed
         votes = candidates.votes_for(query, self.local, t, run.map)
         found = candidates.local_candidates(self.catalogue.vec_ids_by_hash(sha256, jobs.pixel_hash.result()), votes, t)

@@ -134,13 +134,15 @@ class Schedule:
         """``[fn(x) for x in items]``, shared by both threads when there are two."""
         return map_serial(fn, items) if self._side is None else self._side.map(fn, items)
 
-    def query_jobs(self, rgb: np.ndarray, embedder: Embedder, tuning: Tuning) -> QueryJobs:
+    def query_jobs(
+        self, rgb: np.ndarray, embedder: Embedder, tuning: Tuning, decoded_scale: float = 1.0
+    ) -> QueryJobs:
         """Start the query's features that the worker's first steps do without (see the module docstring)."""
         return QueryJobs(
             self.beside(lambda: pixel_sha256(rgb)),
             self.beside(lambda: embedder.embed([rgb])[0]),
             self.beside(lambda: SsimReference(gray256(rgb))),
-            lambda: self.beside(lambda: mirrored_orb(rgb, tuning)),
+            lambda: self.beside(lambda: mirrored_orb(rgb, tuning, decoded_scale)),
         )
 
     def close(self) -> None:

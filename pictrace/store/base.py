@@ -14,12 +14,12 @@ if TYPE_CHECKING:
         Change,
         ChangePosition,
         FailedSource,
+        FileStat,
         GalleryImage,
         ImageFacts,
         ImageRecord,
         LinkFit,
         PairLink,
-        RerankFeatures,
         Source,
         SourceState,
         StoredImage,
@@ -40,6 +40,14 @@ class CatalogueStore(Protocol):
     def set_meta(self, key: str, value: str) -> None: ...
 
     def source_states(self) -> dict[str, SourceState]: ...
+
+    def file_stats(self) -> dict[str, FileStat]: ...
+
+    def record_file_stats(self, stats: Iterable[tuple[str, FileStat]]) -> None: ...
+
+    def forget_file_stats(self, urls: Iterable[str]) -> None: ...
+
+    def remove_orphans(self) -> list[int]: ...
 
     def update_sources_details(self, sources: Iterable[Source]) -> None: ...
 
@@ -72,8 +80,6 @@ class CatalogueStore(Protocol):
     def records(self, vec_ids: Iterable[int]) -> dict[int, ImageRecord]: ...
 
     def vec_ids_by_hash(self, sha256: str, pixel_sha256: str) -> list[int]: ...
-
-    def rerank_features(self, vec_ids: Iterable[int]) -> dict[int, RerankFeatures]: ...
 
     def grays_of(self, vec_ids: Iterable[int]) -> dict[int, bytes]: ...
 

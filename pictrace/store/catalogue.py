@@ -1,8 +1,8 @@
 """The catalogue: the system of record for every image, its sources (URLs) and its features.
 
 ``Catalogue`` is composed of its parts, each a mixin of portable queries (images.py, changes.py, links.py,
-meta.py; see sql.py), over one SQLite connection: WAL mode with ``synchronous=FULL``, so each ingested image,
-committed with all its features in one transaction, survives a crash (even ``kill -9``).
+meta.py, files.py; see sql.py), over one SQLite connection: WAL mode with ``synchronous=FULL``, so each
+ingested image, committed with all its features in one transaction, survives a crash (even ``kill -9``).
 ``PostgresCatalogue`` (postgres.py) is a ``Catalogue`` that replaces only the connection, so code typed
 against ``Catalogue`` runs on either engine.
 Vector indexes are derived from the embeddings stored here and can always be rebuilt from them.
@@ -17,47 +17,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pictrace.errors import CatalogueCorruptError
 from pictrace.store.changes import ChangeLogQueries
+from pictrace.store.files import FileQueries
 from pictrace.store.images import ImageQueries
 from pictrace.store.links import LinkQueries
 from pictrace.store.meta import MetaQueries
-from pictrace.store.records import (
-    Change,
-    ChangePosition,
-    FailedSource,
-    GalleryImage,
-    ImageFacts,
-    ImageRecord,
-    LinkFit,
-    PairLink,
-    RerankFeatures,
-    Source,
-    SourceState,
-    StoredImage,
-)
 from pictrace.store.schema import SQLITE_SCHEMA, upgrade
-
-# the records are re-exported: code imports them from here as well as from pictrace.store
-__all__ = [
-    "Catalogue",
-    "Change",
-    "ChangePosition",
-    "FailedSource",
-    "GalleryImage",
-    "ImageFacts",
-    "ImageRecord",
-    "LinkFit",
-    "PairLink",
-    "RerankFeatures",
-    "Source",
-    "SourceState",
-    "StoredImage",
-]
 
 _MMAP_BYTES = 1 << 40
 
 
-class Catalogue(ImageQueries, ChangeLogQueries, LinkQueries, MetaQueries):
+class Catalogue(ImageQueries, ChangeLogQueries, LinkQueries, MetaQueries, FileQueries):
     """Thread-safe access to the catalogue: SQLite here (one connection, one lock; WAL lets readers overlap).
 
     Engine-specific: ``__init__``, ``close``, ``location``, ``_transaction``, ``_query``; the queries are the
@@ -69,6 +40,13 @@ class Catalogue(ImageQueries, ChangeLogQueries, LinkQueries, MetaQueries):
         self.path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.RLock()
+        try:
+            self._prepare()
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: one clear line, not a traceback
+            self._conn.close()
+            raise CatalogueCorruptError(str(path), exc) from exc
+
+    def _prepare(self) -> None:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")

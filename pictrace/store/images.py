@@ -22,7 +22,6 @@ from pictrace.store.records import (
     FailedSource,
     GalleryImage,
     ImageRecord,
-    RerankFeatures,
     Source,
     SourceState,
     StoredImage,
@@ -108,6 +107,22 @@ class ImageQueries(SqlAccess):
                 log_changes(conn, removed, "remove")
         return removed
 
+    def remove_orphans(self) -> list[int]:
+        """Delete images that no source names any more (a folder file whose bytes changed leaves its old image
+        behind, and so does a run killed between the two writes). Returns the vec_ids to drop from indexes."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                """SELECT i.vec_id FROM images i
+                   WHERE NOT EXISTS (SELECT 1 FROM sources s WHERE s.sha256 = i.sha256)"""
+            ).fetchall()
+            removed = [int(r[0]) for r in rows]
+            for start in range(0, len(removed), 500):
+                chunk = removed[start : start + 500]
+                conn.execute(f"DELETE FROM images WHERE vec_id IN ({marks(len(chunk))})", chunk)
+            if removed:
+                log_changes(conn, removed, "remove")
+        return removed
+
     def remove_image(self, sha256: str) -> int:
         """Delete an image and every source naming it, in one transaction. Returns its vec_id."""
         with self._transaction() as conn:
@@ -129,6 +144,11 @@ class ImageQueries(SqlAccess):
         """Gallery sources as {url fetched: url as written in db.json}; shards are assigned by the latter."""
         rows = self._query("SELECT url, entry_url FROM sources WHERE origin = 'gallery'")
         return {url: entry_url or url for url, entry_url in rows}
+
+    def gallery_sources_of(self, sha256: str) -> list[str]:
+        """The db.json URLs (as fetched) that name an image."""
+        rows = self._query("SELECT url FROM sources WHERE sha256 = ? AND origin = 'gallery'", (sha256,))
+        return [str(r[0]) for r in rows]
 
     def counts(self) -> tuple[int, int]:
         """(distinct images indexed, sources that failed)."""
@@ -247,14 +267,6 @@ class ImageQueries(SqlAccess):
                 )
                 if rows:
                     yield _to_arrays(rows)
-
-    def rerank_features(self, vec_ids: Iterable[int]) -> dict[int, RerankFeatures]:
-        """Read SSIM/ORB features of the few candidates of one query only (memory does not grow with them)."""
-        wanted = [int(v) for v in vec_ids]
-        if not wanted:
-            return {}
-        rows = self._query(f"SELECT vec_id, gray, orb FROM images WHERE vec_id IN ({marks(len(wanted))})", wanted)
-        return {int(v): RerankFeatures(bytes(g), bytes(o)) for v, g, o in rows}
 
     def orb_blobs(self, batch: int = 1024) -> Iterator[tuple[int, bytes]]:
         """Every image's stored ORB blob, for rebuilding the local-feature index at start."""

@@ -26,6 +26,11 @@ class MetaQueries(SqlAccess):
                 (key, value),
             )
 
+    def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every fact whose key starts with ``prefix``, keyed by the rest of the key."""
+        rows = self._query("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
+        return {str(key)[len(prefix) :]: str(value) for key, value in rows}
+
     def delete_meta(self, key: str) -> None:
         with self._transaction() as conn:
             conn.execute("DELETE FROM meta WHERE key = ?", (key,))

@@ -38,6 +38,14 @@ class Source:
 
 
 @dataclass(frozen=True)
+class FileStat:
+    """A file's size and modification time: equal on two scans, the file is taken as unchanged (not read)."""
+
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
 class SourceState:
     status: str
     sha256: str | None
@@ -87,12 +95,6 @@ class GalleryImage:
     @property
     def is_remote(self) -> bool:
         return self.location.startswith(("http://", "https://"))
-
-
-@dataclass(frozen=True)
-class RerankFeatures:
-    gray_png: bytes
-    orb: bytes
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS change_log (
 );
 CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY CHECK (id = 1), generation $int64 NOT NULL);
 INSERT INTO changes (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+-- a folder gallery's files as last read (see files.py): a re-scan reads only those whose size or mtime moved
+CREATE TABLE IF NOT EXISTS files (
+    url      TEXT PRIMARY KEY,
+    size     $int64 NOT NULL,
+    mtime_ns $int64 NOT NULL
+);
 CREATE TABLE IF NOT EXISTS links (
     vec_id  $int64 NOT NULL REFERENCES images(vec_id) ON DELETE CASCADE,
     other   $int64 NOT NULL REFERENCES images(vec_id) ON DELETE CASCADE,

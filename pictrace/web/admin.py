@@ -6,17 +6,21 @@ work on the bounded pool (so a write that arrives while the pool is full gets 50
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData, UploadFile
 
 from pictrace.duplicates import group_info
-from pictrace.errors import InvalidInputError, NotFoundError
+from pictrace.errors import InvalidInputError, NotFoundError, PicTraceError
+from pictrace.ingest import AddedImage as Added
+from pictrace.metadata import check_metadata, check_text, parse_metadata
 from pictrace.schemas import (
     AddedImage,
+    AddedImages,
+    AddedItem,
     AddImageRequest,
     Decided,
     DeletedImage,
@@ -26,7 +30,17 @@ from pictrace.schemas import (
 )
 from pictrace.web.api import ERRORS
 from pictrace.web.auth import require_writer
-from pictrace.web.deps import FORM_TYPES, ServiceDep, admit, content_type, image_fields, json_body, query_bytes
+from pictrace.web.deps import (
+    ServiceDep,
+    admit,
+    content_type,
+    decoding,
+    image_fields,
+    json_body,
+    query_bytes,
+    read_upload,
+)
+from pictrace.web.errors import status_for
 
 router = APIRouter(dependencies=[Depends(require_writer)], tags=["writes"])
 
@@ -50,7 +64,19 @@ ADD_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}, **_FIELDS},
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The image; repeat the part to add several (answered with a list).",
+                        },
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "Several images in one request: answered with one entry per file.",
+                        },
+                        **_FIELDS,
+                    },
                 }
             },
             "application/x-www-form-urlencoded": {
@@ -66,17 +92,8 @@ def _metadata(raw: object, max_bytes: int) -> dict[str, Any]:
     if raw is None or raw == "":
         return {}
     if isinstance(raw, str):
-        if len(raw.encode()) > max_bytes:
-            raise InvalidInputError(f"metadata is larger than the {max_bytes}-byte limit")
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"metadata must be a JSON object: {exc.msg}") from exc
-    if not isinstance(raw, dict):
-        raise InvalidInputError("metadata must be a JSON object")
-    if len(json.dumps(raw).encode()) > max_bytes:
-        raise InvalidInputError(f"metadata is larger than the {max_bytes}-byte limit")
-    return raw
+        return parse_metadata(raw, max_bytes)
+    return check_metadata(raw, max_bytes)
 
 
 def _entry_id(raw: object) -> str | None:
@@ -84,43 +101,41 @@ def _entry_id(raw: object) -> str | None:
         return None
     if not isinstance(raw, str) or len(raw) > 256:
         raise InvalidInputError("id must be text of at most 256 characters")
+    check_text(raw, "id")
     return raw
 
 
 async def _read_add(request: Request, service: ServiceDep) -> tuple[bytes, str | None, str | None, dict[str, Any]]:
-    """(bytes, url, id, metadata) from a multipart file or url, a form url, or a JSON body."""
+    """(bytes, url, id, metadata) from a form url or a JSON body."""
     max_meta = service.settings.max_metadata_bytes
     kind = content_type(request)
     if kind == "application/json":
         body = await json_body(request, AddImageRequest)
         metadata = _metadata(body.metadata, max_meta)
+        _entry_id(body.id)
+        check_text(body.url, "url")
         return await query_bytes(service, upload=None, url=body.url), body.url.strip(), body.id, metadata
-    if kind in FORM_TYPES:
-        async with request.form(max_files=1, max_fields=10) as form:
-            upload, url = image_fields(form)
-            entry_id = _entry_id(form.get("id"))
-            metadata = _metadata(form.get("metadata"), max_meta)
-            data = await query_bytes(service, upload=upload, url=url)
-            is_upload = upload is not None and bool(upload.filename or upload.size)
-            return data, None if is_upload else (url or "").strip(), entry_id, metadata
+    if kind == "application/x-www-form-urlencoded":
+        async with request.form(max_files=0, max_fields=10) as form:
+            return await _read_one(form, service)
     raise InvalidInputError(
         "send multipart/form-data (file or url), application/x-www-form-urlencoded (url) or application/json"
     )
 
 
-@router.post(
-    "/api/images",
-    response_model=AddedImage,
-    status_code=201,
-    dependencies=[Depends(admit)],
-    responses={200: {"model": AddedImage, "description": "Already stored: source linked"}, **WRITE_ERRORS},
-    openapi_extra=ADD_BODY,
-    summary="Add an image to the gallery (needs the API token)",
-)
-async def add_image(request: Request, service: ServiceDep) -> JSONResponse:
-    data, url, entry_id, metadata = await _read_add(request, service)
-    added = await service.ingestor.add_image(data, url=url, entry_id=entry_id, metadata=metadata)
-    body = AddedImage(
+async def _read_one(form: FormData, service: ServiceDep) -> tuple[bytes, str | None, str | None, dict[str, Any]]:
+    upload, url = image_fields(form)
+    if url is not None:
+        check_text(url, "url")
+    entry_id = _entry_id(form.get("id"))
+    metadata = _metadata(form.get("metadata"), service.settings.max_metadata_bytes)
+    data = await query_bytes(service, upload=upload, url=url)
+    is_upload = upload is not None and bool(upload.filename or upload.size)
+    return data, None if is_upload else (url or "").strip(), entry_id, metadata
+
+
+def _answer(added: Added) -> AddedImage:
+    return AddedImage(
         sha256=added.sha256,
         id=added.id,
         url=added.url,
@@ -129,7 +144,61 @@ async def add_image(request: Request, service: ServiceDep) -> JSONResponse:
         height=added.height,
         thumbnail_url=f"/api/images/{added.sha256}/thumbnail",
     )
-    return JSONResponse(body.model_dump(mode="json"), status_code=201 if added.added else 200)
+
+
+async def _add_several(form: FormData, parts: list[UploadFile | str], service: ServiceDep) -> AddedImages:
+    """Each file on its own: one that is refused (not an image, too large, corrupt) does not fail the others."""
+    if form.get("id") or form.get("url"):
+        raise InvalidInputError("several files take no 'id' or 'url' (send one file to name it)")
+    metadata = _metadata(form.get("metadata"), service.settings.max_metadata_bytes)
+    results: list[AddedItem] = []
+    for part in parts:
+        name = part.filename if isinstance(part, UploadFile) else None
+        try:
+            if not isinstance(part, UploadFile):
+                raise InvalidInputError("'file' must be a file upload")
+            data = await read_upload(part, service.settings.max_upload_bytes)
+            async with decoding(service, data):
+                added = await service.ingestor.add_image(data, metadata=metadata)
+        except PicTraceError as exc:  # answered in its entry, with the status it would have had alone
+            results.append(AddedItem(filename=name, status=status_for(exc), outcome="refused", detail=str(exc)))
+            continue
+        outcome: Literal["added", "duplicate"] = "added" if added.added else "duplicate"
+        results.append(
+            AddedItem(filename=name, status=201 if added.added else 200, outcome=outcome, image=_answer(added))
+        )
+    return AddedImages(results=results)
+
+
+@router.post(
+    "/api/images",
+    response_model=AddedImage | AddedImages,
+    status_code=201,
+    dependencies=[Depends(admit)],
+    responses={
+        200: {
+            "model": AddedImage | AddedImages,
+            "description": "Already stored: source linked; or, for several files, one entry per file",
+        },
+        **WRITE_ERRORS,
+    },
+    openapi_extra=ADD_BODY,
+    summary="Add images to the gallery (needs the API token)",
+)
+async def add_image(request: Request, service: ServiceDep) -> JSONResponse:
+    if content_type(request) == "multipart/form-data":
+        most = service.tuning.ingest.max_files_per_request
+        async with request.form(max_files=most, max_fields=10) as form:
+            parts = form.getlist("file") + form.getlist("files")
+            if len(parts) > 1 or "files" in form:
+                several = await _add_several(form, parts, service)
+                return JSONResponse(several.model_dump(mode="json"), status_code=200)
+            data, url, entry_id, metadata = await _read_one(form, service)
+    else:
+        data, url, entry_id, metadata = await _read_add(request, service)
+    async with decoding(service, data):
+        added = await service.ingestor.add_image(data, url=url, entry_id=entry_id, metadata=metadata)
+    return JSONResponse(_answer(added).model_dump(mode="json"), status_code=201 if added.added else 200)
 
 
 @router.delete(

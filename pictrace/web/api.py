@@ -135,13 +135,19 @@ async def thumbnail(sha256: str, service: ServiceDep) -> Response:
     "/api/images/{sha256}/original",
     response_class=FileResponse,
     responses={404: {"description": "No local file for this image"}},
-    summary="The original file of a gallery image whose db.json entry is a local path",
+    summary="The original file of a gallery image that is a local file (a folder's, or a db.json path)",
 )
 async def original(sha256: str, service: ServiceDep) -> FileResponse:
     path = await asyncio.to_thread(service.catalogue.local_path, sha256.lower())
     # a gallery file deleted from disk, or an image added through the API (no file): 404, not a 500
     if not path.is_absolute() or not await asyncio.to_thread(path.is_file):
         raise NotFoundError(f"no local file for image {sha256}")
+    folder = service.settings.db
+    if await asyncio.to_thread(folder.is_dir):
+        # a symlink in the folder may have been re-pointed outside it since it was indexed
+        real, root = await asyncio.to_thread(lambda: (path.resolve(), folder.resolve()))
+        if not real.is_relative_to(root):
+            raise NotFoundError(f"no local file for image {sha256}")
     return FileResponse(path)
 
 

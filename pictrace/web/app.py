@@ -19,8 +19,9 @@ from pictrace.fetch import Fetcher
 from pictrace.gallery import load_gallery
 from pictrace.service import Service
 from pictrace.tuning import Tuning
+from pictrace.watch import FolderWatcher
 from pictrace.web import admin, api, errors, pages
-from pictrace.web.limits import BodySizeLimit
+from pictrace.web.limits import BodySizeLimit, BodyTimeouts
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 
 async def ingest_in_background(service: Service) -> None:
-    """Index the configured db.json while the service already answers searches."""
+    """Index the configured gallery (db.json or a folder) while the service already answers searches."""
     path = service.settings.db
     if not path.exists():
         log.warning("gallery file %s not found: nothing to index (set PICTRACE_DB)", path)
@@ -40,7 +41,7 @@ async def ingest_in_background(service: Service) -> None:
         log.error("background ingest of %s failed: %s", path, exc)
         return
     log.info(
-        "ingest of %s: %d added, %d duplicates, %d unchanged, %d removed, %d failed, %d invalid",
+        "ingest of %s: %d added, %d duplicates, %d unchanged, %d removed, %d failed, %d invalid, %d kept out",
         path,
         report.added,
         report.duplicates,
@@ -48,6 +49,7 @@ async def ingest_in_background(service: Service) -> None:
         report.removed,
         len(report.failed),
         len(report.invalid),
+        report.deleted,
     )
     for failure in report.failed + report.invalid:
         log.warning("entry %s (%s) skipped: %s", failure.position, failure.url, failure.reason)
@@ -62,7 +64,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await Service.start(settings, tuning=tuning, fetcher=fetcher)
         app.state.service = service
-        task = asyncio.create_task(ingest_in_background(service)) if settings.index_on_start else None
+        task: asyncio.Task[None] | None = None
+        if settings.watch and settings.db.is_dir():  # its first reconcile is the ingest at start
+            watcher = FolderWatcher(service.ingestor, settings.db, service.tuning.watch)
+            task = asyncio.create_task(watcher.run())
+        elif settings.index_on_start:
+            if settings.watch:
+                log.warning("PICTRACE_WATCH needs a folder as PICTRACE_DB (%s is not one): not watching", settings.db)
+            task = asyncio.create_task(ingest_in_background(service))
         app.state.ingest_task = task
         try:
             yield
@@ -87,4 +96,5 @@ def create_app(
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(BodyTimeouts, serving=(tuning or Tuning()).serving)
     return app

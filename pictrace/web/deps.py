@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 from starlette.datastructures import FormData, UploadFile
 
+from pictrace.decode import decode_cost
 from pictrace.errors import InvalidInputError, TooLargeError
 from pictrace.explain import with_evidence
 from pictrace.kept_queries import keep_query
 from pictrace.schemas import SearchResult
 from pictrace.service import Service
+
+log = logging.getLogger(__name__)
 
 
 def get_service(request: Request) -> Service:
@@ -62,10 +70,43 @@ async def run_search(service: Service, data: bytes, top_k: int | None) -> Search
     from that, they are held in memory for a few minutes (bounded; ``PICTRACE_EXPLAIN_TTL_S=0`` keeps nothing)
     so the evidence pictures can be drawn.
     """
-    result = await service.pool.run(service.searcher.search_bytes, data, top_k)
+    async with decoding(service, data):
+        result = servable(await service.pool.run(service.searcher.search_bytes, data, top_k))
     if service.settings.keep_queries:
         await service.pool.run_background(keep_query, service.settings, data, result.query.sha256)
     return with_evidence(result, service.queries.keep(data, result) if result.results else None)
+
+
+@contextlib.asynccontextmanager
+async def decoding(service: Service, data: bytes) -> AsyncIterator[None]:
+    """Hold the pixels a decode of ``data`` will take (its header says; pictrace/pixels.py) while it runs. A body
+    that is no image, or one over the pixel cap, is refused here, before it takes a worker."""
+    service.pool.check_capacity()
+    cost = decode_cost(
+        data, max_pixels=service.settings.max_pixels, draft_min_side=service.tuning.decoding.draft_min_side
+    )
+    async with service.pixels.hold(cost):
+        yield
+
+
+def servable(result: SearchResult) -> SearchResult:
+    """The result without the matches that cannot be written as UTF-8 JSON (and so as a page).
+
+    Metadata is checked where it comes in (pictrace/metadata.py); this is the second line, for a record stored
+    before those checks or written to the catalogue by other means: one bad record costs its own match, logged,
+    never the whole answer.
+    """
+    kept = []
+    for match in result.results:
+        try:
+            json.dumps(match.model_dump(mode="json"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (ValueError, TypeError, RecursionError, PydanticSerializationError) as exc:
+            log.error("image %s left out of an answer: its stored record cannot be served (%s)", match.sha256, exc)
+            continue
+        kept.append(match)
+    if len(kept) == len(result.results):
+        return result
+    return result.model_copy(update={"results": kept})
 
 
 def parse_top_k(raw: object) -> int | None:

@@ -24,6 +24,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.PicTraceError], int], ...] = (
     (errors.DecodeError, 422),
     (errors.FetchError, 502),
     (errors.OverloadedError, 503),
+    (errors.VectorStoreUnavailableError, 503),
     (errors.NotReadyError, 503),
     (errors.IndexCorruptError, 503),
 )

@@ -11,9 +11,10 @@ from starlette.datastructures import UploadFile
 from starlette.templating import Jinja2Templates
 
 from pictrace.duplicates import GroupTier, group_info
-from pictrace.errors import InvalidInputError, PicTraceError
+from pictrace.errors import AuthError, InvalidInputError, PicTraceError
 from pictrace.matching.verdict import Verdict
 from pictrace.schemas import SearchResult
+from pictrace.web.auth import check_token
 from pictrace.web.deps import ServiceDep, query_bytes, run_search
 from pictrace.web.errors import headers_for, status_for
 
@@ -83,26 +84,65 @@ def sections(result: SearchResult) -> dict[str, object]:
     }
 
 
+def shows_details(request: Request, service: ServiceDep) -> bool:
+    """Whether this request may see where the gallery's images come from and why entries failed.
+
+    Off by default: source URLs and failure reasons name the operator's hosts, often internal ones
+    (``http://10.0.0.5/...``, "cannot connect to 10.0.0.5:80"). The operator sees them with the API token
+    (``Authorization: Bearer``), or opens them to all with ``PICTRACE_GALLERY_PUBLIC_DETAILS``.
+    """
+    if service.settings.gallery_public_details:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    try:
+        check_token(service.settings.api_token, token.strip())
+    except AuthError:
+        return False
+    return True
+
+
+def _servable(*texts: str) -> bool:
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @router.get("/gallery", response_class=HTMLResponse)
 async def gallery_page(request: Request, service: ServiceDep, page: int = 1) -> HTMLResponse:
-    """Indexed images, a page at a time, with the ingest's progress and its failures."""
+    """Indexed images, a page at a time, with the ingest's progress and its failures (their details: see
+    ``shows_details``)."""
     status = await _status(service)
+    details = shows_details(request, service)
     size = GALLERY_PAGE_SIZE
     pages = max(1, math.ceil(int(str(status["indexed"])) / size))
     page = min(max(1, page), pages)
     offset = (page - 1) * size
     images = await asyncio.to_thread(service.catalogue.list_images, offset, size)
     failures = await asyncio.to_thread(service.catalogue.failures)
-    context: dict[str, object] = {
-        "status": status,
-        "images": [
+    tiles = []
+    for im in images:
+        if not _servable(im.entry_id, im.url, im.location):  # stored before the checks: left out, not a 500
+            continue
+        original = im.location if im.is_remote else f"/api/images/{im.sha256}/original"
+        named_by_url = im.entry_id in (im.url, im.location)
+        tiles.append(
             {
                 **im.__dict__,
-                "original_url": im.location if im.is_remote else f"/api/images/{im.sha256}/original",
+                "entry_id": im.entry_id if details or not named_by_url else im.sha256[:12],
+                "original_url": original if details or not im.is_remote else f"/api/images/{im.sha256}/thumbnail",
             }
-            for im in images
-        ],
-        "failures": failures,
+        )
+    context: dict[str, object] = {
+        "status": status,
+        "images": tiles,
+        "failures": [f for f in failures if _servable(f.url, f.error)] if details else [],
+        "failed_count": len(failures),
+        "details": details,
         "page": page,
         "pages": pages,
         "offset": offset,

@@ -32,7 +32,9 @@ def build_index(settings: Settings, info: IndexInfo, tuning: VectorIndexTuning) 
     if settings.milvus_uri:
         from pictrace.indexes.vector.milvus_index import MilvusIndex
 
-        return MilvusIndex(settings.milvus_uri, info, token=settings.milvus_token or "")
+        return MilvusIndex(
+            settings.milvus_uri, info, token=settings.milvus_token or "", timeout_s=tuning.milvus_timeout_s
+        )
     return FaissIndex.open(settings.index_path, info, faiss_params(settings, tuning))
 
 
