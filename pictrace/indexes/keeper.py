@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -78,6 +79,9 @@ class DerivedIndexes:
         self.local = local
         self.shares_vectors = shares_vectors  # Milvus: other processes write the same collection
         self.local_path = local_path  # where the local index is saved; None: not persisted
+        # Two ingest batches that both see the gallery outgrow the lists would otherwise both rebuild it, and
+        # the second build's swap could land in the middle of the match-graph linking that follows.
+        self._relearning = threading.Lock()
 
     # --- opening ---------------------------------------------------------------------------------------
 
@@ -235,10 +239,11 @@ class DerivedIndexes:
     def relearn_if_outgrown(self, growth: float = 2.0) -> bool:
         """Relearn the local index's lists once the gallery grew ``growth``-fold since they were learned (a first
         ingest grows it from nothing: without this, every search scans all descriptors meanwhile)."""
-        if not self.local.needs_training(growth):
-            return False
-        self._relearn_local()
-        return True
+        with self._relearning:
+            if not self.local.needs_training(growth):
+                return False
+            self._relearn_local()
+            return True
 
     def _maintain_vector(self) -> bool:
         if not self.vector.needs_rebuild():
