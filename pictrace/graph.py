@@ -92,14 +92,12 @@ def find_links(
         )
         if other in nearest and inliers < tuning.verdicts.copy_min_inliers:
             if mirrored is None:
-                mirrored = _mirrored_from_thumbnail(catalogue, facts.sha256, tuning)
+                mirrored = _mirrored_from_thumbnail(catalogue, facts.sha256, facts.width, tuning)
             flipped = match_features(mirrored, gallery, tuning)
             if flipped.homography is not None and flipped.inliers > inliers:
                 inliers = flipped.inliers
-                # the thumbnail's working coordinates, from the original's pixels
-                own_scale = mirrored.scale * mirrored_thumb_ratio(mirrored, facts.width)
                 hom = to_pixel_homography(
-                    flipped.homography @ mirror_matrix(mirrored.width), own_scale, gallery.scale
+                    flipped.homography @ mirror_matrix(mirrored.width), mirrored.scale, gallery.scale
                 )
         if hom is None:
             continue
@@ -115,24 +113,19 @@ def find_links(
     return links
 
 
-def mirrored_thumb_ratio(mirrored: OrbFeatures, original_width: int) -> float:
-    """Thumbnail pixels per original pixel, from the mirrored thumbnail's working size and scale."""
-    thumb_width = mirrored.width / mirrored.scale
-    return thumb_width / float(original_width)
-
-
 def _embedding(catalogue: Catalogue, vec_id: int) -> np.ndarray | None:
     for _, vectors in catalogue.embeddings([vec_id]):
         return np.asarray(vectors[0], dtype=np.float32)
     return None
 
 
-def _mirrored_from_thumbnail(catalogue: Catalogue, sha256: str, tuning: Tuning) -> OrbFeatures:
-    """ORB of the left-right mirrored thumbnail (our own JPEG, decoded without the upload checks)."""
+def _mirrored_from_thumbnail(catalogue: Catalogue, sha256: str, width: int, tuning: Tuning) -> OrbFeatures:
+    """ORB of the left-right mirrored thumbnail (our own JPEG, decoded without the upload checks), scaled to the
+    original's ``width`` as a large picture decoded smaller is, so fits come out in the original's pixels."""
     bgr = cv2.imdecode(np.frombuffer(catalogue.thumbnail(sha256), np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise DecodeError(f"the stored thumbnail of {sha256} does not decode")
-    return mirrored_orb(np.ascontiguousarray(bgr[:, :, ::-1]), tuning)
+    return mirrored_orb(np.ascontiguousarray(bgr[:, :, ::-1]), tuning, bgr.shape[1] / width)
 
 
 def link_images(
