@@ -241,10 +241,9 @@ def explain_pair(
     """PNG evidence that image a is a copy of image b (two members of one duplicate group), drawn from stored
     data alone: their pictures (local originals or thumbnails) and the homography the match graph stored."""
     a, b, hom = groups.pair_homography(sha_a, sha_b)
-    a_rgb = gallery_picture(catalogue, a.sha256, settings)
-    to_original = np.diag([a.width / a_rgb.shape[1], a.height / a_rgb.shape[0], 1.0])
-    drawn = hom @ to_original  # the drawn picture of a -> b's original pixels
-    readout = read_transform(drawn, (a_rgb.shape[1], a_rgb.shape[0]), (b.width, b.height))
+    draft = tuning.decoding.draft_min_side
+    a_rgb = gallery_picture(catalogue, a.sha256, settings, draft)  # the original, else the thumbnail
+    readout = read_transform(hom, (a.width, a.height), (b.width, b.height))
     match = Match(
         id=b.entry_id,
         url=b.url,
@@ -257,9 +256,10 @@ def explain_pair(
         thumbnail_url=f"/api/images/{b.sha256}/thumbnail",
     )
     orb_blob, width, height = catalogue.orb_by_sha256(b.sha256)
-    b_rgb = gallery_picture(catalogue, b.sha256, settings)
+    b_rgb = gallery_picture(catalogue, b.sha256, settings, draft)
+    a_scale = a_rgb.shape[1] / a.width  # a is drawn from a smaller picture: as a large query decoded smaller
     return render_evidence(
-        a_rgb, b_rgb, (width, height), OrbFeatures.from_bytes(orb_blob), match, tuning, query_caption=a.entry_id
+        a_rgb, b_rgb, (width, height), OrbFeatures.from_bytes(orb_blob), match, tuning, a_scale, a.entry_id
     )
 
 
