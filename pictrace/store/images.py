@@ -21,6 +21,7 @@ from pictrace.store.changes import log_changes
 from pictrace.store.records import (
     FailedSource,
     GalleryImage,
+    ImageFacts,
     ImageRecord,
     Source,
     SourceState,
@@ -186,6 +187,28 @@ class ImageQueries(SqlAccess):
             (sha256, pixel_sha256, sha256),
         )
         return [int(r[0]) for r in rows]
+
+    def image_facts(self, vec_ids: Iterable[int]) -> dict[int, ImageFacts]:
+        """Size, format and name of each image (named by its first source, as in results)."""
+        wanted = [int(v) for v in vec_ids]
+        out: dict[int, ImageFacts] = {}
+        for start in range(0, len(wanted), 512):
+            chunk = wanted[start : start + 512]
+            rows = self._query(
+                f"""SELECT i.vec_id, i.sha256, i.pixel_sha256, i.width, i.height, i.format, i.nbytes,
+                           s.entry_id, s.entry_url, s.url
+                    FROM images i LEFT JOIN sources s ON s.sha256 = i.sha256 AND s.status = 'ok'
+                    WHERE i.vec_id IN ({marks(len(chunk))})
+                    ORDER BY i.vec_id, s.position IS NULL, s.position, s.url""",
+                chunk,
+            )
+            for vec_id, sha, pixel_sha, w, h, fmt, nbytes, entry_id, entry_url, url in rows:
+                if int(vec_id) not in out:
+                    shown = entry_url or url or sha
+                    out[int(vec_id)] = ImageFacts(
+                        int(vec_id), sha, pixel_sha, int(w), int(h), fmt, int(nbytes), entry_id or shown, shown
+                    )
+        return out
 
     def records(self, vec_ids: Iterable[int]) -> dict[int, ImageRecord]:
         """Describe images for results: the first source (by db.json position, then URL) names each one."""
