@@ -41,24 +41,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_quality import RESULTS, SETS, disk
+from scale_quality import RESULTS, SETS, disk, print_serving
 
 from pictrace.features.orb import OrbFeatures
-
-COLUMNS = (
-    "sha256",
-    "pixel_sha256",
-    "width",
-    "height",
-    "format",
-    "nbytes",
-    "dhash",
-    "embedding",
-    "gray",
-    "orb",
-    "thumbnail",
-    "added_at",
-)
 
 
 def perturbed_orb(blob: bytes, flip: float, rng: np.random.Generator) -> bytes:
@@ -94,23 +79,28 @@ def grow(real: Path, data_dir: Path, size: int, flip: float, seed: int = 1) -> d
         for sha, entry_id in src.execute("SELECT sha256, entry_id FROM sources WHERE status = 'ok'")
         if entry_id not in query_names
     ]
+    columns = [c for _, c, *_ in src.execute("PRAGMA table_info(images)") if c != "vec_id"]
+    rows_vec = dict(src.execute("SELECT sha256, vec_id FROM images"))
+    links = src.execute("SELECT vec_id, other, inliers, tier, cosine, fit FROM links").fetchall()
     rng = np.random.default_rng(seed)
-    marks = ", ".join("?" * len(COLUMNS))
+    marks = ", ".join("?" * len(columns))
     copy = 0
     while have < size:
         copy += 1
+        copied: dict[int, int] = {}  # this round's source vec_id -> its copy's
         for start in range(0, len(rows), 1000):
             chunk = rows[start : start + 1000]
             by_sha = {sha: entry for sha, entry in chunk}
             found = src.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM images WHERE sha256 IN ({', '.join('?' * len(chunk))})",
+                f"SELECT {', '.join(columns)} FROM images WHERE sha256 IN ({', '.join('?' * len(chunk))})",
                 list(by_sha),
             ).fetchall()
             with dst:
                 for row in found:
                     if have >= size:
                         break
-                    values = dict(zip(COLUMNS, row, strict=True))
+                    values = dict(zip(columns, row, strict=True))
+                    source_vec = rows_vec[values["sha256"]]
                     sha = hashlib.sha256(f"copy{copy}:{values['sha256']}".encode()).hexdigest()
                     entry = f"{by_sha[values['sha256']]}c{copy}"
                     values.update(
@@ -119,7 +109,10 @@ def grow(real: Path, data_dir: Path, size: int, flip: float, seed: int = 1) -> d
                         embedding=perturbed_embedding(values["embedding"], rng),
                         orb=perturbed_orb(values["orb"], flip, rng),
                     )
-                    dst.execute(f"INSERT INTO images ({', '.join(COLUMNS)}) VALUES ({marks})", list(values.values()))
+                    cur = dst.execute(
+                        f"INSERT INTO images ({', '.join(columns)}) VALUES ({marks})", list(values.values())
+                    )
+                    copied[source_vec] = int(cur.lastrowid or 0)
                     dst.execute(
                         """INSERT INTO sources (url, entry_url, origin, entry_id, position, sha256, metadata,
                                                 status, attempts, updated_at)
@@ -129,6 +122,17 @@ def grow(real: Path, data_dir: Path, size: int, flip: float, seed: int = 1) -> d
                     have += 1
             if have >= size:
                 break
+        # the copies keep their sources' match-graph links among themselves (so the duplicate groups grow with
+        # the gallery), and a self-link each: linked, so that no later ingest links a million images again
+        with dst:
+            dst.executemany(
+                "INSERT INTO links (vec_id, other, inliers, tier, cosine, fit) VALUES (?, ?, ?, ?, ?, ?)",
+                [(copied[a], copied[b], *rest) for a, b, *rest in links if a in copied and b in copied],
+            )
+            dst.executemany(
+                "INSERT OR IGNORE INTO links (vec_id, other, inliers) VALUES (?, ?, 0)",
+                [(v, v) for v in copied.values()],
+            )
         print(f"  {have:,} rows", flush=True)
     dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     src.close()
@@ -187,14 +191,7 @@ def main() -> None:
             f"build       rows written {g['write_s']:.0f} s, indexes (reindex) {r['build_s']:.0f} s,"
             f" peak RSS {r['peak_rss_mb']:.0f} MB"
         )
-    print(f"restart     {s['restart_s']:.1f} s   serving RSS {s['rss_mb']:.0f} MB (peak {s['peak_rss_mb']:.0f} MB)")
-    print(f"disk        {d['total_mb']:.0f} MB = {d['kb_per_image']:.1f} KB/image   {d['files_mb']}")
-    print(
-        f"search      p50 {s['p50_ms']:.0f} ms  p95 {s['p95_ms']:.0f} ms   one embedding {s['embed_one_ms']:.1f} ms"
-        f"   p50/embed {s['p50_ms'] / s['embed_one_ms']:.2f}x"
-    )
-    for name, m in s["sets"].items():
-        print(f"{name:<14} mAP {m['mAP']:.4f}  R@1 {m['R@1']:.4f}  R@5 {m['R@5']:.4f}  p50 {m['p50_ms']:.0f} ms")
+    print_serving(s, d)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"scale_million_{a.size}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -150,6 +150,7 @@ async def serve_and_search(data_dir: Path, sets: dict[str, Path]) -> dict[str, A
                 "p95_ms": round(_percentile(set_latency, 95), 1),
             }
             latency += set_latency
+        out["duplicates"] = await duplicate_pages(service)
         rss, peak = _rss_mb()
         out.update(
             indexed=indexed,
@@ -162,6 +163,26 @@ async def serve_and_search(data_dir: Path, sets: dict[str, Path]) -> dict[str, A
     finally:
         await service.close()
     return out
+
+
+async def duplicate_pages(service: Any, pages: int = 10, limit: int = 20) -> dict[str, Any]:
+    """The duplicate groups' pages as /api/duplicates serves them: the first after a start (it groups the whole
+    gallery), then pages spread over the list (grouping cached until the catalogue changes)."""
+    started = time.perf_counter()
+    total, _ = await service.pool.run_background(service.duplicates.page, limit=limit)
+    first_ms = (time.perf_counter() - started) * 1000
+    times = []
+    for k in range(pages):
+        offset = (total * k) // pages
+        started = time.perf_counter()
+        await service.pool.run_background(service.duplicates.page, offset=offset, limit=limit)
+        times.append((time.perf_counter() - started) * 1000)
+    return {
+        "groups": total,
+        "first_page_ms": round(first_ms, 1),
+        "page_p50_ms": round(statistics.median(times), 1),
+        "page_max_ms": round(max(times), 1),
+    }
 
 
 def disk(data_dir: Path, images: int) -> dict[str, Any]:
@@ -223,7 +244,7 @@ def main() -> None:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    s, ing, d = r["serve"], r["ingest"], r["disk"]
+    s, ing = r["serve"], r["ingest"]
     print(f"\ngallery {s['indexed']:,} images ({r['distractors']:,} distractors)")
     if ing:
         ratio = ing["images_per_s"] / r["floor_images_per_s"]
@@ -231,11 +252,21 @@ def print_table(r: dict[str, Any]) -> None:
             f"ingest      {ing['images_per_s']:.1f} img/s   floor (decode+embed) {r['floor_images_per_s']:.1f} img/s"
             f"   ratio {ratio:.0%}   ({ing['wall_s']:.0f} s, peak RSS {ing['peak_rss_mb']:.0f} MB)"
         )
+    print_serving(s, r["disk"])
+
+
+def print_serving(s: dict[str, Any], d: dict[str, Any]) -> None:
+    """The serving process's figures (``serve_and_search``) and the data dir's size, as a table."""
     print(f"restart     {s['restart_s']:.1f} s   serving RSS {s['rss_mb']:.0f} MB (peak {s['peak_rss_mb']:.0f} MB)")
     print(f"disk        {d['total_mb']:.0f} MB = {d['kb_per_image']:.1f} KB/image   {d['files_mb']}")
     print(
         f"search      p50 {s['p50_ms']:.0f} ms  p95 {s['p95_ms']:.0f} ms   one embedding {s['embed_one_ms']:.1f} ms"
         f"   p50/embed {s['p50_ms'] / s['embed_one_ms']:.2f}x"
+    )
+    dup = s["duplicates"]
+    print(
+        f"duplicates  {dup['groups']:,} groups: first page {dup['first_page_ms']:.0f} ms, then p50"
+        f" {dup['page_p50_ms']:.0f} ms, max {dup['page_max_ms']:.0f} ms"
     )
     print(f"\n{'set':<14}{'queries':>8}{'mAP':>8}{'R@1':>8}{'R@5':>8}{'p50 ms':>8}{'p95 ms':>8}")
     for name, m in s["sets"].items():
