@@ -5,7 +5,6 @@ what it is, so nothing is migrated and a catalogue may hold both."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from pictrace.features.orb import OrbFeatures
 from pictrace.features.ssim import gray256
 from pictrace.features.thumbnail import encode_gray_png, encode_thumbnail
 from pictrace.gallery import load_gallery
-from pictrace.service import Service
+from pictrace.service import Service, open_catalogue
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "brick"]
 EDITS: dict[str, Callable[[np.ndarray], bytes]] = {
@@ -34,8 +33,20 @@ EDITS: dict[str, Callable[[np.ndarray], bytes]] = {
 Answer = tuple[str, str, tuple[str, ...]]  # (best id, its verdict, the ids judged copies)
 
 
-def _gallery(root: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]) -> Settings:
-    settings = make_settings(data_dir=root / "data", db=root / "db.json")
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_catalogue(request: pytest.FixtureRequest, make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    """Settings of a fresh catalogue on each call: a SQLite file in the data dir, or a new PostgreSQL database."""
+
+    def make(**overrides: object) -> Settings:
+        if request.param == "postgres":
+            overrides["database_url"] = request.getfixturevalue("postgres_server").new_database()
+        return make_settings(**overrides)
+
+    return make
+
+
+def _gallery(root: Path, photos: dict[str, np.ndarray], make_catalogue: Callable[..., Settings]) -> Settings:
+    settings = make_catalogue(data_dir=root / "data", db=root / "db.json")
     (root / "g").mkdir(parents=True)
     for name in NAMES:
         (root / "g" / f"{name}.jpg").write_bytes(encode(photos[name]))
@@ -53,9 +64,13 @@ async def _answers(service: Service, photos: dict[str, np.ndarray]) -> dict[str,
     return out
 
 
-def _rows(settings: Settings) -> list[tuple[int, bytes, bytes, bytes, bytes]]:
-    with sqlite3.connect(settings.catalogue_path) as conn:
-        return conn.execute("SELECT vec_id, embedding, gray, orb, thumbnail FROM images").fetchall()
+def _rows(settings: Settings) -> list[tuple[bytes, ...]]:
+    catalogue = open_catalogue(settings)
+    try:
+        rows = catalogue._query("SELECT embedding, gray, orb, thumbnail FROM images")
+    finally:
+        catalogue.close()
+    return [tuple(bytes(blob) for blob in row) for row in rows]
 
 
 def _orb1(orb: OrbFeatures) -> bytes:
@@ -64,14 +79,12 @@ def _orb1(orb: OrbFeatures) -> bytes:
     return header + orb.points.astype("<f4").tobytes() + orb.descriptors.astype(np.uint8).tobytes()
 
 
-def _write_rows_as_before(service: Service, root: Path) -> None:
+def _write_rows_as_before(service: Service) -> None:
     """Every image's features again, each encoded as the code before the compact rows wrote them (float32
     embedding, 256x256 gray PNG, ORB1 with every keypoint, JPEG 82 thumbnail)."""
-    conn = sqlite3.connect(service.settings.catalogue_path)
-    try:
-        rows = conn.execute(
-            "SELECT i.vec_id, s.url FROM images i JOIN sources s ON s.sha256 = i.sha256"
-        ).fetchall()
+    rows = service.catalogue._query("SELECT i.vec_id, s.url FROM images i JOIN sources s ON s.sha256 = i.sha256")
+    assert len(rows) == len(NAMES)
+    with service.catalogue._transaction() as conn:
         for vec_id, url in rows:
             image = decode_image(Path(url).read_bytes(), max_pixels=service.settings.max_pixels)
             embedding = service.embedder.embed([image.rgb])[0].astype("<f4").tobytes()
@@ -81,17 +94,13 @@ def _write_rows_as_before(service: Service, root: Path) -> None:
                 "UPDATE images SET embedding = ?, gray = ?, orb = ?, thumbnail = ? WHERE vec_id = ?",
                 (embedding, gray, orb, encode_thumbnail(image.rgb), vec_id),
             )
-        conn.commit()
-    finally:
-        conn.close()
-    assert len(rows) == len(NAMES) and root.exists()
 
 
 @pytest.mark.slow
 async def test_older_rows_open_and_search_as_the_compact_ones(
-    tmp_path: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
+    tmp_path: Path, photos: dict[str, np.ndarray], make_catalogue: Callable[..., Settings]
 ) -> None:
-    compact = _gallery(tmp_path / "compact", photos, make_settings)
+    compact = _gallery(tmp_path / "compact", photos, make_catalogue)
     service = await Service.start(compact)
     try:
         report = await service.ingestor.ingest_gallery(load_gallery(compact.db))
@@ -99,29 +108,28 @@ async def test_older_rows_open_and_search_as_the_compact_ones(
         now = await _answers(service, photos)
     finally:
         await service.close()
-    for _, embedding, gray, orb, thumbnail in _rows(compact):
+    for embedding, gray, orb, thumbnail in _rows(compact):
         assert len(embedding) == 3 + 2 * 1280 and embedding.startswith(b"f16")
         assert gray == b"" and thumbnail[:4] == b"RIFF" and thumbnail[8:12] == b"WEBP"
         assert orb[:4] == b"ORB2"
 
-    before = _gallery(tmp_path / "before", photos, make_settings)
+    before = _gallery(tmp_path / "before", photos, make_catalogue)
     service = await Service.start(before)
     try:
         await service.ingestor.ingest_gallery(load_gallery(before.db))
-        _write_rows_as_before(service, tmp_path / "before")
+        _write_rows_as_before(service)
     finally:
         await service.close()
     # the catalogue now holds only rows as older code wrote them; indexes rebuilt from them at start
-    for _, embedding, gray, orb, thumbnail in _rows(before):
+    for embedding, gray, orb, thumbnail in _rows(before):
         assert len(embedding) == 4 * 1280 and gray[:4] == b"\x89PNG" and orb[:4] == b"ORB1"
         assert thumbnail[:3] == b"\xff\xd8\xff"
     service = await Service.start(before, rebuild_index=True)
     try:
         then = await _answers(service, photos)
-        with sqlite3.connect(before.catalogue_path) as conn:  # nothing was rewritten on open
-            assert {bytes(o[:4]) for (o,) in conn.execute("SELECT orb FROM images")} == {b"ORB1"}
     finally:
         await service.close()
+    assert {row[2][:4] for row in _rows(before)} == {b"ORB1"}  # nothing was rewritten on open
 
     assert then == now
     for query, (best, verdict, copies) in now.items():  # and the answers are the right ones
