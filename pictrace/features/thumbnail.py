@@ -34,21 +34,13 @@ def encode_thumbnail(rgb: np.ndarray, *, max_side: int = 256, quality: int = 82,
 
 
 def encode_gray_png(gray: np.ndarray) -> bytes:
-    """Lossless PNG of a 2-D uint8 gray image (the SSIM input must come back bit-exact)."""
+    """Lossless PNG of a 2-D uint8 gray image (``Storage.ssim_gray="png"``: SSIM's gray comes back bit-exact)."""
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"encode_gray_png needs a 2-D uint8 array, got {gray.dtype} {gray.shape}")
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(gray))
     if not ok:
         raise ValueError("PNG encoding of the gray image failed")
     return buf.tobytes()
-
-
-def decode_gray_png(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_gray_png`; a damaged blob is a :class:`DecodeError`, not a crash."""
-    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    if arr is None or arr.ndim != 2 or arr.dtype != np.uint8:
-        raise DecodeError("stored gray PNG cannot be decoded")
-    return arr
 
 
 def decode_ssim_gray(data: bytes) -> np.ndarray:

@@ -125,7 +125,7 @@ async def health(service: ServiceDep) -> Health:
     "/api/images/{sha256}/thumbnail",
     response_class=Response,
     responses={200: {"content": {"image/webp": {}, "image/jpeg": {}}}, 404: {"description": "No such image"}},
-    summary="A small JPEG of a gallery image, served by PicTrace itself",
+    summary="A small WebP (JPEG in older catalogues) of a gallery image, served by PicTrace itself",
 )
 async def thumbnail(sha256: str, service: ServiceDep) -> Response:
     data = await asyncio.to_thread(service.catalogue.thumbnail, sha256.lower())
