@@ -53,6 +53,7 @@ from pictrace.features.extract import local_features
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo, VectorIndex
 from pictrace.store import Catalogue, Source
+from pictrace.store.blobs import encode_embedding
 from pictrace.store.images import upsert_source
 from pictrace.tuning import Tuning
 
@@ -331,7 +332,7 @@ def make_catalogue(path: Path, real: dict[str, Any], n: int) -> None:
                 """INSERT INTO images (sha256, pixel_sha256, width, height, format, nbytes, dhash, embedding, gray,
                                        orb, thumbnail, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (sha, sha if i >= len(gallery) else f.pixel_sha256, gallery[j].width, gallery[j].height, "JPEG",
-                 100_000, f.dhash, vectors[i].tobytes(), f.gray_png, orb, f.thumbnail, time.time()),
+                 100_000, f.dhash, encode_embedding(vectors[i]), f.gray_png, orb, f.thumbnail, time.time()),
             )
             upsert_source(conn, Source(url=f"https://example.com/{i}.jpg", entry_id=str(i), position=i),
                           "ok", sha, None)

@@ -29,6 +29,7 @@ from pictrace.indexes import DerivedIndexes
 from pictrace.indexes.local import LocalIndex, local_index_params
 from pictrace.indexes.vector import FaissIndex, FaissParams, IndexInfo
 from pictrace.store import Catalogue, Source, StoredImage
+from pictrace.store.blobs import encode_embedding
 from pictrace.store.images import upsert_source
 from pictrace.sync import Follower
 from pictrace.tuning import Tuning
@@ -55,7 +56,7 @@ def fill(catalogue: Catalogue, n: int, rng: np.random.Generator) -> None:
                 """INSERT INTO images (sha256, pixel_sha256, width, height, format, nbytes, dhash, embedding, gray,
                                        orb, thumbnail, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (im.sha256, im.pixel_sha256, im.width, im.height, im.format, im.nbytes, im.dhash,
-                 im.embedding.tobytes(), im.gray_png, im.orb, im.thumbnail, time.time()),
+                 encode_embedding(im.embedding), im.gray_png, im.orb, im.thumbnail, time.time()),
             )
             upsert_source(conn, Source(url=f"https://example.com/{i}.jpg"), "ok", im.sha256, None)
 

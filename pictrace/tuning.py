@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -45,6 +45,23 @@ class OrbExtraction(_Frozen):
         if self.features > 1 << KEYPOINT_BITS:
             raise ValueError(f"orb.features must be at most {1 << KEYPOINT_BITS} (KEYPOINT_BITS of a local id)")
         return self
+
+
+class Storage(_Frozen):
+    """How ingest encodes what the catalogue keeps per image: docs/scaling.md, "Sizing" (bench/storage_size.py,
+    and `pictrace eval` on both sets for each choice). Every blob says what it is, so catalogues written with
+    other values (older ones: JPEG 82 thumbnails, a PNG gray each) read alike and need no migration.
+
+    The thumbnail is WebP at the lowest quality whose mean PSNR against the exact 256 px picture reaches the old
+    JPEG 82's (38.7 dB; WebP 80: 39.7 dB, 75: 38.4 dB) on 200 real-content distractors, at 57% of its bytes.
+    SSIM reads its gray from that thumbnail (``ssim_gray="thumbnail"``) instead of a 32 KB lossless PNG of its
+    own: SSIM moved by 0.007 on average (p95 0.016) on the same images, in a fused score that weighs it 0.05."""
+
+    thumbnail_format: Literal["jpeg", "webp"] = "webp"
+    thumbnail_quality: Annotated[int, Field(ge=1, le=100)] = 80
+    ssim_gray: Literal["png", "thumbnail"] = "thumbnail"  # png: a lossless 256x256 gray of its own
+    # the strongest keypoints stored per gallery image (a query keeps all of orb.features)
+    gallery_features: Annotated[int, Field(ge=50, le=1 << KEYPOINT_BITS)] = 1000
 
 
 class GeometricCheck(_Frozen):
@@ -214,6 +231,7 @@ class Tuning(_Frozen):
     """Every fitted constant, in groups. ``Tuning()`` is what PicTrace ships."""
 
     orb: OrbExtraction = OrbExtraction()
+    storage: Storage = Storage()
     check: GeometricCheck = GeometricCheck()
     local: LocalVotes = LocalVotes()
     cascade: Cascade = Cascade()

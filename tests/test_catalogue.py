@@ -93,12 +93,30 @@ class TestCatalogue:
         assert cat.grays_of([*ids[1:3], 10**6]) == {ids[1]: stored(1).gray_png, ids[2]: stored(2).gray_png}
         all_ids, vectors = zip(*cat.embeddings(batch=2), strict=True)
         got = dict(zip(np.concatenate(all_ids).tolist(), np.concatenate(vectors), strict=True))
-        assert np.array_equal(got[ids[4]], stored(4).embedding)
+        # float16 in the catalogue: within its precision (~3 significant digits)
+        np.testing.assert_allclose(got[ids[4]], stored(4).embedding, rtol=1e-3, atol=1e-4)
+        assert got[ids[4]].dtype == np.float32
         (sub_ids, sub_vectors), = list(cat.embeddings([ids[0], ids[3]]))
         assert sorted(sub_ids.tolist()) == [ids[0], ids[3]] and sub_vectors.shape == (2, 16)
         assert cat.thumbnail(stored(2).sha256) == stored(2).thumbnail
         with pytest.raises(NotFoundError):
             cat.thumbnail("e" * 64)
+
+    def test_rows_of_an_older_catalogue_read_beside_compact_ones(self, open_catalogue: Opener) -> None:
+        """float32 embeddings and a PNG gray per row (older catalogues) read as they were, in the same reads as
+        the float16 rows and the empty gray (SSIM then reads the thumbnail) written now."""
+        cat = open_catalogue()
+        old, _ = cat.add_image(stored(1), source("http://h/1.jpg"))
+        with cat._transaction() as conn:  # the row as an older PicTrace wrote it: raw float32
+            conn.execute("UPDATE images SET embedding = ? WHERE vec_id = ?", (stored(1).embedding.tobytes(), old))
+        new, _ = cat.add_image(
+            StoredImage(**{**stored(2).__dict__, "gray_png": b""}), source("http://h/2.jpg")
+        )
+        ((ids, vectors),) = list(cat.embeddings([old, new]))
+        got = dict(zip(ids.tolist(), vectors, strict=True))
+        assert np.array_equal(got[old], stored(1).embedding)  # float32 then: exact
+        np.testing.assert_allclose(got[new], stored(2).embedding, rtol=1e-3, atol=1e-4)
+        assert cat.grays_of([old, new]) == {old: stored(1).gray_png, new: stored(2).thumbnail}
 
     def test_exact_matches_by_bytes_then_pixels(self, open_catalogue: Opener) -> None:
         cat = open_catalogue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable
 
 import cv2
@@ -16,7 +17,12 @@ from pictrace.errors import DecodeError
 from pictrace.features.hashing import dhash64, hamming64, pixel_sha256, sha256_hex
 from pictrace.features.orb import OrbFeatures, OrbMatch, extract_orb, match_orb
 from pictrace.features.ssim import gray256, ssim_score
-from pictrace.features.thumbnail import decode_gray_png, encode_gray_png, encode_thumbnail
+from pictrace.features.thumbnail import (
+    decode_ssim_gray,
+    encode_gray_png,
+    encode_thumbnail,
+    media_type,
+)
 
 MIN_INLIERS = 8
 
@@ -216,11 +222,20 @@ def test_orb_unrelated_images_score_zero() -> None:
                 assert m.homography is None
 
 
+def orb1_blob(orb: OrbFeatures) -> bytes:
+    """The ORB1 blob catalogues held before ORB2 (float32 points), written as that code wrote it."""
+    n = len(orb)
+    header = struct.pack("<4sIIId", b"ORB1", n, orb.width, orb.height, float(orb.scale))
+    return header + orb.points.astype("<f4").tobytes() + orb.descriptors.astype(np.uint8).tobytes()
+
+
 def test_orb_bytes_round_trip(astronaut_orb: OrbFeatures) -> None:
     blob = astronaut_orb.to_bytes()
-    assert len(blob) < 64 + len(astronaut_orb.points) * 40
+    assert len(blob) == 32 + len(astronaut_orb.points) * 36  # 4 bytes of points + 32 of descriptor each
     back = OrbFeatures.from_bytes(blob)
-    np.testing.assert_array_equal(back.points, astronaut_orb.points)
+    step = OrbFeatures.point_step(astronaut_orb.width, astronaut_orb.height)
+    assert step < 0.01  # a 512 px working image: points within 0.004 px
+    np.testing.assert_allclose(back.points, astronaut_orb.points, rtol=0, atol=step / 2 + 1e-4)
     np.testing.assert_array_equal(back.descriptors, astronaut_orb.descriptors)
     assert (back.width, back.height, back.scale) == (
         astronaut_orb.width,
@@ -233,6 +248,31 @@ def test_orb_bytes_round_trip(astronaut_orb: OrbFeatures) -> None:
         OrbFeatures.from_bytes(blob[:-1])
     with pytest.raises(ValueError, match="magic"):
         OrbFeatures.from_bytes(b"XXXX" + blob[4:])
+
+
+def test_orb1_blobs_of_older_catalogues_still_read(astronaut_orb: OrbFeatures) -> None:
+    back = OrbFeatures.from_bytes(orb1_blob(astronaut_orb))
+    np.testing.assert_array_equal(back.points, astronaut_orb.points)  # float32 then: exact
+    np.testing.assert_array_equal(back.descriptors, astronaut_orb.descriptors)
+    assert (back.width, back.height, back.scale) == (astronaut_orb.width, astronaut_orb.height, astronaut_orb.scale)
+    with pytest.raises(ValueError, match="length"):
+        OrbFeatures.from_bytes(orb1_blob(astronaut_orb)[:-1])
+
+
+def test_compact_orb_verifies_like_the_exact_points(astronaut: np.ndarray, astronaut_orb: OrbFeatures) -> None:
+    """A rotated, rescaled copy fits the stored (rounded) keypoints as it fits the extracted ones."""
+    h, w = astronaut.shape[:2]
+    turn = cv2.getRotationMatrix2D((w / 2, h / 2), 12, 0.8)
+    copy = extract_orb(np.ascontiguousarray(cv2.warpAffine(astronaut, turn, (w, h))))
+    exact = match_orb(copy, astronaut_orb)
+    stored = match_orb(copy, OrbFeatures.from_bytes(astronaut_orb.to_bytes()))
+    assert exact.homography is not None and stored.homography is not None
+    assert abs(stored.inliers - exact.inliers) <= max(2, exact.inliers // 20)
+    # the two fits place the picture's corners within a pixel of each other (RANSAC itself allows 5 px)
+    corners = np.array([[[0, 0]], [[w, 0]], [[w, h]], [[0, h]]], dtype=np.float64)
+    a = cv2.perspectiveTransform(corners, stored.homography)
+    b = cv2.perspectiveTransform(corners, exact.homography)
+    assert float(np.abs(a - b).max()) < 1.0
 
 
 def test_orb_empty_features_match_nothing(astronaut_orb: OrbFeatures) -> None:
@@ -275,10 +315,44 @@ def test_thumbnail_colours_are_rgb_not_bgr() -> None:
 
 def test_gray_png_round_trip_is_lossless(astronaut: np.ndarray) -> None:
     g = gray256(astronaut)
-    back = decode_gray_png(encode_gray_png(g))
+    back = decode_ssim_gray(encode_gray_png(g))
     np.testing.assert_array_equal(back, g)
     assert back.dtype == np.uint8
     with pytest.raises(DecodeError):
-        decode_gray_png(b"not a png")
+        decode_ssim_gray(b"not a png")
     with pytest.raises(ValueError, match="2-D uint8"):
         encode_gray_png(astronaut)
+
+
+def test_webp_thumbnail_decodes_with_its_size_and_type(coffee: np.ndarray) -> None:
+    webp = encode_thumbnail(coffee, quality=80, fmt="webp")
+    jpeg = encode_thumbnail(coffee)
+    assert (media_type(webp), media_type(jpeg)) == ("image/webp", "image/jpeg")
+    assert media_type(encode_gray_png(gray256(coffee))) == "image/png"
+    exact = cv2.resize(coffee, (256, 171), interpolation=cv2.INTER_AREA)[:, :, ::-1]
+    back = _imdecode(webp)
+    assert back.shape == (171, 256, 3)
+    assert cv2.PSNR(np.ascontiguousarray(exact), back) > 30
+    assert len(webp) < len(jpeg)
+    with pytest.raises(ValueError, match="format"):
+        encode_thumbnail(coffee, fmt="gif")
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_ssim_gray_from_the_thumbnail_is_close_to_the_exact_gray(astronaut: np.ndarray, fmt: str) -> None:
+    """SSIM against the gray read back from the thumbnail is within 0.02 of SSIM against the exact gray."""
+    exact = gray256(astronaut)
+    from_thumb = decode_ssim_gray(encode_thumbnail(astronaut, quality=80, fmt=fmt))
+    assert from_thumb.shape == (256, 256) and from_thumb.dtype == np.uint8
+    query = gray256(np.ascontiguousarray(cv2.resize(astronaut, (300, 300))[20:280, 10:290]))
+    assert abs(ssim_score(query, from_thumb) - ssim_score(query, exact)) < 0.02
+    assert ssim_score(exact, from_thumb) > 0.9
+
+
+def test_ssim_gray_reads_the_png_of_older_catalogues_exactly(astronaut: np.ndarray) -> None:
+    g = gray256(astronaut)
+    np.testing.assert_array_equal(decode_ssim_gray(encode_gray_png(g)), g)
+    with pytest.raises(DecodeError):
+        decode_ssim_gray(b"")
+    with pytest.raises(DecodeError):
+        decode_ssim_gray(b"RIFF0000WEBP broken")

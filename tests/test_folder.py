@@ -90,9 +90,9 @@ def test_folder_index_accepts_phone_formats_and_refuses_escaping_links(
     [refused] = report.invalid  # type: ignore[attr-defined]
     assert refused.url == "escape.jpg" and "outside the folder" in refused.reason
     assert sorted(str(f) for (f,) in rows(settings, "SELECT format FROM images")) == ["AVIF", "HEIF", "JPEG", "PNG"]
-    # thumbnails stay JPEG whatever the original was
+    # thumbnails are our own WebP whatever the original was
     thumbs = [bytes(t) for (t,) in rows(settings, "SELECT thumbnail FROM images")]
-    assert all(t.startswith(b"\xff\xd8\xff") for t in thumbs)
+    assert all(t[:4] == b"RIFF" and t[8:12] == b"WEBP" for t in thumbs)
 
 
 def test_rescan_reads_only_what_changed_and_moves_keep_their_features(

@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import crop, encode, recompress, resize, rotate90
@@ -96,7 +97,12 @@ async def test_a_re_upload_is_the_identity_with_every_keypoint_agreeing(service:
     shortcut = identical_fit(stored)
     assert (checked.score, checked.inliers) == (shortcut.score, shortcut.inliers)
     assert checked.homography is not None and shortcut.homography is not None
-    np.testing.assert_allclose(checked.homography, shortcut.homography, atol=1e-6)
+    # the stored keypoints are fixed-point (ORB2, within 0.005 px here): the fit places the corners where the
+    # identity does, to a small fraction of a pixel
+    h, w = pixels.shape[:2]
+    corners = np.array([[[0, 0]], [[w, 0]], [[w, h]], [[0, h]]], dtype=np.float64) * stored.scale
+    fitted = cv2.perspectiveTransform(corners, checked.homography)
+    assert float(np.abs(fitted - cv2.perspectiveTransform(corners, shortcut.homography)).max()) < 0.25
 
 
 def _assert_identity_fit(service: Service, match: Match) -> None:

@@ -66,8 +66,8 @@ def test_api_search_multipart(client: TestClient, photos: dict[str, np.ndarray])
     assert best["id"] == "rocket" and best["metadata"] == {"title": "Rocket"}
     assert set(best["scores"]) >= {"embedding", "ssim", "orb"}
     thumb = client.get(best["thumbnail_url"])
-    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-    assert thumb.content[:2] == b"\xff\xd8"
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+    assert thumb.content[:4] == b"RIFF" and thumb.content[8:12] == b"WEBP"
 
 
 def test_api_search_json_url(

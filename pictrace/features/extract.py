@@ -18,7 +18,7 @@ from pictrace.tuning import Tuning
 class LocalFeatures:
     pixel_sha256: str
     dhash: int
-    gray_png: bytes
+    gray_png: bytes  # empty where SSIM reads its gray from the thumbnail (tuning.storage.ssim_gray)
     orb: bytes
     thumbnail: bytes
 
@@ -35,11 +35,13 @@ def orb_of(rgb: np.ndarray, tuning: Tuning, decoded_scale: float = 1.0) -> OrbFe
 
 
 def local_features(image: DecodedImage, tuning: Tuning) -> LocalFeatures:
-    orb = orb_of(image.rgb, tuning, image.scale)
+    """What the catalogue stores, encoded as ``tuning.storage`` says (docs/scaling.md, "Sizing")."""
+    storage = tuning.storage
+    orb = orb_of(image.rgb, tuning, image.scale).strongest(storage.gallery_features)
     return LocalFeatures(
         pixel_sha256=pixel_sha256(image.rgb),
         dhash=dhash64(image.rgb),
-        gray_png=encode_gray_png(gray256(image.rgb)),
+        gray_png=encode_gray_png(gray256(image.rgb)) if storage.ssim_gray == "png" else b"",
         orb=orb.to_bytes(),
-        thumbnail=encode_thumbnail(image.rgb),
+        thumbnail=encode_thumbnail(image.rgb, quality=storage.thumbnail_quality, fmt=storage.thumbnail_format),
     )

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-_MAGIC = b"ORB1"
-_HEADER = struct.Struct("<4sIIId")  # magic, n, width, height, scale
+# ORB1 (catalogues written before ORB2): float32 x, y per keypoint. ORB2: uint16 x, y in units of ``step``
+# (the working image's longest side / 65535, ~0.01 px at 640 px), half the bytes of the points for a rounding
+# far below RANSAC's 5 px. Both are read; the magic says which.
+_MAGIC_V1 = b"ORB1"
+_MAGIC = b"ORB2"
+_HEADER_V1 = struct.Struct("<4sIIId")  # magic, n, width, height, scale
+_HEADER = struct.Struct("<4sIIIdd")  # magic, n, width, height, scale, step (pixels per point unit)
+_POINT_UNITS = 65535
 _DESC_BYTES = 32
 _MIN_DET = 1.0 / 100.0
 _MAX_DET = 100.0
@@ -45,28 +51,43 @@ class OrbFeatures:
         return OrbFeatures(self.points[:n], self.descriptors[:n], self.width, self.height, self.scale)
 
     def to_bytes(self) -> bytes:
-        """Compact little-endian blob: fixed header, then raw points and descriptors (no pickle)."""
+        """Compact little-endian blob (ORB2): fixed header, then fixed-point points and raw descriptors.
+
+        Points come back within ``point_step / 2`` of what was stored (:meth:`point_step`)."""
         n = len(self)
-        points = np.ascontiguousarray(self.points, dtype="<f4").reshape(n, 2)
+        step = self.point_step(self.width, self.height)
+        points = np.clip(np.rint(np.asarray(self.points, dtype=np.float64).reshape(n, 2) / step), 0, _POINT_UNITS)
         desc = np.ascontiguousarray(self.descriptors, dtype=np.uint8).reshape(n, _DESC_BYTES)
-        header = _HEADER.pack(_MAGIC, n, self.width, self.height, float(self.scale))
-        return header + points.tobytes() + desc.tobytes()
+        header = _HEADER.pack(_MAGIC, n, self.width, self.height, float(self.scale), step)
+        return header + points.astype("<u2").tobytes() + desc.tobytes()
+
+    @staticmethod
+    def point_step(width: int, height: int) -> float:
+        """Pixels per stored point unit: the longest side spread over the uint16 range."""
+        return max(width, height, 1) / _POINT_UNITS
 
     @classmethod
     def from_bytes(cls, data: bytes) -> OrbFeatures:
-        """Inverse of :meth:`to_bytes`; a blob of the wrong shape is a ValueError, never garbage features."""
-        if len(data) < _HEADER.size:
+        """Inverse of :meth:`to_bytes`, and reads the older ORB1 blobs; a blob of the wrong shape is a
+        ValueError, never garbage features."""
+        if len(data) < _HEADER_V1.size:
             raise ValueError("ORB blob is shorter than its header")
-        magic, n, width, height, scale = _HEADER.unpack_from(data)
-        if magic != _MAGIC:
+        magic = bytes(data[:4])
+        if magic == _MAGIC_V1:
+            _, n, width, height, scale = _HEADER_V1.unpack_from(data)
+            start, point_bytes, dtype, step = _HEADER_V1.size, 8, "<f4", 1.0
+        elif magic == _MAGIC and len(data) >= _HEADER.size:
+            _, n, width, height, scale, step = _HEADER.unpack_from(data)
+            start, point_bytes, dtype = _HEADER.size, 4, "<u2"
+        else:
             raise ValueError(f"ORB blob has an unknown magic {magic!r}")
-        points_end = _HEADER.size + n * 8
+        points_end = start + n * point_bytes
         if len(data) != points_end + n * _DESC_BYTES:
             raise ValueError(f"ORB blob length {len(data)} does not match its {n} keypoints")
-        points = np.frombuffer(data, dtype="<f4", count=n * 2, offset=_HEADER.size).reshape(n, 2)
+        points = np.frombuffer(data, dtype=dtype, count=n * 2, offset=start).reshape(n, 2)
         desc = np.frombuffer(data, dtype=np.uint8, count=n * _DESC_BYTES, offset=points_end)
         return cls(
-            points=points.astype(np.float32),
+            points=(points * step).astype(np.float32) if magic == _MAGIC else points.astype(np.float32),
             descriptors=desc.reshape(n, _DESC_BYTES).copy(),
             width=width,
             height=height,

@@ -1,7 +1,8 @@
 """Structural similarity on a fixed 256x256 grayscale, a cheap pixel-level re-ranking signal.
 
-A fixed size (aspect ratio deliberately ignored) makes every stored gray comparable to every query, and lets
-the catalogue keep one small lossless PNG per image instead of re-decoding the original at search time.
+A fixed size (aspect ratio deliberately ignored) makes every gallery gray comparable to every query, and lets
+the catalogue keep a small picture per image (the thumbnail; a lossless PNG in older catalogues) instead of
+re-decoding the original at search time.
 """
 
 from __future__ import annotations

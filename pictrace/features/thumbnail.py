@@ -1,4 +1,5 @@
-"""Small derived images kept in the catalogue: a JPEG thumbnail for the UI and the lossless SSIM gray."""
+"""Small derived images kept in the catalogue: the thumbnail for the UI (JPEG, or WebP since the compact
+catalogue) and SSIM's gray (its own lossless PNG in older catalogues; now read from the thumbnail)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import cv2
 import numpy as np
 
 from pictrace.errors import DecodeError
+from pictrace.features.ssim import gray256
+
+_ENCODINGS = {"jpeg": (".jpg", cv2.IMWRITE_JPEG_QUALITY), "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY)}
 
 
-def encode_thumbnail(rgb: np.ndarray, *, max_side: int = 256, quality: int = 82) -> bytes:
-    """JPEG of the image with its longest side at most ``max_side`` (aspect kept, never upscaled)."""
+def encode_thumbnail(rgb: np.ndarray, *, max_side: int = 256, quality: int = 82, fmt: str = "jpeg") -> bytes:
+    """JPEG or WebP (``fmt``) of the image with its longest side at most ``max_side`` (aspect kept, never
+    upscaled)."""
+    if fmt not in _ENCODINGS:
+        raise ValueError(f"unknown thumbnail format {fmt!r}")
     if max_side < 1:
         raise ValueError("max_side must be positive")
     img: np.ndarray = np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -19,14 +26,15 @@ def encode_thumbnail(rgb: np.ndarray, *, max_side: int = 256, quality: int = 82)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     bgr = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    ext, flag = _ENCODINGS[fmt]
+    ok, buf = cv2.imencode(ext, bgr, [flag, int(quality)])
     if not ok:
-        raise ValueError("JPEG encoding of the thumbnail failed")
+        raise ValueError(f"{fmt} encoding of the thumbnail failed")
     return buf.tobytes()
 
 
 def encode_gray_png(gray: np.ndarray) -> bytes:
-    """Lossless PNG of a 2-D uint8 gray image (the SSIM input must come back bit-exact)."""
+    """Lossless PNG of a 2-D uint8 gray image (``Storage.ssim_gray="png"``: SSIM's gray comes back bit-exact)."""
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"encode_gray_png needs a 2-D uint8 array, got {gray.dtype} {gray.shape}")
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(gray))
@@ -35,9 +43,26 @@ def encode_gray_png(gray: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def decode_gray_png(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_gray_png`; a damaged blob is a :class:`DecodeError`, not a crash."""
+def decode_ssim_gray(data: bytes) -> np.ndarray:
+    """SSIM's 256x256 gray from what the catalogue keeps for it: the exact gray's PNG (older catalogues), or
+    the thumbnail, whose gray is made the way ``gray256`` makes the query's.
+
+    Self-describing, so catalogues holding either (or both) read alike: a decoded picture that is already a
+    256x256 gray is used as it is (what ``gray256`` would leave unchanged), anything else goes through
+    ``gray256``. A damaged blob is a :class:`DecodeError`."""
     arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    if arr is None or arr.ndim != 2 or arr.dtype != np.uint8:
-        raise DecodeError("stored gray PNG cannot be decoded")
-    return arr
+    if arr is None or arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise DecodeError("stored SSIM gray (or thumbnail) cannot be decoded")
+    if arr.ndim == 3:  # OpenCV decodes colour as BGR (BGRA with alpha)
+        code = cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        arr = cv2.cvtColor(arr, code)
+    return gray256(arr)
+
+
+def media_type(data: bytes) -> str:
+    """The MIME type of a stored thumbnail, read from its first bytes (older catalogues hold JPEG)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    return "image/jpeg"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pictrace.features.ssim import SsimReference
-from pictrace.features.thumbnail import decode_gray_png
+from pictrace.features.thumbnail import decode_ssim_gray
 from pictrace.matching.geometry import GeometricFit
 from pictrace.tuning import Tuning
 
@@ -62,6 +62,6 @@ def scored(vec_id: int, cosine: float, fit: GeometricFit | None, tuning: Tuning,
     )
 
 
-def with_ssim(query: SsimReference, candidate: CandidateScore, gray_png: bytes, tuning: Tuning) -> CandidateScore:
+def with_ssim(query: SsimReference, candidate: CandidateScore, gray: bytes, tuning: Tuning) -> CandidateScore:
     """SSIM is the costliest per-pair signal and the least discriminative, so only the shortlist pays for it."""
-    return rescore(candidate, tuning, ssim=query.score(decode_gray_png(gray_png)))
+    return rescore(candidate, tuning, ssim=query.score(decode_ssim_gray(gray)))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pictrace.errors import NotFoundError
+from pictrace.store.blobs import decode_embedding, encode_embedding
 from pictrace.store.changes import log_changes
 from pictrace.store.records import (
     FailedSource,
@@ -51,7 +52,7 @@ class ImageQueries(SqlAccess):
                     image.format,
                     image.nbytes,
                     image.dhash,
-                    np.ascontiguousarray(image.embedding, dtype=np.float32).tobytes(),
+                    encode_embedding(image.embedding),
                     image.gray_png,
                     image.orb,
                     image.thumbnail,
@@ -252,11 +253,17 @@ class ImageQueries(SqlAccess):
         ]
 
     def grays_of(self, vec_ids: Iterable[int]) -> dict[int, bytes]:
-        """The SSIM shortlist's stored grey thumbnails (PNG), without the ORB blobs a search has already read."""
+        """What SSIM reads for the shortlist, without the ORB blobs a search has already read: the gray's own PNG
+        where one is stored (older catalogues), else the thumbnail it is made from
+        (``features.thumbnail.decode_ssim_gray`` reads either)."""
         wanted = [int(v) for v in vec_ids]
         if not wanted:
             return {}
-        rows = self._query(f"SELECT vec_id, gray FROM images WHERE vec_id IN ({marks(len(wanted))})", wanted)
+        rows = self._query(
+            f"""SELECT vec_id, CASE WHEN LENGTH(gray) > 0 THEN gray ELSE thumbnail END
+                FROM images WHERE vec_id IN ({marks(len(wanted))})""",
+            wanted,
+        )
         return {int(v): bytes(g) for v, g in rows}
 
     def thumbnail(self, sha256: str) -> bytes:
@@ -350,5 +357,5 @@ def upsert_source(conn: Any, source: Source, status: str, sha256: str | None, er
 
 def _to_arrays(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([r[0] for r in rows], dtype=np.int64)
-    vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+    vectors = np.stack([decode_embedding(r[1]) for r in rows])
     return ids, vectors

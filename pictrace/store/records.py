@@ -20,7 +20,7 @@ class StoredImage:
     nbytes: int
     dhash: int
     embedding: np.ndarray
-    gray_png: bytes
+    gray_png: bytes  # SSIM's gray as PNG, or empty: SSIM then reads the thumbnail (decode_ssim_gray)
     orb: bytes
     thumbnail: bytes
 

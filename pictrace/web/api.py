@@ -12,6 +12,7 @@ from starlette.datastructures import UploadFile
 from pictrace.duplicates import group_info
 from pictrace.errors import InvalidInputError, NotFoundError
 from pictrace.explain import explain_match, explain_pair
+from pictrace.features.thumbnail import media_type
 from pictrace.schemas import (
     DuplicateGroupInfo,
     DuplicatePage,
@@ -123,12 +124,13 @@ async def health(service: ServiceDep) -> Health:
 @router.get(
     "/api/images/{sha256}/thumbnail",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "No such image"}},
-    summary="A small JPEG of a gallery image, served by PicTrace itself",
+    responses={200: {"content": {"image/webp": {}, "image/jpeg": {}}}, 404: {"description": "No such image"}},
+    summary="A small WebP (JPEG in older catalogues) of a gallery image, served by PicTrace itself",
 )
 async def thumbnail(sha256: str, service: ServiceDep) -> Response:
     data = await asyncio.to_thread(service.catalogue.thumbnail, sha256.lower())
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+    # WebP since the compact catalogue, JPEG in older ones (or rows written before)
+    return Response(data, media_type=media_type(data), headers={"Cache-Control": "public, max-age=86400"})
 
 
 @router.get(
