@@ -9,7 +9,7 @@ flatter it):
 - ORB descriptors: every bit flipped with probability ``--flip`` (0.1: ~13 of the 128 bits the local index
   keeps), so copies fall in the same lists as their source, as near-identical product shots do;
 - embedding: the source's plus Gaussian noise, cosine to it spread over 0.55..0.95;
-- gray image, thumbnail, keypoint positions: the source's (they are only read for the candidates of a query).
+- thumbnail (SSIM's gray too), keypoint positions: the source's (they are only read for the candidates of a query).
 The evaluation sets' own rows are kept once, so their queries' targets stay unique.
 
     python bench/scale_quality.py D10K/db.json --workdir /data/sq10k          # the real rows, once
@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_quality import RESULTS, SETS, disk, print_serving
 
 from pictrace.features.orb import OrbFeatures
+from pictrace.store.blobs import decode_embedding, encode_embedding
 
 
 def perturbed_orb(blob: bytes, flip: float, rng: np.random.Generator) -> bytes:
@@ -54,10 +55,10 @@ def perturbed_orb(blob: bytes, flip: float, rng: np.random.Generator) -> bytes:
 
 def perturbed_embedding(blob: bytes, rng: np.random.Generator) -> bytes:
     """Noise of a norm that puts the copy at cosine ~0.55..0.95 from its source (unit vectors)."""
-    v = np.frombuffer(blob, dtype=np.float32)
+    v = decode_embedding(blob)
     noise = rng.normal(size=v.shape).astype(np.float32) * (rng.uniform(0.33, 1.5) / np.sqrt(v.size))
     out = v + noise
-    return (out / np.linalg.norm(out)).astype(np.float32).tobytes()
+    return encode_embedding(out / np.linalg.norm(out))
 
 
 def grow(real: Path, data_dir: Path, size: int, flip: float, seed: int = 1) -> dict[str, Any]:

@@ -110,16 +110,18 @@ def ingest(db: Path, data_dir: Path) -> dict[str, Any]:
     }
 
 
-async def serve_and_search(data_dir: Path, sets: dict[str, Path]) -> dict[str, Any]:
+async def serve_and_search(data_dir: Path, sets: dict[str, Path], tuning_file: Path | None = None) -> dict[str, Any]:
     """Runs in its own process: start the service on the built data dir, search every query of every set."""
     from pictrace.config import Settings
     from pictrace.eval import GroundTruth, _embed_one_ms, _percentile, score
     from pictrace.files import read_local_file
     from pictrace.service import Service
+    from pictrace.tuning import Tuning
 
     settings = Settings(data_dir=data_dir, index_on_start=False)
+    tuning = Tuning.from_file(tuning_file) if tuning_file is not None else Tuning()
     started = time.perf_counter()
-    service = await Service.start(settings)
+    service = await Service.start(settings, tuning=tuning)
     restart_s = time.perf_counter() - started
     rss_started, _ = _rss_mb()
     out: dict[str, Any] = {"restart_s": round(restart_s, 2), "rss_after_start_mb": round(rss_started, 1), "sets": {}}
@@ -144,8 +146,10 @@ async def serve_and_search(data_dir: Path, sets: dict[str, Path]) -> dict[str, A
             named = {n for ranked in results.values() for n in ranked}
             widened = GroundTruth(tuple(sorted(set(gt.gallery) | named)), gt.queries)
             metrics = score(widened, results)
+            missed = sorted(q.name for q in gt.queries if not set(results[q.name][:1]) & q.relevant)
             out["sets"][name] = {
                 **metrics.as_dict(),
+                "missed_at_1": missed,
                 "p50_ms": round(_percentile(set_latency, 50), 1),
                 "p95_ms": round(_percentile(set_latency, 95), 1),
             }
@@ -202,12 +206,13 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--reuse", action="store_true", help="keep an already built data dir (skip the ingest)")
     ap.add_argument("--floor-sample", type=int, default=512)
+    ap.add_argument("--tuning", type=Path, help="a tuning JSON file for the serving process (pictrace/tuning.py)")
     ap.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     sets = {name: SETS[name] for name in a.sets}
     data_dir = a.workdir / "data"
     if a._serve:
-        print(json.dumps(asyncio.run(serve_and_search(data_dir, sets))))
+        print(json.dumps(asyncio.run(serve_and_search(data_dir, sets, a.tuning))))
         return
     missing = [str(p) for p in sets.values() if not p.exists()]
     if missing:
@@ -223,9 +228,22 @@ def main() -> None:
     else:
         report["ingest"] = ingest(db, data_dir)
         report["ingest"]["images_per_s"] = round(count / report["ingest"]["wall_s"], 2)
-    report["floor_images_per_s"] = round(floor_rate(db, a.floor_sample), 2)
+    if report["ingest"] is not None:  # the floor is what the ingest rate is read against
+        report["floor_images_per_s"] = round(floor_rate(db, a.floor_sample), 2)
+    tuning = ["--tuning", str(a.tuning)] if a.tuning else []
+    report["tuning"] = str(a.tuning) if a.tuning else None
     serve = subprocess.run(
-        [sys.executable, __file__, str(a.distractors), "--workdir", str(a.workdir), "--sets", *a.sets, "--_serve"],
+        [
+            sys.executable,
+            __file__,
+            str(a.distractors),
+            "--workdir",
+            str(a.workdir),
+            "--sets",
+            *a.sets,
+            *tuning,
+            "--_serve",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -238,7 +256,8 @@ def main() -> None:
         sys.exit(f"only {report['serve']['indexed']} of {count} gallery images were indexed: see the ingest's output")
     print_table(report)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"scale_quality_{report['distractors']}.json"
+    suffix = f"_{a.tuning.stem}" if a.tuning else ""
+    out = RESULTS / f"scale_quality_{report['distractors']}{suffix}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {out}")
 
