@@ -146,7 +146,9 @@ async def serve_and_search(data_dir: Path, sets: dict[str, Path], tuning_file: P
             named = {n for ranked in results.values() for n in ranked}
             widened = GroundTruth(tuple(sorted(set(gt.gallery) | named)), gt.queries)
             metrics = score(widened, results)
-            missed = sorted(q.name for q in gt.queries if not set(results[q.name][:1]) & q.relevant)
+            missed = [
+                q.name for q in gt.queries if next((n for n in results[q.name] if n != q.name), None) not in q.relevant
+            ]  # R@1's misses, scored like score.py (the query itself left out)
             out["sets"][name] = {
                 **metrics.as_dict(),
                 "missed_at_1": missed,
