@@ -96,11 +96,7 @@ def find_links(
         cosine = cosines.get(other, 0.0)
         match = match_features(orb, gallery, tuning)
         inliers = match.inliers if match.homography is not None else 0
-        hom = (
-            None
-            if match.homography is None
-            else to_pixel_homography(match.homography, orb.scale, gallery.scale)
-        )
+        hom = None if match.homography is None else to_pixel_homography(match.homography, orb.scale, gallery.scale)
         if other in nearest and inliers < tuning.verdicts.copy_min_inliers:
             if mirrored is None:
                 mirrored = _mirrored_from_thumbnail(catalogue, facts.sha256, facts.width, tuning)
@@ -133,9 +129,7 @@ def find_links(
             continue
         if own_grey is None:
             own_grey = _thumbnail_grey(catalogue, facts.sha256)
-        agreement = frame_agreement(
-            own_grey, _thumbnail_grey(catalogue, image.sha256), tuning.verdicts.frame_side
-        )
+        agreement = frame_agreement(own_grey, _thumbnail_grey(catalogue, image.sha256), tuning.verdicts.frame_side)
         inliers = 0 if fitted is None else fitted.inliers
         tier = classify(
             exact=image.pixel_sha256 == facts.pixel_sha256,
@@ -182,6 +176,4 @@ def link_images(
     vector: VectorIndex | None = None,
 ) -> int:
     """Compute and store the links of ``vec_ids`` (new images at ingest, or a backfill). Returns links stored."""
-    return sum(
-        catalogue.add_links(vec_id, find_links(catalogue, local, tuning, vec_id, vector)) for vec_id in vec_ids
-    )
+    return sum(catalogue.add_links(vec_id, find_links(catalogue, local, tuning, vec_id, vector)) for vec_id in vec_ids)
