@@ -118,16 +118,19 @@ class _UnionFind:
             return root
         return x
 
-    def union(self, a: int, b: int, apart: dict[int, set[int]], *, weak: bool = False) -> bool:
-        """Join the sets of a and b unless a pair decided distinct would end up in one set, or the link is
-        ``weak`` and both sets already hold several images."""
+    def union(
+        self, a: int, b: int, apart: dict[int, set[int]], linked: dict[int, set[int]], *, weak: bool = False
+    ) -> bool:
+        """Join the sets of a and b unless a pair decided distinct would end up in one set, or both sets already
+        hold several images and the link is ``weak`` or the only one between them (``linked``: every copy
+        link): a second, independent link corroborates a merge of two groups."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return True
         sa, sb = self.members.setdefault(ra, {ra}), self.members.setdefault(rb, {rb})
-        if weak and len(sa) > 1 and len(sb) > 1:
-            return False
         small, large = (sa, sb) if len(sa) <= len(sb) else (sb, sa)
+        if len(small) > 1 and (weak or sum(len(linked.get(v, set()) & large) for v in small) < 2):
+            return False
         if any(apart.get(v, set()) & large for v in small):
             return False
         if len(self.members[ra]) < len(self.members[rb]):
@@ -146,7 +149,10 @@ def partition(
     """The groups (vec_ids, sorted) from copy links ``(a, b, inliers)`` and same-pixel images, strongest first,
     never joining a pair in ``apart``. A link with fewer than ``join_min_inliers`` brings a single image into
     a group (or pairs two) but never merges two groups: look-alikes (the same product shot twice) share a weak
-    copy-like fit, and one such link would join all their copies. Pure: the tests and the cached view share it."""
+    copy-like fit, and one such link would join all their copies. A strong link merges two groups only when a
+    second link between them agrees: two copies of different pictures turned by the same small angle share
+    200 inliers on the edges of their black corners, and that one link alone joined both pictures' copies.
+    Pure: the tests and the cached view share it."""
     separated: dict[int, set[int]] = {}
     for a, b in apart:
         separated.setdefault(a, set()).add(b)
@@ -156,9 +162,15 @@ def partition(
     for vec_id, pixels in pixel_twins:
         by_pixels.setdefault(pixels, []).append(vec_id)
     edges = [(math.inf, a, b) for same in by_pixels.values() for a in same[:1] for b in same[1:]]
-    edges += sorted(((float(n), a, b) for a, b, n in copy_links), reverse=True)
-    for strength, a, b in edges:
-        sets.union(a, b, separated, weak=strength < join_min_inliers)
+    copies = sorted(((float(n), a, b) for a, b, n in copy_links), reverse=True)
+    linked: dict[int, set[int]] = {}
+    for _, a, b in copies:
+        linked.setdefault(a, set()).add(b)
+        linked.setdefault(b, set()).add(a)
+    for _, a, b in edges:
+        sets.union(a, b, separated, {})
+    for strength, a, b in copies:
+        sets.union(a, b, separated, linked, weak=strength < join_min_inliers)
     groups: dict[int, list[int]] = {}
     for v in list(sets.parent):
         groups.setdefault(sets.find(v), []).append(v)
