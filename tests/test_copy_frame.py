@@ -70,7 +70,7 @@ def facts(vec_id: int, rgb: np.ndarray, nbytes: int) -> ImageFacts:
 def test_the_keeper_is_the_picture_the_others_were_made_from(photos: dict[str, np.ndarray]) -> None:
     # the original is the most compressed (fewest bytes), as in a gallery of re-saved copies: bytes cannot tell
     photo = photos["coffee"]
-    h, w = photo.shape[:2]
+    w = photo.shape[1]
     flip = np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]])
     versions = {
         1: (grey(photo)[:, :, None].repeat(3, axis=2), 90_000),
