@@ -94,7 +94,11 @@ def overlap_perspective(hom: np.ndarray, query_size: tuple[int, int], gallery_si
     """
     hom = np.asarray(hom, dtype=np.float64)
     hom = hom / hom[2, 2]
-    x0, y0, x1, y1 = _box(_project(np.linalg.inv(hom), _corners(*gallery_size)), *query_size)
+    return _perspective_over(hom, _box(_project(np.linalg.inv(hom), _corners(*gallery_size)), *query_size))
+
+
+def _perspective_over(hom: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    x0, y0, x1, y1 = box
     if x1 - x0 < 2 or y1 - y0 < 2:
         return math.inf
     shifted = hom @ np.array([[1.0, 0.0, x0], [0.0, 1.0, y0], [0.0, 0.0, 1.0]])
@@ -141,7 +145,7 @@ def read_transform(
         scale=round(scale, 4),
         rotation=round(angle + 0.0, 2),
         flip=mirrored,
-        perspective=round(overlap_perspective(hom, query_size, gallery_size), 4),
+        perspective=round(_perspective_over(hom, query_box), 4),
         homography=hom,
     )
 
