@@ -12,12 +12,12 @@ Derived from the catalogue alone (links and decisions), so a restart or a replic
 No pass over all pairs: grouping reads the copy links (one indexed query) and joins them (union-find), again
 only when the catalogue changed (images added or removed, links written, a decision taken).
 
-The keeper is the fullest original: no other member shows all of it at the same or a higher resolution (a crop
-is inside it, a downscaled copy is smaller, a screenshot shows it smaller), then the most pixels, then the most
-bytes (least compressed). A person's "keep this one" overrides the rule. What was done to each member relative
-to the keeper is read off the composed homographies of the links from it to the keeper: crop box, scale,
-rotation, mirror, and an added border (the keeper fills only part of the member's frame). Recolouring and added
-text keep the geometry: they are not read out.
+The keeper is the member the others were made from: the one with the fewest kinds of difference to the others
+(an edit is one step from its source, two edits two steps from each other), then one no other member shows
+more of or sharper, then the most pixels, then the most bytes. A person's "keep this one" overrides the rule.
+What was done to each member relative to the keeper is read off the composed homographies of the links from it
+to the keeper: crop box, scale, rotation, mirror, and an added border (the keeper fills only part of the
+member's frame). Recolouring and added text keep the geometry: they are not read out.
 """
 
 from __future__ import annotations

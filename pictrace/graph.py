@@ -49,6 +49,8 @@ def find_links(
     those close enough to be a mirrored copy (``tuning.duplicates``) once more against the mirrored image when
     the direct fit is too weak for a copy: ORB is not mirror-invariant, so a mirror gets no direct fit.
     The mirrored keypoints come from the stored thumbnail, so a backfill or a replica needs no original.
+    Where one of a pair is too small for keypoints, the nearest vectors of the same aspect ratio get the frame
+    check on the stored thumbnails (pictrace/matching/frame.py) when no fit made them a copy.
     """
     if tuning.cascade.graph_candidates == 0:
         return []
