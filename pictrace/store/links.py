@@ -55,9 +55,7 @@ class LinkQueries(SqlAccess):
     def add_links(self, vec_id: int, links: Iterable[LinkFit | tuple[int, int]]) -> int:
         """Store the links of one image (``LinkFit``, or bare ``(other, inliers)``) in both directions, and mark
         the image as linked (a row to itself) even when nothing matched. Links to images deleted meanwhile are
-        skipped. A pair matched again from its other side keeps the stronger of the two fits (a copy over a
-        similar, then more inliers): matching is not symmetric, and the later match is not the better one.
-        Returns how many links were stored."""
+        skipped. Returns how many links were stored."""
         vec_id = int(vec_id)
         offered = {f.other: f for f in map(_as_fit, links) if int(f.other) != vec_id}
         with self._transaction() as conn:
@@ -82,10 +80,7 @@ class LinkQueries(SqlAccess):
                    SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
                                     AND EXISTS (SELECT 1 FROM images WHERE vec_id = ?)
                    ON CONFLICT (vec_id, other) DO UPDATE SET inliers = excluded.inliers, tier = excluded.tier,
-                       cosine = excluded.cosine, fit = excluded.fit
-                   WHERE links.tier IS NULL OR links.vec_id = links.other
-                       OR (excluded.tier = 'copy' AND links.tier <> 'copy')
-                       OR (excluded.tier = links.tier AND excluded.inliers >= links.inliers)""",
+                       cosine = excluded.cosine, fit = excluded.fit""",
                 [(a, b, n, t, c, h, a, b) for a, b, n, t, c, h in rows],
             )
             conn.execute(_BUMP)
