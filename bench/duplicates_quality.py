@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> None:
     names = list(gt["gallery"]) + [q["query"] for q in gt["queries"]]
     group_of, edit_of = truth(gt)
     shipped = Tuning()
-    before = shipped.replace(duplicates={"nearest_candidates": 0})
+    before = shipped.replace(duplicates={"nearest_candidates": 0, "frame_candidates": 0})
 
     timings: dict[str, list[float]] = {"links only": [], "duplicates": []}
     grouping_s: list[float] = []

@@ -12,12 +12,12 @@ Derived from the catalogue alone (links and decisions), so a restart or a replic
 No pass over all pairs: grouping reads the copy links (one indexed query) and joins them (union-find), again
 only when the catalogue changed (images added or removed, links written, a decision taken).
 
-The keeper is the fullest original: no other member shows all of it at the same or a higher resolution (a crop
-is inside it, a downscaled copy is smaller, a screenshot shows it smaller), then the most pixels, then the most
-bytes (least compressed). A person's "keep this one" overrides the rule. What was done to each member relative
-to the keeper is read off the composed homographies of the links from it to the keeper: crop box, scale,
-rotation, mirror, and an added border (the keeper fills only part of the member's frame). Recolouring and added
-text keep the geometry: they are not read out.
+The keeper is the member the others were made from: the one with the fewest kinds of difference to the others
+(an edit is one step from its source, two edits two steps from each other), then one no other member shows
+more of or sharper, then the most pixels, then the most bytes. A person's "keep this one" overrides the rule.
+What was done to each member relative to the keeper is read off the composed homographies of the links from it
+to the keeper: crop box, scale, rotation, mirror, and an added border (the keeper fills only part of the
+member's frame). Recolouring and added text keep the geometry: they are not read out.
 """
 
 from __future__ import annotations
@@ -49,6 +49,20 @@ _BORDER = 0.03
 _IDENTITY = np.eye(3)
 # Grey-level spread below which a margin is a border, not picture (JPEG noise on a plain colour is ~2-5).
 _FLAT_STD = 12.0
+# Differences the keeper counts (thumbnails compared after the fit): a turn of at least 2 degrees; a colour gap
+# (|dCr| + |dCb|, 0-255 levels) above 12 at the 90th percentile of the shared part, or one image 1.5x as
+# colourful as the other (mean |Cr| + |Cb| + 0.5: product shots on white average 1-7, a grey copy 0, a
+# recompressed one within ~10 %); grey levels apart by more than 40 on over 1 % of it (a caption, a sticker).
+_TURNED = 2.0
+_COLOUR_GAP = 8.0
+_COLOURFUL = 1.5
+_GREY = 0.5  # mean chroma below which an image is grey
+_LUMA_GAP = 40.0
+_CONTENT_SHARE = 0.02
+_LOOK_SIDE = 64  # thumbnails are compared at most this large (64, 96, 128 px: keeper 84, 83, 83 of 100)
+_THUMBNAIL_SIDE = 256  # the stored thumbnail's longest side (pictrace/features/thumbnail.py)
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+_MIN_SHARED = 64  # pixels of overlap below which the thumbnails say nothing
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,7 @@ class _Partition:
     decided: list[bool]
     facts: dict[int, ImageFacts]
     where: dict[str, int]  # group id or member sha256 -> index in ``groups``
+    keepers: dict[int, int] = field(default_factory=dict)  # index -> the keeper chosen, once described
 
 
 class _UnionFind:
@@ -106,16 +121,19 @@ class _UnionFind:
             return root
         return x
 
-    def union(self, a: int, b: int, apart: dict[int, set[int]], *, weak: bool = False) -> bool:
-        """Join the sets of a and b unless a pair decided distinct would end up in one set, or the link is
-        ``weak`` and both sets already hold several images."""
+    def union(
+        self, a: int, b: int, apart: dict[int, set[int]], linked: dict[int, set[int]], *, weak: bool = False
+    ) -> bool:
+        """Join the sets of a and b unless a pair decided distinct would end up in one set, or both sets already
+        hold several images and the link is ``weak`` or the only one between them (``linked``: every copy
+        link): a second, independent link corroborates a merge of two groups."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return True
         sa, sb = self.members.setdefault(ra, {ra}), self.members.setdefault(rb, {rb})
-        if weak and len(sa) > 1 and len(sb) > 1:
-            return False
         small, large = (sa, sb) if len(sa) <= len(sb) else (sb, sa)
+        if len(small) > 1 and (weak or sum(len(linked.get(v, set()) & large) for v in small) < 2):
+            return False
         if any(apart.get(v, set()) & large for v in small):
             return False
         if len(self.members[ra]) < len(self.members[rb]):
@@ -134,7 +152,10 @@ def partition(
     """The groups (vec_ids, sorted) from copy links ``(a, b, inliers)`` and same-pixel images, strongest first,
     never joining a pair in ``apart``. A link with fewer than ``join_min_inliers`` brings a single image into
     a group (or pairs two) but never merges two groups: look-alikes (the same product shot twice) share a weak
-    copy-like fit, and one such link would join all their copies. Pure: the tests and the cached view share it."""
+    copy-like fit, and one such link would join all their copies. A strong link merges two groups only when a
+    second link between them agrees: two copies of different pictures turned by the same small angle share
+    200 inliers on the edges of their black corners, and that one link alone joined both pictures' copies.
+    Pure: the tests and the cached view share it."""
     separated: dict[int, set[int]] = {}
     for a, b in apart:
         separated.setdefault(a, set()).add(b)
@@ -144,13 +165,22 @@ def partition(
     for vec_id, pixels in pixel_twins:
         by_pixels.setdefault(pixels, []).append(vec_id)
     edges = [(math.inf, a, b) for same in by_pixels.values() for a in same[:1] for b in same[1:]]
-    edges += sorted(((float(n), a, b) for a, b, n in copy_links), reverse=True)
-    for strength, a, b in edges:
-        sets.union(a, b, separated, weak=strength < join_min_inliers)
+    copies = sorted(((float(n), a, b) for a, b, n in copy_links), reverse=True)
+    linked: dict[int, set[int]] = {}
+    for _, a, b in copies:
+        linked.setdefault(a, set()).add(b)
+        linked.setdefault(b, set()).add(a)
+    for _, a, b in edges:
+        sets.union(a, b, separated, {})
+    for strength, a, b in copies:
+        sets.union(a, b, separated, linked, weak=strength < join_min_inliers)
     groups: dict[int, list[int]] = {}
     for v in list(sets.parent):
         groups.setdefault(sets.find(v), []).append(v)
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+Looks = Callable[[ImageFacts], "np.ndarray | None"]  # a member's stored thumbnail (BGR), None if unreadable
 
 
 def choose_keeper(
@@ -158,36 +188,133 @@ def choose_keeper(
     fits: dict[tuple[int, int], np.ndarray],
     chosen: str | None = None,
     flat_margin: Callable[[ImageFacts, tuple[int, int, int, int]], bool] = lambda m, box: False,
+    looks: Looks | None = None,
 ) -> ImageFacts:
-    """The fullest original: a person's choice, else a member no other shows more of, or sharper, then the
-    most pixels, then the most bytes. ``fits``: homographies ``(a, b)`` -> a's pixels to b's, composed along
-    the group's links for pairs that did not match directly (a screenshot may only match a crop).
+    """The member the others were derived from: a person's choice, else the one that differs least from the
+    others, then one no other shows more of or sharper, then the most pixels, then the most bytes. ``fits``:
+    homographies ``(a, b)`` -> a's pixels to b's, composed along the group's links for pairs that did not
+    match directly (a screenshot may only match a crop).
+
+    *Differs least*: every edit is one step away from its source, and two edits of one source are each
+    other's two steps apart, so the source is the member with the fewest kinds of difference (rotation,
+    mirror, scale, extent; with ``looks``, colour and content) to the others, on average over the pairs it
+    has. It decides where pixels cannot: which of a photo, its mirror, its grey and its captioned copy is the
+    original. It cannot in a pair of two, and ties are read as before:
 
     a is lesser than b when a shows all of b but smaller (a screenshot, a downscaled copy), or a lies inside
     b with the same or fewer pixels for it while b shows more around it (a crop). Geometry alone cannot tell
     that crop from b being a framed with a border: ``flat_margin(b, box)`` says whether b outside ``box``
-    (where a lies, b's pixels) is flat (a border, padding), and then b is the lesser one.
+    (where a lies, b's pixels) is flat (a border, padding), and then b is the lesser one. Of two that differ in
+    colour, the less colourful is lesser (colour is lost by an edit, not invented).
     """
     for m in members:
         if chosen is not None and m.sha256 == chosen:
             return m
     by_id = {m.vec_id: m for m in members}
     lesser: set[int] = set()
+    steps: dict[int, list[int]] = {v: [] for v in by_id}
+    seen: set[tuple[int, int]] = set()
+    thumbnails: dict[int, np.ndarray | None] = {}
+
+    def look(m: ImageFacts) -> np.ndarray | None:
+        if looks is None:
+            return None
+        if m.vec_id not in thumbnails:
+            thumbnails[m.vec_id] = looks(m)
+        return thumbnails[m.vec_id]
+
     for (a, b), hom in _all_pairs(fits, by_id).items():
         fa, fb = by_id[a], by_id[b]
-        if fa.pixel_sha256 == fb.pixel_sha256 or a in lesser:
+        first = (min(a, b), max(a, b)) not in seen
+        seen.add((min(a, b), max(a, b)))
+        if fa.pixel_sha256 == fb.pixel_sha256:
+            if first:
+                steps[a].append(0)
+                steps[b].append(0)
             continue
         readout = read_transform(hom, (fa.width, fa.height), (fb.width, fb.height))
         qx0, qy0, qx1, qy1 = readout.query_box  # where b lies in a
         a_inside = max(0, qx1 - qx0) * max(0, qy1 - qy0) / float(max(1, fa.width * fa.height))
         b_shown = readout.crop_fraction  # how much of b a shows
+        if first:
+            kinds = _geometric_steps(readout, a_inside, b_shown)
+            # pixels are compared only where one is the other's pixels moved (mirrored, shifted, cropped):
+            # resampling a turned or rescaled thumbnail makes colour and grey-level gaps of its own
+            moved = not kinds & {"rotation", "scale"}
+            colour = _photometric_steps(look(fa), look(fb), hom, fa, fb) if moved else None
+            if colour is not None:
+                kinds |= colour[0]
+                if min(colour[1:]) < _GREY <= max(colour[1:]):
+                    lesser.add(a if colour[1] < colour[2] else b)  # grey: colour is lost, never invented
+            steps[a].append(len(kinds))
+            steps[b].append(len(kinds))
+        if a in lesser:
+            continue
         if b_shown >= _COVERED and readout.scale < 1.0 / _SHARPER:
             lesser.add(a)  # all of b, smaller
         elif a_inside >= _COVERED and b_shown < _COVERED and readout.scale <= _SHARPER:
             back = read_transform(np.linalg.inv(hom), (fb.width, fb.height), (fa.width, fa.height))
             lesser.add(b if flat_margin(fb, back.query_box) else a)  # a crop of b, or b a framed
-    candidates = [m for m in members if m.vec_id not in lesser] or list(members)
+    mean = {v: (sum(d) / len(d) if d else math.inf) for v, d in steps.items()}
+    fewest = min(mean.values())
+    closest = [m for m in members if mean[m.vec_id] <= fewest + 1e-9]
+    candidates = [m for m in closest if m.vec_id not in lesser] or closest
     return max(candidates, key=lambda m: (m.width * m.height, m.nbytes, -m.vec_id))
+
+
+def _geometric_steps(readout: TransformReadout, a_inside: float, b_shown: float) -> set[str]:
+    kinds = set()
+    if abs(readout.rotation) >= _TURNED:
+        kinds.add("rotation")
+    if readout.flip:
+        kinds.add("mirror")
+    if abs(math.log(max(readout.scale, 1e-6))) >= math.log(_SHARPER):
+        kinds.add("scale")
+    if a_inside < _COVERED or b_shown < _COVERED:
+        kinds.add("extent")
+    return kinds
+
+
+def _photometric_steps(
+    a: np.ndarray | None, b: np.ndarray | None, hom: np.ndarray, fa: ImageFacts, fb: ImageFacts
+) -> tuple[set[str], float, float] | None:
+    """({"colour", "content"} as they differ, a's and b's colourfulness) over the part both show, compared in
+    the frame of the one with fewer pixels; None without both thumbnails."""
+    if a is None or b is None:
+        return None
+    if fa.width * fa.height > fb.width * fb.height:
+        swapped = _photometric_steps(b, a, np.linalg.inv(hom), fb, fa)
+        return None if swapped is None else (swapped[0], swapped[2], swapped[1])
+    to_a = np.diag([a.shape[1] / fa.width, a.shape[0] / fa.height, 1.0])
+    to_b = np.diag([b.shape[1] / fb.width, b.shape[0] / fb.height, 1.0])
+    a_to_b = to_b @ hom @ np.linalg.inv(to_a)  # a's thumbnail pixels -> b's
+    shrink = math.sqrt(abs(float(np.linalg.det(a_to_b[:2, :2]) / a_to_b[2, 2] ** 2)))
+    if shrink > 1.5:  # b is drawn much smaller: average its pixels first, or its fine texture aliases
+        b = cv2.resize(
+            b, (max(1, round(b.shape[1] / shrink)), max(1, round(b.shape[0] / shrink))), interpolation=cv2.INTER_AREA
+        )
+        a_to_b = np.diag([1 / shrink, 1 / shrink, 1.0]) @ a_to_b
+    size = (a.shape[1], a.shape[0])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpPerspective(b, a_to_b, size, flags=flags)
+    inside = cv2.warpPerspective(np.full(b.shape[:2], 255, np.uint8), a_to_b, size, flags=flags)
+    mask = cv2.erode(inside, np.ones((5, 5), np.uint8)) == 255
+    if mask.sum() < _MIN_SHARED:
+        return None
+    ya, yb = (
+        cv2.GaussianBlur(cv2.cvtColor(x, cv2.COLOR_BGR2YCrCb).astype(np.float32), (0, 0), 1.0) for x in (a, warped)
+    )
+    chroma_a = float(np.abs(ya[..., 1:] - 128.0).sum(axis=2)[mask].mean())
+    chroma_b = float(np.abs(yb[..., 1:] - 128.0).sum(axis=2)[mask].mean())
+    colour_gap = np.abs(ya[..., 1:] - yb[..., 1:]).sum(axis=2)[mask]
+    luma_gap = np.abs(ya[..., 0] - yb[..., 0])[mask]
+    kinds = set()
+    grey = min(chroma_a, chroma_b) < _GREY <= max(chroma_a, chroma_b) / 2
+    if grey or float(np.percentile(colour_gap, 90)) > _COLOUR_GAP:
+        kinds.add("colour")
+    if float((luma_gap > _LUMA_GAP).mean()) > _CONTENT_SHARE:
+        kinds.add("content")
+    return kinds, chroma_a, chroma_b
 
 
 # Groups larger than this compare their members through direct links only (the pairwise paths grow as n^2).
@@ -369,7 +496,11 @@ class DuplicateGroups:
         }
         keeper = part.facts[vec_ids[0]]
         if not part.decided[index]:
-            keeper = choose_keeper(members, fits, flat_margin=self._flat_margin)
+            # the choice compares thumbnails (~10 ms a group): once per catalogue state, not per page view
+            if index not in part.keepers:
+                chosen = choose_keeper(members, fits, flat_margin=self._flat_margin, looks=self._looks)
+                part.keepers[index] = chosen.vec_id
+            keeper = part.facts[part.keepers[index]]
         paths = _paths_to(keeper.vec_id, fits)
         described = [Member(keeper, "keeper", None)]
         for m in members:
@@ -399,6 +530,22 @@ class DuplicateGroups:
             decided=part.decided[index],
             similar=[similar_facts[v] for v in similar if v in similar_facts],
         )
+
+    def _looks(self, image: ImageFacts) -> np.ndarray | None:
+        # JPEG decodes at 1/2, 1/4 or 1/8 size for a fraction of the work: the largest still >= _LOOK_SIDE
+        side = min(_THUMBNAIL_SIDE, max(image.width, image.height))
+        flag = next(
+            (f for n, f in _REDUCED if side >= n * _LOOK_SIDE),
+            cv2.IMREAD_COLOR,
+        )
+        bgr = cv2.imdecode(np.frombuffer(self.catalogue.thumbnail(image.sha256), np.uint8), flag)
+        if bgr is None:
+            return None
+        factor = _LOOK_SIDE / max(bgr.shape[:2])
+        if factor < 1:  # a caption or a colour shift still shows at this size, at a sixteenth of the pixels
+            size = (max(1, round(bgr.shape[1] * factor)), max(1, round(bgr.shape[0] * factor)))
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        return np.asarray(bgr)
 
     def _flat_margin(self, image: ImageFacts, box: tuple[int, int, int, int]) -> bool:
         return flat_outside(self.catalogue.thumbnail(image.sha256), (image.width, image.height), box)

@@ -25,9 +25,10 @@ from pictrace.errors import DecodeError
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.local import LocalIndex
 from pictrace.indexes.vector import VectorIndex
+from pictrace.matching.frame import frame_agreement, rescale_homography, same_aspect
 from pictrace.matching.geometry import match_features
 from pictrace.matching.mirror import mirrored_orb
-from pictrace.matching.transform import mirror_matrix, perspective_strength, to_pixel_homography
+from pictrace.matching.transform import mirror_matrix, overlap_perspective, to_pixel_homography
 from pictrace.matching.verdict import VerdictThresholds, classify
 from pictrace.store import Catalogue, LinkFit
 from pictrace.tuning import Tuning
@@ -48,6 +49,8 @@ def find_links(
     those close enough to be a mirrored copy (``tuning.duplicates``) once more against the mirrored image when
     the direct fit is too weak for a copy: ORB is not mirror-invariant, so a mirror gets no direct fit.
     The mirrored keypoints come from the stored thumbnail, so a backfill or a replica needs no original.
+    Where one of a pair is too small for keypoints, the nearest vectors of the same aspect ratio get the frame
+    check on the stored thumbnails (pictrace/matching/frame.py) when no fit made them a copy.
     """
     if tuning.cascade.graph_candidates == 0:
         return []
@@ -61,23 +64,33 @@ def find_links(
     embedding = _embedding(catalogue, vec_id)
     cosines: dict[int, float] = {}
     nearest: set[int] = set()  # the vector neighbours close enough to be matched against the mirror too
+    framed: list[int] = []  # the vector neighbours that get the frame check when no fit made them a copy
     wanted = tuning.duplicates
-    if vector is not None and embedding is not None and wanted.nearest_candidates:
-        scores, ids = vector.search(embedding[None, :], wanted.nearest_candidates + 1)
-        for score, other in zip(scores[0].tolist(), ids[0].tolist(), strict=True):
-            if other >= 0 and other != vec_id and score >= tuning.verdicts.copy_min_embedding:
-                cosines[int(other)] = float(score)
+    deepest = max(wanted.nearest_candidates, wanted.frame_candidates)
+    if vector is not None and embedding is not None and deepest:
+        scores, ids = vector.search(embedding[None, :], deepest + 1)
+        neighbours = [(float(s), int(o)) for s, o in zip(scores[0].tolist(), ids[0].tolist(), strict=True)]
+        neighbours = [(s, o) for s, o in neighbours if o >= 0 and o != vec_id][:deepest]
+        for rank, (score, other) in enumerate(neighbours):
+            if score < tuning.verdicts.copy_min_embedding:
+                continue
+            cosines[other] = score
+            if rank < wanted.frame_candidates:
+                framed.append(other)
+            if rank < wanted.nearest_candidates:
                 if tuning.cascade.mirror_check and score >= wanted.mirror_min_embedding:
-                    nearest.add(int(other))
+                    nearest.add(other)
                 if other not in others:
-                    others.append(int(other))
+                    others.append(other)
     if embedding is not None:
         for ids_, vectors in catalogue.embeddings([v for v in others if v not in cosines]):
             cosines.update(zip(ids_.tolist(), (vectors @ embedding).tolist(), strict=True))
     thresholds = VerdictThresholds.from_tuning(tuning)
-    pixels_of = {v: f.pixel_sha256 for v, f in catalogue.image_facts(others).items()}
+    others_facts = catalogue.image_facts([*others, *framed])
+    pixels_of = {v: f.pixel_sha256 for v, f in others_facts.items()}
+    size = (facts.width, facts.height)
     mirrored: OrbFeatures | None = None
-    links = []
+    links: dict[int, LinkFit] = {}
     for other, blob in catalogue.orb_blobs_of(others):  # images deleted meanwhile are not read back
         if other not in pixels_of:
             continue
@@ -85,11 +98,7 @@ def find_links(
         cosine = cosines.get(other, 0.0)
         match = match_features(orb, gallery, tuning)
         inliers = match.inliers if match.homography is not None else 0
-        hom = (
-            None
-            if match.homography is None
-            else to_pixel_homography(match.homography, orb.scale, gallery.scale)
-        )
+        hom = None if match.homography is None else to_pixel_homography(match.homography, orb.scale, gallery.scale)
         if other in nearest and inliers < tuning.verdicts.copy_min_inliers:
             if mirrored is None:
                 mirrored = _mirrored_from_thumbnail(catalogue, facts.sha256, facts.width, tuning)
@@ -106,17 +115,50 @@ def find_links(
             exact=pixels == facts.pixel_sha256,
             embedding=cosine,
             inliers=inliers,
-            perspective=perspective_strength(hom, facts.width, facts.height),
+            perspective=overlap_perspective(hom, size, (others_facts[other].width, others_facts[other].height)),
             thresholds=thresholds,
         )
-        links.append(LinkFit(other, inliers, "copy" if tier == "exact" else tier, round(cosine, 4), hom))
-    return links
+        links[other] = LinkFit(other, inliers, "copy" if tier == "exact" else tier, round(cosine, 4), hom)
+    own_grey: np.ndarray | None = None
+    for other in framed:
+        fitted = links.get(other)
+        image = others_facts.get(other)
+        if image is None or (fitted is not None and fitted.tier == "copy"):
+            continue
+        if min(max(size), max(image.width, image.height)) > tuning.verdicts.frame_side:
+            continue  # both large enough for keypoints: the fit above is the verdict
+        if not same_aspect(size, (image.width, image.height), tuning.verdicts.frame_aspect):
+            continue
+        if own_grey is None:
+            own_grey = _thumbnail_grey(catalogue, facts.sha256)
+        agreement = frame_agreement(own_grey, _thumbnail_grey(catalogue, image.sha256), tuning.verdicts.frame_side)
+        inliers = 0 if fitted is None else fitted.inliers
+        tier = classify(
+            exact=image.pixel_sha256 == facts.pixel_sha256,
+            embedding=cosines[other],
+            inliers=inliers,
+            perspective=None,
+            thresholds=thresholds,
+            frame=agreement,
+        )
+        if tier is not None and tier != "similar":  # a whole-frame copy: the rescale is its homography
+            hom = rescale_homography(size, (image.width, image.height))
+            links[other] = LinkFit(other, inliers, "copy", round(cosines[other], 4), hom)
+    return list(links.values())
 
 
 def _embedding(catalogue: Catalogue, vec_id: int) -> np.ndarray | None:
     for _, vectors in catalogue.embeddings([vec_id]):
         return np.asarray(vectors[0], dtype=np.float32)
     return None
+
+
+def _thumbnail_grey(catalogue: Catalogue, sha256: str) -> np.ndarray:
+    """The stored thumbnail in grey (our own JPEG: a ~0.2 ms decode, no upload checks)."""
+    grey = cv2.imdecode(np.frombuffer(catalogue.thumbnail(sha256), np.uint8), cv2.IMREAD_GRAYSCALE)
+    if grey is None:
+        raise DecodeError(f"the stored thumbnail of {sha256} does not decode")
+    return np.asarray(grey)
 
 
 def _mirrored_from_thumbnail(catalogue: Catalogue, sha256: str, width: int, tuning: Tuning) -> OrbFeatures:
@@ -136,6 +178,4 @@ def link_images(
     vector: VectorIndex | None = None,
 ) -> int:
     """Compute and store the links of ``vec_ids`` (new images at ingest, or a backfill). Returns links stored."""
-    return sum(
-        catalogue.add_links(vec_id, find_links(catalogue, local, tuning, vec_id, vector)) for vec_id in vec_ids
-    )
+    return sum(catalogue.add_links(vec_id, find_links(catalogue, local, tuning, vec_id, vector)) for vec_id in vec_ids)

@@ -141,7 +141,12 @@ def test_partition_joins_strongest_links_first_and_never_a_separated_pair() -> N
     # a weak link brings a single image in, but does not merge two groups of several (look-alikes)
     weak = [(1, 2, 90), (3, 4, 80), (2, 3, 30), (4, 5, 30)]
     assert partition(weak, [], join_min_inliers=40) == [[1, 2], [3, 4, 5]]
-    assert partition(weak, [], join_min_inliers=0) == [[1, 2, 3, 4, 5]]
+    # a strong link merges two groups only when a second link between them agrees (one may be an accident:
+    # the same black corners of two pictures turned by one angle)
+    assert partition(weak, [], join_min_inliers=0) == [[1, 2], [3, 4, 5]]
+    assert partition([*weak, (1, 4, 50)], [], join_min_inliers=0) == [[1, 2, 3, 4, 5]]
+    assert partition([*weak, (1, 4, 50)], [], join_min_inliers=40) == [[1, 2, 3, 4, 5]]  # 2-3 agrees
+    assert partition([(1, 2, 90), (3, 4, 80), (1, 4, 50)], [], join_min_inliers=40) == [[1, 2], [3, 4]]
 
 
 TOKEN = "dups-token"

@@ -13,8 +13,9 @@ Conventions (what the user reads):
 * ``scale``: query pixels per gallery pixel (0.5: the copy is half the size).
 * ``rotation``: degrees the copy was turned counter-clockwise, as seen on screen, in (-180, 180].
 * ``flip``: the copy is a mirror image (left-right). Mirror first, then rotation.
-* ``perspective``: how far the fit is from an affine map (0 for crops, rotations and rescales; a phone photo
-  of a print or a screen gives a clearly positive value); see :func:`perspective_strength`.
+* ``perspective``: how far the fit is from an affine map over the part of the query that shows the gallery
+  image (0 for crops, rotations and rescales; a phone photo of a print or a screen gives a clearly positive
+  value); see :func:`overlap_perspective`.
 """
 
 from __future__ import annotations
@@ -83,6 +84,27 @@ def perspective_strength(hom: np.ndarray, width: int, height: int) -> float:
     return float(np.max(np.abs(w - centre)) / abs(centre)) if centre else math.inf
 
 
+def overlap_perspective(hom: np.ndarray, query_size: tuple[int, int], gallery_size: tuple[int, int]) -> float:
+    """:func:`perspective_strength` over the part of the query that shows the gallery image (``query_box``).
+
+    The fit was made on keypoints both images show; measured over the query's whole frame it extrapolates
+    into margins the gallery image does not have (the page around a screenshot, a border, the original seen
+    from its crop), where the noise of a fit on a small image grows into a "perspective" that is not there.
+    The same for either direction of a pair, up to that noise.
+    """
+    hom = np.asarray(hom, dtype=np.float64)
+    hom = hom / hom[2, 2]
+    return _perspective_over(hom, _box(_project(np.linalg.inv(hom), _corners(*gallery_size)), *query_size))
+
+
+def _perspective_over(hom: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    x0, y0, x1, y1 = box
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return math.inf
+    shifted = hom @ np.array([[1.0, 0.0, x0], [0.0, 1.0, y0], [0.0, 0.0, 1.0]])
+    return perspective_strength(shifted, x1 - x0, y1 - y0)
+
+
 def read_transform(
     hom_pixels: np.ndarray,
     query_size: tuple[int, int],
@@ -123,7 +145,7 @@ def read_transform(
         scale=round(scale, 4),
         rotation=round(angle + 0.0, 2),
         flip=mirrored,
-        perspective=round(perspective_strength(hom, qw, qh), 4),
+        perspective=round(_perspective_over(hom, query_box), 4),
         homography=hom,
     )
 
