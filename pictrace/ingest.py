@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from pictrace.features.orb import OrbFeatures
 from pictrace.fetch import Fetcher, host_of
 from pictrace.files import read_folder_image, read_local_file
 from pictrace.gallery import Gallery, LocatedEntry, Shard
-from pictrace.graph import find_links, link_images
+from pictrace.graph import Candidates, OwedPairs, link_candidates, link_images, verify_links
 from pictrace.indexes import DerivedIndexes
 from pictrace.ingest_schedule import IngestSchedule
 from pictrace.schemas import FailedEntry, IngestReport
@@ -369,13 +369,30 @@ class Ingestor:
             if self._links_enabled and new_ids:
                 try:
                     found = await schedule.each(self._find_links, new_ids)
-                    await schedule.one(self._store_links, new_ids, found)
+                    await schedule.one(self._store_links, found, owed)
                 finally:
                     self.progress.linking -= len(new_ids)
 
+        async def settle() -> None:
+            """Match the pairs the images' arrival missed (``OwedPairs``), once all are in."""
+            pairs = owed.owed()
+            if pairs:
+                log.info("matching %d pairs the arrival of %d images missed",
+                         sum(len(others) for _, others in pairs), len(pairs))
+            self.progress.linking += len(pairs)
+            try:
+                found = await schedule.each(self._verify_owed, pairs)
+                await schedule.one(self._store_links, found, None)
+            finally:
+                self.progress.linking -= len(pairs)
+
+        owed = OwedPairs(self.tuning.cascade.graph_candidates,
+                         self.tuning.cascade.graph_candidates + self.tuning.duplicates.nearest_candidates)
         producer = asyncio.create_task(fetch_all())
         try:
             await schedule.flow(batches(), early, late)
+            if self._links_enabled:
+                await settle()
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -473,14 +490,25 @@ class Ingestor:
         self.catalogue.record_file_stats(stats)  # after the images: a crash before it only costs a re-read
         return outcome, new_ids
 
-    def _find_links(self, vec_id: int) -> list[LinkFit]:
-        return find_links(self.catalogue, self.indexes.local, self.tuning, vec_id, self.indexes.vector)
+    def _find_links(self, vec_id: int) -> tuple[Candidates | None, list[LinkFit]]:
+        """One new image's links to the images before it (and those of its own batch)."""
+        candidates = link_candidates(self.catalogue, self.indexes.local, self.tuning, vec_id, self.indexes.vector)
+        return candidates, [] if candidates is None else verify_links(self.catalogue, self.tuning, candidates)
 
-    def _store_links(self, vec_ids: list[int], found: list[list[LinkFit]]) -> None:
-        """In vec_id order, as one thread linking them one after the other would (a pair found from both
-        sides keeps the later image's fit)."""
-        for vec_id, links in zip(vec_ids, found, strict=True):
-            self.catalogue.add_links(vec_id, links)
+    def _verify_owed(self, pair: tuple[int, list[int]]) -> tuple[Candidates, list[LinkFit]]:
+        candidates = Candidates(pair[0], pair[1], {})
+        return candidates, verify_links(self.catalogue, self.tuning, candidates)
+
+    def _store_links(
+        self, found: Sequence[tuple[Candidates | None, list[LinkFit]]], owed: OwedPairs | None
+    ) -> None:
+        """In vec_id order, as one thread linking them one after the other would (a pair found from both sides
+        keeps the later image's fit), each image's votes offered to the images before it."""
+        for candidates, links in found:
+            if candidates is not None:
+                self.catalogue.add_links(candidates.vec_id, links)
+                if owed is not None:
+                    owed.arrived(candidates, links)
 
     @property
     def _links_enabled(self) -> bool:
