@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,12 +55,20 @@ def _arguments() -> argparse.Namespace:
 
 
 class StepTimes:
-    """Busy seconds per step, summed over threads: each wrapped call adds its own wall time."""
+    """Busy seconds per step, summed over threads: each wrapped call adds its own wall time, and the CPU time
+    of the thread that made it (on a machine shared with other work, wall time includes waiting for a core)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)  # the calling thread's CPU (onnxruntime's own threads not)
         self.calls: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds.clear()
+            self.cpu.clear()
+            self.calls.clear()
 
     def wrap(self, owner: Any, name: str, step: str) -> None:
         """Time ``owner.name`` (a module's function or a class's method) as ``step``; absent names are skipped,
@@ -70,13 +78,14 @@ class StepTimes:
             return
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                spent = time.perf_counter() - started
+                spent, used = time.perf_counter() - started, time.thread_time() - cpu
                 with self._lock:
                     self.seconds[step] += spent
+                    self.cpu[step] += used
                     self.calls[step] += 1
 
         setattr(owner, name, timed)
@@ -91,7 +100,8 @@ def _instrument(times: StepTimes) -> None:
     from pictrace.store import Catalogue
 
     for name, step in [("read_local_file", "read"), ("decode_image", "decode"), ("local_features", "features"),
-                       ("sha256_hex", "sha256"), ("find_links", "link: find")]:
+                       ("sha256_hex", "sha256"), ("find_links", "link: find"),
+                       ("link_candidates", "link: votes"), ("verify_links", "link: match")]:
         times.wrap(pictrace.ingest, name, step)
     times.wrap(pictrace.graph, "find_links", "link: find")  # before: link_images called it from graph.py
     times.wrap(OnnxEmbedder, "embed", "embed (resize + model)")
@@ -120,15 +130,15 @@ def _write_db(files: list[Path], workdir: Path) -> Path:
     return db
 
 
-def _floor(files: list[Path], batch: int, threads: int) -> float:
-    """Images/s of read + decode + resize + embed, the decoding beside the embedding."""
+def _floor(files: list[Path], batch: int, threads: int) -> tuple[float, float]:
+    """(images/s, process CPU s) of read + decode + resize + embed, the decoding beside the embedding."""
     from pictrace.config import load_settings
     from pictrace.decode import decode_image
     from pictrace.features.embed import build_embedder
     from pictrace.tuning import Tuning
 
     settings, tuning = load_settings(), Tuning()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     embedder = build_embedder(settings.backbone, settings.model_path, threads=threads)
 
     def decoded(path: Path) -> Any:
@@ -148,7 +158,7 @@ def _floor(files: list[Path], batch: int, threads: int) -> float:
     with ThreadPoolExecutor(threads) as pool:
         for pixels in batches(pool):
             embedder.embed(pixels)
-    return len(files) / (time.perf_counter() - started)
+    return len(files) / (time.perf_counter() - started), time.process_time() - cpu
 
 
 def _ingest(db: Path, data_dir: Path) -> tuple[float, float]:
@@ -174,9 +184,14 @@ def _counts(data_dir: Path) -> dict[str, int]:
     return {"images": int(images), "links": int(links)}
 
 
-def _table(rows: list[tuple[str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in pairs]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -192,13 +207,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ingest-speed-") as tmp:
         workdir = Path(tmp)
         db = _write_db(files, workdir)
-        floor_before = _floor(files, args.batch, args.threads)
+        floor_before, floor_cpu_before = _floor(files, args.batch, args.threads)
+        times.reset()  # the floor's embeddings are not the ingest's
         wall, cpu = _ingest(db, workdir / "data")
-        floor_after = _floor(files, args.batch, args.threads)
+        ingest_steps, ingest_cpu, ingest_calls = dict(times.seconds), dict(times.cpu), dict(times.calls)
+        floor_after, floor_cpu_after = _floor(files, args.batch, args.threads)
         counts = _counts(workdir / "data")
     floor = (floor_before + floor_after) / 2
+    floor_cpu_ms = (floor_cpu_before + floor_cpu_after) / 2 / len(files) * 1000
+    ingest_cpu_ms = cpu / len(files) * 1000
     ingest = len(files) / wall
-    steps = dict(sorted(times.seconds.items(), key=lambda kv: -kv[1]))
+    steps = dict(sorted(ingest_steps.items(), key=lambda kv: -kv[1]))
     result: dict[str, Any] = {
         "source": str(args.source),
         "images": len(files),
@@ -210,8 +229,12 @@ def main() -> None:
         "ingest_wall_s": round(wall, 2),
         "ingest_cpu_s": round(cpu, 2),
         "cores_busy": round(cpu / wall, 2),
+        "floor_cpu_ms_per_image": round(floor_cpu_ms, 1),
+        "ingest_cpu_ms_per_image": round(ingest_cpu_ms, 1),
+        "cpu_ratio": round(floor_cpu_ms / ingest_cpu_ms, 3),
         "step_busy_s": {k: round(v, 2) for k, v in steps.items()},
-        "step_calls": dict(times.calls),
+        "step_thread_cpu_s": {k: round(ingest_cpu.get(k, 0.0), 2) for k in steps},
+        "step_calls": ingest_calls,
         "stored": counts,
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
@@ -219,9 +242,11 @@ def main() -> None:
     print(f"{len(files)} images from {args.source}; product code: {result['code']}")
     print(f"floor : {floor:6.1f} images/s (before {floor_before:.1f}, after {floor_after:.1f})")
     print(f"ingest: {ingest:6.1f} images/s ({wall:.1f} s, {cpu:.1f} CPU s: {cpu / wall:.2f} cores busy)")
-    print(f"ratio : {ingest / floor:.3f} of the floor; stored {counts['images']} images, {counts['links']} links\n")
-    rows = [("step", "busy s", "share of wall")]
-    rows += [(k, f"{v:.1f}", f"{v / wall:.0%}") for k, v in steps.items()]
+    print(f"ratio : {ingest / floor:.3f} of the floor; stored {counts['images']} images, {counts['links']} links")
+    print(f"CPU   : floor {floor_cpu_ms:.1f} ms/image, ingest {ingest_cpu_ms:.1f} ms/image "
+          f"(ratio {floor_cpu_ms / ingest_cpu_ms:.3f}: the most the wall ratio can reach on idle cores)\n")
+    rows = [("step", "busy s", "thread CPU s", "share of wall")]
+    rows += [(k, f"{v:.1f}", f"{ingest_cpu.get(k, 0.0):.1f}", f"{v / wall:.0%}") for k, v in steps.items()]
     print(_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

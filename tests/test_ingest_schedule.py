@@ -27,7 +27,7 @@ from pictrace.work import WorkPool
 # small batches, so that several are in flight; lists learned at 1,500 codes (~3 images), so that a 20-image
 # ingest learns them and then relearns them once it has grown 4x
 TUNING = Tuning().replace(ingest={"embed_batch": 4}, local={"flat_below": 1500})
-LEARNED = re.compile(r"learned from (\d+) codes")
+LEARNED = re.compile(r"(\d+) codes added")  # each build of the lists, with the codes it filed
 
 
 def write_gallery(root: Path, photos: dict[str, np.ndarray]) -> Path:
