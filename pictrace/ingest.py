@@ -355,7 +355,7 @@ class Ingestor:
         async def early(batch: list[_Fetched]) -> _Embedded:
             prepared = await schedule.each(self._prepare_fetched, batch)
             pixels = [p.rgb for p in prepared if p.rgb is not None]
-            vectors = await schedule.one(self.embedder.embed, pixels) if pixels else None
+            vectors = await schedule.batched(self.embedder.embed, pixels) if pixels else None
             return _Embedded(batch, prepared, vectors)
 
         async def late(embedded: _Embedded) -> None:

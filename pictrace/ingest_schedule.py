@@ -8,9 +8,9 @@ late part therefore sees exactly the state its predecessors left, which is what 
 results with one worker or two. Decoding (PIL), OpenCV, zlib, onnxruntime and FAISS release the GIL, so the
 pool's threads are enough to fill the cores (docs/scaling.md, "Ingest speed").
 
-Per-image jobs of all batches together hold at most ``width`` of the pool's slots, so a search arriving during
-an ingest waits behind a few images' work, never behind a whole queue of them. This module knows nothing of
-what the jobs compute.
+Per-image jobs of all batches together hold at most ``width`` of the pool's slots and the batched jobs one, so a
+search arriving during an ingest waits behind a few images' work and one embedding, never behind a whole queue.
+This module knows nothing of what the jobs compute.
 """
 
 from __future__ import annotations
@@ -33,11 +33,18 @@ class IngestSchedule(Generic[B, E]):
         """``width``: per-image jobs on the pool at once (all batches together); ``ahead``: batches in flight."""
         self._pool = pool
         self._slots = asyncio.Semaphore(max(1, width))
+        self._batched = asyncio.Semaphore(1)
         self._ahead = max(1, ahead)
 
     async def one(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """One job on the pool (a batch's embedding, its commit)."""
+        """One job on the pool (a batch's commit)."""
         return await self._pool.run_background(fn, *args, **kwargs)
+
+    async def batched(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A batch's own job in its early part (the embedding), one at a time: it already uses both cores, so
+        two at once would finish no sooner and only keep a search waiting behind both."""
+        async with self._batched:
+            return await self._pool.run_background(fn, *args, **kwargs)
 
     async def each(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """``[fn(x) for x in items]``, each item a job of its own on the pool; results in the items' order."""
