@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -36,37 +37,36 @@ from pictrace.tuning import Tuning
 log = logging.getLogger(__name__)
 
 
-def find_links(
-    catalogue: Catalogue,
-    local: LocalIndex,
-    tuning: Tuning,
-    vec_id: int,
-    vector: VectorIndex | None = None,
-) -> list[LinkFit]:
-    """Verified matches of one stored image against its most-voted gallery images, each with its verdict.
+@dataclass(frozen=True)
+class Candidates:
+    """The images one stored image is matched against, and what chose them."""
 
-    With ``vector``, the few nearest images by embedding are matched too (a small copy gets few votes), and
-    those close enough to be a mirrored copy (``tuning.duplicates``) once more against the mirrored image when
-    the direct fit is too weak for a copy: ORB is not mirror-invariant, so a mirror gets no direct fit.
-    The mirrored keypoints come from the stored thumbnail, so a backfill or a replica needs no original.
-    Where one of a pair is too small for keypoints, the nearest vectors of the same aspect ratio get the frame
-    check on the stored thumbnails (pictrace/matching/frame.py) when no fit made them a copy.
-    """
-    if tuning.cascade.graph_candidates == 0:
-        return []
+    vec_id: int
+    others: list[int]  # most-voted first, then the nearest vectors not voted for
+    votes: dict[int, int]  # every image its descriptors voted for, with its votes
+    cosines: dict[int, float] = field(default_factory=dict)  # the nearest vectors' cosines
+    nearest: frozenset[int] = frozenset()  # those close enough to be matched against the mirror too
+    framed: tuple[int, ...] = ()  # the nearest vectors that get the frame check when no fit made them a copy
+
+
+def link_candidates(
+    catalogue: Catalogue, local: LocalIndex, tuning: Tuning, vec_id: int, vector: VectorIndex | None = None
+) -> Candidates | None:
+    """The most-voted gallery images of one stored image, and with ``vector`` its few nearest by embedding (a
+    small copy gets few votes, one too small for keypoints none: those get the frame check); None when it was
+    deleted meanwhile."""
     own = dict(catalogue.orb_blobs_of([vec_id])).get(vec_id)
-    facts = catalogue.image_facts([vec_id]).get(vec_id)
-    if own is None or facts is None:  # deleted meanwhile
-        return []
-    orb = OrbFeatures.from_bytes(own)
-    ranked = local.vote(orb).top(tuning.cascade.graph_candidates + 1, tuning.cascade.local_min_votes)
+    if own is None:
+        return None
+    votes = local.vote(OrbFeatures.from_bytes(own))
+    ranked = votes.top(tuning.cascade.graph_candidates + 1, tuning.cascade.local_min_votes)
     others = [v for v in ranked if v != vec_id][: tuning.cascade.graph_candidates]
-    embedding = _embedding(catalogue, vec_id)
     cosines: dict[int, float] = {}
-    nearest: set[int] = set()  # the vector neighbours close enough to be matched against the mirror too
-    framed: list[int] = []  # the vector neighbours that get the frame check when no fit made them a copy
+    nearest: set[int] = set()
+    framed: list[int] = []
     wanted = tuning.duplicates
     deepest = max(wanted.nearest_candidates, wanted.frame_candidates)
+    embedding = _embedding(catalogue, vec_id)
     if vector is not None and embedding is not None and deepest:
         scores, ids = vector.search(embedding[None, :], deepest + 1)
         neighbours = [(float(s), int(o)) for s, o in zip(scores[0].tolist(), ids[0].tolist(), strict=True)]
@@ -82,6 +82,28 @@ def find_links(
                     nearest.add(other)
                 if other not in others:
                     others.append(other)
+    counts = {v: c for v, c in votes.counts.items() if v != vec_id and c >= tuning.cascade.local_min_votes}
+    return Candidates(vec_id, others, counts, cosines, frozenset(nearest), tuple(framed))
+
+
+def verify_links(catalogue: Catalogue, tuning: Tuning, candidates: Candidates) -> list[LinkFit]:
+    """Match one stored image against its candidates; the accepted matches, each with its verdict.
+
+    Those of the nearest vectors close enough to be a mirrored copy (``tuning.duplicates``) are matched once
+    more against the mirrored image when the direct fit is too weak for a copy: ORB is not mirror-invariant, so
+    a mirror gets no direct fit. The mirrored keypoints come from the stored thumbnail, so a backfill or a
+    replica needs no original. Where one of a pair is too small for keypoints, the ``framed`` candidates of the
+    same aspect ratio get the frame check on the stored thumbnails (pictrace/matching/frame.py) when no fit made
+    them a copy.
+    """
+    vec_id, others, nearest, framed = candidates.vec_id, candidates.others, candidates.nearest, candidates.framed
+    own = dict(catalogue.orb_blobs_of([vec_id])).get(vec_id)
+    facts = catalogue.image_facts([vec_id]).get(vec_id)
+    if own is None or facts is None:  # deleted meanwhile
+        return []
+    orb = OrbFeatures.from_bytes(own)
+    cosines = dict(candidates.cosines)
+    embedding = _embedding(catalogue, vec_id)
     if embedding is not None:
         for ids_, vectors in catalogue.embeddings([v for v in others if v not in cosines]):
             cosines.update(zip(ids_.tolist(), (vectors @ embedding).tolist(), strict=True))
@@ -147,6 +169,100 @@ def find_links(
     return list(links.values())
 
 
+def find_links(
+    catalogue: Catalogue,
+    local: LocalIndex,
+    tuning: Tuning,
+    vec_id: int,
+    vector: VectorIndex | None = None,
+) -> list[LinkFit]:
+    """Verified matches of one stored image against its most-voted gallery images (and with ``vector`` its
+    nearest), each with its verdict (``link_candidates``, then ``verify_links``)."""
+    if tuning.cascade.graph_candidates == 0:
+        return []
+    candidates = link_candidates(catalogue, local, tuning, vec_id, vector)
+    return [] if candidates is None else verify_links(catalogue, tuning, candidates)
+
+
+class OwedPairs:
+    """The matches that linking each image as it arrives would miss, and linking the finished gallery would make.
+
+    At arrival an image is matched against its most-voted images among those *before* it; linking the finished
+    gallery matched each image against its ``k`` most voted among all, later ones included. The links go both
+    ways, but a match is not symmetric (the ratio test and RANSAC run from one image's keypoints): on
+    copy-public, 100 of the finished gallery's 508 pairs were missing after linking at arrival, 98 of them
+    found from the earlier image's side and only 22 from the later one's. The earlier image's side is what is
+    owed: each image of a run keeps its ``k`` best-voted images, from its own votes at arrival and then from
+    the votes of every image after it (votes are near-symmetric: each descriptor's nearest neighbours, so the
+    later image's votes for it stand for its votes for the later one), and the ones it never matched itself
+    nor was linked to are matched once the run's images are all in (``owed``): the pairs that linking the
+    finished gallery would have matched from its side, not a second pass over the gallery. Images of earlier
+    runs are not tracked (as before: a new image is matched against them from its side only).
+    Memory: ~(20 * k + 8 * checked) bytes an image of the run, and its links.
+    """
+
+    def __init__(self, k: int, checked: int) -> None:
+        self._k, self._width = k, max(1, checked)
+        self._n = 0
+        self._ids = np.zeros(0, dtype=np.int64)  # tracked vec_ids in arrival order (increasing)
+        self._top_ids = np.zeros((0, k), dtype=np.int64)
+        self._top_votes = np.zeros((0, k), dtype=np.int32)
+        self._checked = np.zeros((0, self._width), dtype=np.int64)  # matched from its own side at arrival
+        self._linked: set[tuple[int, int]] = set()  # (earlier, later) pairs linked at arrival
+
+    def _grow(self) -> None:
+        size = max(64, 2 * len(self._ids))
+        self._ids = np.concatenate([self._ids, np.full(size - len(self._ids), np.iinfo(np.int64).max)])
+        for name, fill in (("_top_ids", -1), ("_top_votes", 0), ("_checked", -1)):
+            old = getattr(self, name)
+            grown = np.full((size, old.shape[1]), fill, dtype=old.dtype)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
+
+    def arrived(self, candidates: Candidates, links: Iterable[LinkFit] = ()) -> None:
+        """Record an image just linked from its side (in vec_id order), and offer its votes to those before."""
+        if self._k == 0 or (self._n and candidates.vec_id <= self._ids[self._n - 1]):
+            return
+        self._linked.update((min(f.other, candidates.vec_id), max(f.other, candidates.vec_id)) for f in links)
+        if self._n == len(self._ids):
+            self._grow()
+        row, self._n = self._n, self._n + 1
+        self._ids[row] = candidates.vec_id
+        own = sorted(candidates.votes.items(), key=lambda kv: (-kv[1], kv[0]))[: self._k]
+        self._top_ids[row, : len(own)] = [v for v, _ in own]
+        self._top_votes[row, : len(own)] = [c for _, c in own]
+        checked = candidates.others[: self._width]
+        self._checked[row, : len(checked)] = checked
+        if not candidates.votes:
+            return
+        voted = np.fromiter(candidates.votes.keys(), dtype=np.int64, count=len(candidates.votes))
+        counts = np.fromiter(candidates.votes.values(), dtype=np.int32, count=len(candidates.votes))
+        rows = np.searchsorted(self._ids[:row], voted)
+        found = (rows < row) & (self._ids[np.minimum(rows, max(row - 1, 0))] == voted)
+        rows, counts = rows[found], counts[found]  # those it was matched with too: they hold their place
+        slot = np.argmin(self._top_votes[rows], axis=1)
+        better = counts > self._top_votes[rows, slot]  # a tie keeps the earlier image, as Votes.top does
+        rows, slot = rows[better], slot[better]
+        self._top_ids[rows, slot] = candidates.vec_id
+        self._top_votes[rows, slot] = counts[better]
+
+    def owed(self) -> list[tuple[int, list[int]]]:
+        """(image, the images it owes a match with, most voted first) for every tracked image that owes some:
+        among its ``k`` best voted, those it did not match itself and is not linked to."""
+        out: list[tuple[int, list[int]]] = []
+        for row in range(self._n):
+            order = np.argsort(-self._top_votes[row], kind="stable")
+            ids = self._top_ids[row, order]
+            ids = ids[(ids >= 0) & ~np.isin(ids, self._checked[row])]
+            if not len(ids):
+                continue
+            own = int(self._ids[row])
+            missing = [v for v in ids.tolist() if (min(own, v), max(own, v)) not in self._linked]
+            if missing:
+                out.append((own, missing))
+        return out
+
+
 def _embedding(catalogue: Catalogue, vec_id: int) -> np.ndarray | None:
     for _, vectors in catalogue.embeddings([vec_id]):
         return np.asarray(vectors[0], dtype=np.float32)
@@ -154,7 +270,7 @@ def _embedding(catalogue: Catalogue, vec_id: int) -> np.ndarray | None:
 
 
 def _thumbnail_grey(catalogue: Catalogue, sha256: str) -> np.ndarray:
-    """The stored thumbnail in grey (our own JPEG: a ~0.2 ms decode, no upload checks)."""
+    """The stored thumbnail in grey (our own encoding: a ~0.2 ms decode, no upload checks)."""
     grey = cv2.imdecode(np.frombuffer(catalogue.thumbnail(sha256), np.uint8), cv2.IMREAD_GRAYSCALE)
     if grey is None:
         raise DecodeError(f"the stored thumbnail of {sha256} does not decode")

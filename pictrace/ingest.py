@@ -1,4 +1,9 @@
-"""Gallery → fetch → decode → features (batched embedding) → catalogue, then the derived indexes.
+"""Gallery → fetch → decode → features (batched embedding) → catalogue → the derived indexes → match-graph links.
+
+Images go through in batches, and the next batches' decoding, features and embedding run beside the commit and
+linking of the one before (pictrace/ingest_schedule.py says what runs where), so both cores stay busy. Each
+image is linked as soon as its batch is in the indexes: the links are stored both ways, so it finds the images
+before it, and the images after it find it.
 
 Work is done once per image: a URL already indexed is not fetched again, the same bytes under another URL are
 linked instead of stored twice, failures are recorded with their reason and retried by the next run, and each
@@ -10,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +32,11 @@ from pictrace.features.orb import OrbFeatures
 from pictrace.fetch import Fetcher, host_of
 from pictrace.files import read_folder_image, read_local_file
 from pictrace.gallery import Gallery, LocatedEntry, Shard
-from pictrace.graph import link_images
+from pictrace.graph import Candidates, OwedPairs, link_candidates, link_images, verify_links
 from pictrace.indexes import DerivedIndexes
+from pictrace.ingest_schedule import IngestSchedule
 from pictrace.schemas import FailedEntry, IngestReport
-from pictrace.store import Catalogue, FileStat, Source, SourceState, StoredImage
+from pictrace.store import Catalogue, FileStat, LinkFit, Source, SourceState, StoredImage
 from pictrace.tuning import Tuning
 from pictrace.work import WorkPool
 
@@ -45,7 +51,7 @@ class IngestProgress:
     done: int = 0
     failed: int = 0
     running: bool = False
-    linking: int = 0  # images stored but not yet linked into the match graph (the last step of an ingest)
+    linking: int = 0  # images stored but not yet linked into the match graph
 
     @property
     def pending(self) -> int:
@@ -96,6 +102,27 @@ def deleted_source_key(url: str) -> str:
     """Meta key remembering that a db.json entry's image was deleted through the API (its value: the image's
     SHA-256), so the next ingest keeps the entry out instead of fetching it again and calling it failed."""
     return f"{DELETED_SOURCE}{url}"
+
+
+@dataclass
+class _Prepared:
+    """One fetched image after its per-image job: exactly one of unchanged, duplicate, failure or stored."""
+
+    fetched: _Fetched
+    unchanged: bool = False
+    duplicate: bool = False
+    failure: FailedEntry | None = None
+    stored: StoredImage | None = None  # without its embedding yet
+    rgb: np.ndarray | None = None
+
+
+@dataclass
+class _Embedded:
+    """A batch after its early part: each image's preparation, and the embeddings of those ready, in order."""
+
+    batch: list[_Fetched]
+    prepared: list[_Prepared]
+    vectors: np.ndarray | None
 
 
 @dataclass
@@ -222,9 +249,7 @@ class Ingestor:
                     report.removed, dropped = await self._drop_removed(whole, gallery, shard, stats)
                 finally:
                     if todo or dropped:  # a re-scan that found nothing to do writes nothing
-                        # lists learned mid-ingest from part of the gallery lose votes: relearned once it grew by
-                        # a quarter since (not the doubling that triggers it while the ingest runs)
-                        await self.pool.run_background(self.indexes.maintain, 1.25)
+                        await self.pool.run_background(self.indexes.maintain)
                         await self.pool.run_background(self.indexes.save)
                 await self.pool.run_background(self._link_unlinked)
             finally:
@@ -311,26 +336,63 @@ class Ingestor:
             finally:
                 await fetched.put(None)
 
+        schedule: IngestSchedule[list[_Fetched], _Embedded] = IngestSchedule(
+            self.pool, width=self.settings.workers, ahead=self.tuning.ingest.batches_in_flight
+        )
+
+        async def batches() -> AsyncIterator[list[_Fetched]]:
+            """Full batches in the order the images were fetched (the last one shorter): the same images
+            make the same batches however long each step took, so the same links and lists."""
+            batch: list[_Fetched] = []
+            while (item := await fetched.get()) is not None:
+                batch.append(item)
+                if len(batch) >= self.tuning.ingest.embed_batch:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        async def early(batch: list[_Fetched]) -> _Embedded:
+            prepared = await schedule.each(self._prepare_fetched, batch)
+            pixels = [p.rgb for p in prepared if p.rgb is not None]
+            vectors = await schedule.batched(self.embedder.embed, pixels) if pixels else None
+            return _Embedded(batch, prepared, vectors)
+
+        async def late(embedded: _Embedded) -> None:
+            result, new_ids = await schedule.one(self._commit, embedded)
+            outcome.added += result.added
+            outcome.duplicates += result.duplicates
+            outcome.unchanged += result.unchanged
+            if self._links_enabled:
+                self.progress.linking += len(new_ids)
+            advance(len(embedded.batch), result.failed)
+            if self._links_enabled and new_ids:
+                try:
+                    found = await schedule.each(self._find_links, new_ids)
+                    await schedule.one(self._store_links, found, owed)
+                finally:
+                    self.progress.linking -= len(new_ids)
+
+        async def settle() -> None:
+            """Match the pairs the images' arrival missed (``OwedPairs``), once all are in."""
+            pairs = owed.owed()
+            if pairs:
+                log.info("matching %d pairs the arrival of %d images missed",
+                         sum(len(others) for _, others in pairs), len(pairs))
+            self.progress.linking += len(pairs)
+            try:
+                found = await schedule.each(self._verify_owed, pairs)
+                await schedule.one(self._store_links, found, None)
+            finally:
+                self.progress.linking -= len(pairs)
+
+        owed = OwedPairs(self.tuning.cascade.graph_candidates,
+                         self.tuning.cascade.graph_candidates + self.tuning.duplicates.nearest_candidates)
         producer = asyncio.create_task(fetch_all())
         try:
-            done = False
-            while not done:
-                batch: list[_Fetched] = []
-                item = await fetched.get()
-                while item is not None:
-                    batch.append(item)
-                    if len(batch) >= self.tuning.ingest.embed_batch or fetched.empty():
-                        break
-                    item = await fetched.get()
-                done = item is None
-                if batch:
-                    result = await self.pool.run_background(self._process_batch, batch)
-                    outcome.added += result.added
-                    if self._links_enabled:
-                        self.progress.linking += result.added  # linked at the end of the ingest
-                    outcome.duplicates += result.duplicates
-                    outcome.unchanged += result.unchanged
-                    advance(len(batch), result.failed)
+            await schedule.flow(batches(), early, late)
+            if self._links_enabled:
+                await settle()
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -376,56 +438,77 @@ class Ingestor:
         )
         return stored, image.rgb
 
-    def _process_batch(self, batch: list[_Fetched]) -> _BatchOutcome:
-        """Runs on a worker thread: decode and featurise, embed the batch at once, commit each image."""
+    def _prepare_fetched(self, fetched: _Fetched) -> _Prepared:
+        """One image's work before the embedding (a job of its own): unchanged bytes are skipped, known bytes
+        linked to the new source, deleted ones refused, failures recorded; the rest decoded and featurised."""
+        sha = sha256_hex(fetched.data)
+        if fetched.previous == sha:  # a file touched, not changed: its source already names these bytes
+            return _Prepared(fetched, unchanged=True)
+        try:
+            if self.catalogue.get_meta(tombstone_key(sha)) is not None:
+                raise PicTraceError(f"image {sha} was deleted through the API; POST it to /api/images to add it back")
+            if self.catalogue.has_image(sha):
+                self.catalogue.link_source(fetched.source, sha)
+                return _Prepared(fetched, duplicate=True)
+            stored, rgb = self._prepare(fetched.data, sha)
+        except PicTraceError as exc:
+            self.catalogue.record_failure(fetched.source, str(exc))
+            return _Prepared(fetched, failure=FailedEntry(position=fetched.position, url=fetched.shown_url,
+                                                          reason=str(exc)))
+        return _Prepared(fetched, stored=stored, rgb=rgb)
+
+    def _commit(self, embedded: _Embedded) -> tuple[_BatchOutcome, list[int]]:
+        """Commit a batch's images one by one (each whole), put the new ones in the indexes, relearn the local
+        lists when the gallery outgrew them. Returns the outcome and the new images' vec_ids, in order."""
         outcome = _BatchOutcome()
-        ready: list[tuple[_Fetched, StoredImage]] = []
-        pixels = []
-        stats = [(f.source.url, f.stat) for f in batch if f.stat is not None]
-        for fetched in batch:
-            source = fetched.source
-            sha = sha256_hex(fetched.data)
-            if fetched.previous == sha:  # a file touched, not changed: its source already names these bytes
-                outcome.unchanged += 1
-                continue
-            try:
-                if self.catalogue.get_meta(tombstone_key(sha)) is not None:
-                    raise PicTraceError(
-                        f"image {sha} was deleted through the API; POST it to /api/images to add it back"
-                    )
-                if self.catalogue.has_image(sha):
-                    self.catalogue.link_source(source, sha)
-                    outcome.duplicates += 1
-                    continue
-                stored, rgb = self._prepare(fetched.data, sha)
-            except PicTraceError as exc:
-                self.catalogue.record_failure(source, str(exc))
-                outcome.failed.append(FailedEntry(position=fetched.position, url=fetched.shown_url, reason=str(exc)))
-                continue
-            ready.append((fetched, stored))
-            pixels.append(rgb)
-        if not ready:
-            self.catalogue.record_file_stats(stats)
-            return outcome
-        vectors = self.embedder.embed(pixels)
         new_ids: list[int] = []
         new_vectors: list[np.ndarray] = []
         new_orbs: list[OrbFeatures] = []
-        for (fetched, stored), vector in zip(ready, vectors, strict=True):
-            stored = StoredImage(**{**stored.__dict__, "embedding": vector})
-            vec_id, is_new = self.catalogue.add_image(stored, fetched.source)
-            if is_new:
-                new_ids.append(vec_id)
-                new_vectors.append(vector)
-                new_orbs.append(OrbFeatures.from_bytes(stored.orb))
-                outcome.added += 1
-            else:
+        ready = iter(() if embedded.vectors is None else embedded.vectors)
+        for prepared in embedded.prepared:
+            if prepared.unchanged:
+                outcome.unchanged += 1
+            elif prepared.duplicate:
                 outcome.duplicates += 1
+            elif prepared.failure is not None:
+                outcome.failed.append(prepared.failure)
+            elif prepared.stored is not None:
+                vector = next(ready)
+                stored = StoredImage(**{**prepared.stored.__dict__, "embedding": vector})
+                vec_id, is_new = self.catalogue.add_image(stored, prepared.fetched.source)
+                if is_new:
+                    new_ids.append(vec_id)
+                    new_vectors.append(vector)
+                    new_orbs.append(OrbFeatures.from_bytes(stored.orb))
+                    outcome.added += 1
+                else:  # the same bytes twice in flight: the first one committed stored them
+                    outcome.duplicates += 1
         if new_ids:
             self.indexes.add(new_ids, np.stack(new_vectors), new_orbs)
             self.indexes.relearn_if_outgrown()
+        stats = [(f.source.url, f.stat) for f in embedded.batch if f.stat is not None]
         self.catalogue.record_file_stats(stats)  # after the images: a crash before it only costs a re-read
-        return outcome
+        return outcome, new_ids
+
+    def _find_links(self, vec_id: int) -> tuple[Candidates | None, list[LinkFit]]:
+        """One new image's links to the images before it (and those of its own batch)."""
+        candidates = link_candidates(self.catalogue, self.indexes.local, self.tuning, vec_id, self.indexes.vector)
+        return candidates, [] if candidates is None else verify_links(self.catalogue, self.tuning, candidates)
+
+    def _verify_owed(self, pair: tuple[int, list[int]]) -> tuple[Candidates, list[LinkFit]]:
+        candidates = Candidates(pair[0], pair[1], {})
+        return candidates, verify_links(self.catalogue, self.tuning, candidates)
+
+    def _store_links(
+        self, found: Sequence[tuple[Candidates | None, list[LinkFit]]], owed: OwedPairs | None
+    ) -> None:
+        """In vec_id order, as one thread linking them one after the other would (a pair found from both sides
+        keeps the later image's fit), each image's votes offered to the images before it."""
+        for candidates, links in found:
+            if candidates is not None:
+                self.catalogue.add_links(candidates.vec_id, links)
+                if owed is not None:
+                    owed.arrived(candidates, links)
 
     @property
     def _links_enabled(self) -> bool:
@@ -437,9 +520,8 @@ class Ingestor:
             link_images(self.catalogue, self.indexes.local, self.tuning, vec_ids, self.indexes.vector)
 
     def _link_unlinked(self) -> int:
-        """Link the images added by this ingest, once the local index holds all of them and has learned its
-        lists from them (measured: linking each batch as it arrived, against lists learned from part of the
-        gallery, cost 0.005 mAP). Also catches images never linked (older catalogues, a crash in between)."""
+        """Link the images never linked: added before the match graph existed, or by a run that stopped between
+        an image's commit and its links (each image is linked as its batch arrives, so normally none)."""
         if not self._links_enabled:
             return 0
         todo = self.catalogue.unlinked()

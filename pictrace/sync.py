@@ -89,7 +89,7 @@ class Follower:
 
     def _apply(self, changes: list[Change]) -> SyncResult:
         added, removed = self.indexes.apply_changes(*net_effect(changes))
-        self.indexes.relearn_if_outgrown()  # the gallery doubled since the lists were learned (amortised O(1))
+        self.indexes.relearn_if_outgrown()  # the gallery grew 4x since the lists were learned (amortised O(1))
         self.position = ChangePosition(changes[-1].seq, max(c.generation for c in changes))
         self.incremental_syncs += 1
         return SyncResult(added, removed, full=False, changes_read=len(changes))

@@ -85,6 +85,7 @@ class LocalVotes(_Frozen):
     knn: Annotated[int, Field(ge=1, le=100)] = 10  # neighbours looked up per query descriptor
     max_distance: Annotated[int, Field(ge=0, le=256)] = 24  # Hamming distance beyond which a neighbour is no vote
     nprobe: Annotated[int, Field(ge=1)] = 16  # inverted lists visited per query descriptor
+    flat_below: Annotated[int, Field(ge=0)] = 50_000  # descriptors below which the exact scan is fast enough
     train_max: Annotated[int, Field(ge=1024)] = 262_144  # most descriptors the lists are learned from
     max_lists: Annotated[int, Field(ge=64)] = 65_536  # most inverted lists
     train_iterations: Annotated[int, Field(ge=0, le=100)] = 10  # k-means rounds
@@ -93,6 +94,8 @@ class LocalVotes(_Frozen):
     cell_lists: Annotated[int, Field(ge=64)] | None = None
     top_probe: Annotated[int, Field(ge=1)] = 8  # top cells searched for a descriptor's nearest lists
     persist: bool = True  # keep the index in the data dir between starts (False: rebuilt at every start)
+    # the gallery's growth since the lists were learned at which they are learned again (LocalIndex.needs_training)
+    relearn_growth: Annotated[float, Field(gt=1)] = 4.0
 
 
 class Cascade(_Frozen):
@@ -180,6 +183,9 @@ class Ingest(_Frozen):
     """Ingest batching: bench/embed_speed.py (batch 16 is where onnxruntime's images/s levels off here)."""
 
     embed_batch: Annotated[int, Field(ge=1, le=256)] = 16
+    # batches whose decoding, features and embedding may run ahead of the one being committed and linked
+    # (pictrace/ingest_schedule.py): enough that a core never waits for the next batch's images
+    batches_in_flight: Annotated[int, Field(ge=1, le=16)] = 3
     # files one POST /api/images may carry (their bytes together are capped by the operator's max_upload_bytes)
     max_files_per_request: Annotated[int, Field(ge=1, le=1000)] = 100
 

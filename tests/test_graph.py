@@ -14,7 +14,9 @@ from conftest import encode
 from pictrace.config import Settings
 from pictrace.features.orb import centre_weights
 from pictrace.gallery import load_gallery
+from pictrace.graph import Candidates, OwedPairs
 from pictrace.service import Service
+from pictrace.store import LinkFit
 from pictrace.tuning import Tuning
 
 
@@ -136,3 +138,19 @@ def test_the_api_and_the_page_say_what_a_result_was_found_through(
         assert page.status_code == 200
         assert "Found through <strong>whole</strong>" in page.text
         assert page.text.count("Found through") == 1
+
+
+def test_owed_pairs_are_the_earlier_images_best_voted_it_never_matched_itself() -> None:
+    """Each image keeps its k best-voted images, later ones included (their votes for it stand for its votes for
+    them); it owes a match to those it did not match itself and is not linked to."""
+    owed = OwedPairs(k=2, checked=3)  # each image matched its 2 best voted (its candidates) at arrival
+    owed.arrived(Candidates(1, [], {}))
+    owed.arrived(Candidates(2, [1], {1: 9}))
+    owed.arrived(Candidates(3, [1, 2], {1: 20, 2: 5}), [LinkFit(1, 40, "copy", 0.9, None)])  # linked: not owed
+    owed.arrived(Candidates(4, [2, 3], {2: 30, 3: 7, 1: 4}))  # 4 votes: fewer than 1's best two (9, 20)
+    owed.arrived(Candidates(5, [4, 1], {4: 30, 1: 12, 2: 11}))  # 12 for 1 beats 2's 9: 1 owes 5, no more 2
+    expected = [(1, [5]), (2, [4, 5]), (3, [4]), (4, [5])]  # most voted first; none it matched itself
+    assert owed.owed() == expected
+    owed.arrived(Candidates(5, [1], {1: 99}))  # an image already recorded: ignored
+    assert owed.owed() == expected
+    assert OwedPairs(k=0, checked=0).owed() == []

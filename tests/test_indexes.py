@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,11 @@ class TestDerivedIndexes:
         assert indexes.local.is_inverted_file
         assert not indexes.relearn_if_outgrown()
         assert_in_step(indexes, catalogue)
-        indexes.add(*index_args(commit(catalogue, range(6, 18))))  # tripled: lists learned from a third of it
-        assert indexes.relearn_if_outgrown()
+        indexes.add(*index_args(commit(catalogue, range(6, 18))))  # tripled: not yet the growth that relearns
+        assert not indexes.relearn_if_outgrown()
+        indexes.add(*index_args(commit(catalogue, range(18, 24))))  # 4x the codes the lists were learned from
+        with ThreadPoolExecutor(2) as both:  # two writers see the same growth: one relearn
+            relearned = list(both.map(lambda _: indexes.relearn_if_outgrown(), range(2)))
+        assert sorted(relearned) == [False, True]
+        assert not indexes.relearn_if_outgrown()
         assert_in_step(indexes, catalogue)

@@ -236,11 +236,12 @@ class DerivedIndexes:
         self.local.replace_with(LocalIndex.build(self.local.params, self.catalogue.orb_blobs()))
         self._reconcile_local()
 
-    def relearn_if_outgrown(self, growth: float = 2.0) -> bool:
-        """Relearn the local index's lists once the gallery grew ``growth``-fold since they were learned (a first
-        ingest grows it from nothing: without this, every search scans all descriptors meanwhile)."""
+    def relearn_if_outgrown(self) -> bool:
+        """Relearn the local index's lists when the gallery outgrew them (``LocalIndex.needs_training``, the one
+        rule: a first ingest grows the gallery from nothing, and without lists every search scans all codes).
+        Checked under a lock, so one growth seen by two writers relearns once."""
         with self._relearning:
-            if not self.local.needs_training(growth):
+            if not self.local.needs_training():
                 return False
             self._relearn_local()
             return True
@@ -251,11 +252,11 @@ class DerivedIndexes:
         self._rebuild_vector()
         return True
 
-    def maintain(self, local_growth: float = 2.0) -> bool:
+    def maintain(self) -> bool:
         """Rebuild (and save) the vector index when deletes or growth call for it, and relearn the local lists
-        when the gallery outgrew them by ``local_growth``. Returns whether either was rebuilt."""
+        when the gallery outgrew them. Returns whether either was rebuilt."""
         rebuilt = self._maintain_vector()
-        return self.relearn_if_outgrown(local_growth) or rebuilt
+        return self.relearn_if_outgrown() or rebuilt
 
     # --- persistence -----------------------------------------------------------------------------------
 

@@ -221,11 +221,18 @@ class LocalIndex:
         with self._lock.read():
             return np.array(sorted(self._held), dtype=np.int64)
 
-    def needs_training(self, growth: float = 2.0) -> bool:
-        """True once the gallery outgrew what the lists were learned from by ``growth`` (or the exact index
-        got slow)."""
+    def needs_training(self) -> bool:
+        """The one rule for when the lists are learned: first when the exact scan reaches ``flat_below`` codes,
+        then again each time the gallery has grown ``relearn_growth``-fold (4x) since they were learned.
+
+        The lists are ~4*sqrt(codes) (``list_count``): at 4x the codes a gallery calls for twice the lists it
+        has, each list holds twice the codes it was sized for, and a lookup scans twice as many. Learning costs
+        a bounded k-means on at most ``train_max`` codes plus one pass that files every code, so relearning at
+        every 4x growth files each code 4/3 times over a gallery's life (every 2x: twice; docs/scaling.md,
+        "Ingest speed"). A gallery 1-4x the size of the codes its lists were learned from loses no votes to
+        them: measured on both evaluation sets."""
         n = len(self)
-        return n >= self.params.flat_below and n >= growth * self._trained_on
+        return n >= self.params.flat_below and n >= self.params.relearn_growth * self._trained_on
 
     def replace_with(self, other: LocalIndex) -> None:
         """Swap in a rebuilt index (same object, so the searcher holding this one sees the new lists)."""

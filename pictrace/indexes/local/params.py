@@ -20,11 +20,12 @@ class LocalIndexParams:
     train_iterations: int = 10  # k-means rounds
     cell_lists: int = 65_536  # lists per top cell of the two-level coarse quantizer (one cell: exact assignment)
     top_probe: int = 8  # top cells whose lists are candidates for a query descriptor's nprobe nearest
+    relearn_growth: float = 4.0  # growth since the lists were learned that has them learned again (needs_training)
 
-    def structure(self) -> dict[str, int]:
+    def structure(self) -> dict[str, int | float]:
         """The parameters a built index depends on (the others apply at query time, also to a reopened one)."""
         built = asdict(self)
-        for query_time in ("knn", "max_distance", "nprobe", "top_probe"):
+        for query_time in ("knn", "max_distance", "nprobe", "top_probe", "relearn_growth"):
             built.pop(query_time)
         return built
 
@@ -37,9 +38,11 @@ def local_index_params(tuning: LocalVotes) -> LocalIndexParams:
         knn=tuning.knn,
         max_distance=tuning.max_distance,
         nprobe=tuning.nprobe,
+        flat_below=tuning.flat_below,
         train_max=tuning.train_max,
         max_lists=tuning.max_lists,
         train_iterations=tuning.train_iterations,
         cell_lists=tuning.max_lists if tuning.cell_lists is None else tuning.cell_lists,
         top_probe=tuning.top_probe,
+        relearn_growth=tuning.relearn_growth,
     )
