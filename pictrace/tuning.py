@@ -100,14 +100,16 @@ class LocalVotes(_Frozen):
 
 class Cascade(_Frozen):
     """How many candidates each stage passes on: docs/quality.md, "Screening", "Less work on the shortlist"
-    (each size the smallest that kept smvs-dvd-a's mAP and R@1)."""
+    (each size the smallest that kept smvs-dvd-a's mAP and R@1), and docs/scaling.md, "Real content at scale"
+    (``candidates`` and ``ssim_shortlist``: among 10k real-content distractors an edited copy too small or too
+    compressed for keypoints falls to rank 5-12 of the embedding's list, where only SSIM tells it apart)."""
 
-    candidates: Annotated[int, Field(ge=1, le=1000)] = 10  # nearest embedding vectors considered
+    candidates: Annotated[int, Field(ge=1, le=1000)] = 30  # nearest embedding vectors considered
     local_candidates: Annotated[int, Field(ge=0, le=1000)] = 40  # most-voted images screened (0: no votes)
     local_min_votes: Annotated[int, Field(ge=1)] = 3  # fewer votes make no candidate
     prescreen_min_inliers: Annotated[int, Field(ge=0, le=1000)] = 7  # votes' own agreeing pairs for a full check
     verify_embedding_top: Annotated[int, Field(ge=0, le=1000)] = 2  # nearest vectors fully checked regardless
-    ssim_shortlist: Annotated[int, Field(ge=0, le=1000)] = 5  # best candidates that also get SSIM
+    ssim_shortlist: Annotated[int, Field(ge=0, le=1000)] = 30  # best candidates that also get SSIM (all nearest)
     expand_from: Annotated[int, Field(ge=0, le=50)] = 3  # best results whose graph neighbours join (0: off)
     expand_min_score: Annotated[float, Field(ge=0, le=1)] = 0.2  # a result's score before it is expanded
     expand_weight: Annotated[float, Field(ge=0, le=1)] = 0.5  # a neighbour's share of its result's score
