@@ -342,9 +342,19 @@ class Ingestor:
 
         async def batches() -> AsyncIterator[list[_Fetched]]:
             """Full batches in the order the images were fetched (the last one shorter): the same images
-            make the same batches however long each step took, so the same links and lists."""
+            make the same batches however long each step took, so the same links and lists. A batch that
+            waited ``batch_wait_s`` for its next image goes as it is: a slow host (or a trickle of files) must
+            not hold back the images already fetched."""
             batch: list[_Fetched] = []
-            while (item := await fetched.get()) is not None:
+            while True:
+                try:
+                    item = await asyncio.wait_for(fetched.get(), self.tuning.ingest.batch_wait_s if batch else None)
+                except TimeoutError:
+                    yield batch
+                    batch = []
+                    continue
+                if item is None:
+                    break
                 batch.append(item)
                 if len(batch) >= self.tuning.ingest.embed_batch:
                     yield batch

@@ -188,6 +188,9 @@ class Ingest(_Frozen):
     # batches whose decoding, features and embedding may run ahead of the one being committed and linked
     # (pictrace/ingest_schedule.py): enough that a core never waits for the next batch's images
     batches_in_flight: Annotated[int, Field(ge=1, le=16)] = 3
+    # how long a part-filled batch waits for its next fetched image before it goes as it is: well above a local
+    # file's read (so a folder or a fast host still makes the same full batches), well below a slow host's wait
+    batch_wait_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     # files one POST /api/images may carry (their bytes together are capped by the operator's max_upload_bytes)
     max_files_per_request: Annotated[int, Field(ge=1, le=1000)] = 100
 
