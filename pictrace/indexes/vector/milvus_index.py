@@ -48,7 +48,12 @@ class MilvusIndex:
         self, uri: str, info: IndexInfo, *, collection: str | None = None, token: str = "", timeout_s: float = 10.0
     ) -> None:
         from pymilvus import MilvusClient
+        from pymilvus.client.utils import SciPyHelper
 
+        # pymilvus checks for scipy.sparse on its first search by executing a fresh copy of the module, which
+        # is not thread-safe: two searches at once (an ingest's parallel linking) failed with a half-imported
+        # scipy. Done once here, before any search.
+        SciPyHelper._init()
         self._info = info
         self._uri = uri
         self._name = collection or collection_name(info)  # the alias every request names
