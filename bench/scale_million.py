@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_quality import RESULTS, SETS, disk, print_serving
+from scale_quality import RESULTS, SETS, disk, print_serving, serving_process
 
 from pictrace.features.orb import OrbFeatures
 from pictrace.store.blobs import decode_embedding, encode_embedding
@@ -168,22 +168,7 @@ def main() -> None:
     if not a.reuse:
         report["grow"] = grow(a.real, data_dir, a.size, a.flip)
         report["reindex"] = reindex(data_dir)
-    serve = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).parent / "scale_quality.py"),
-            "unused",
-            "--workdir",
-            str(a.workdir),
-            "--_serve",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if serve.returncode != 0:
-        sys.exit(f"serving process failed:\n{serve.stderr[-3000:]}")
-    report["serve"] = s = json.loads(serve.stdout.strip().splitlines()[-1])
+    report["serve"] = s = serving_process(a.workdir, [])
     report["disk"] = d = disk(data_dir, s["indexed"])
     print(f"\ngallery {s['indexed']:,} images")
     if "grow" in report:

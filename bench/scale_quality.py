@@ -191,6 +191,19 @@ async def duplicate_pages(service: Any, pages: int = 10, limit: int = 20) -> dic
     }
 
 
+def serving_process(workdir: Path, args: list[str], distractors: str = "-") -> dict[str, Any]:
+    """``serve_and_search`` in a process of its own (its RSS is the serving process's), on ``workdir``/data."""
+    serve = subprocess.run(
+        [sys.executable, __file__, distractors, "--workdir", str(workdir), *args, "--_serve"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if serve.returncode != 0:
+        sys.exit(f"serving process failed:\n{serve.stderr[-3000:]}")
+    return dict(json.loads(serve.stdout.strip().splitlines()[-1]))
+
+
 def disk(data_dir: Path, images: int) -> dict[str, Any]:
     files = {p.name: p.stat().st_size for p in data_dir.iterdir() if p.is_file()}
     total = sum(files.values())
@@ -234,25 +247,7 @@ def main() -> None:
         report["floor_images_per_s"] = round(floor_rate(db, a.floor_sample), 2)
     tuning = ["--tuning", str(a.tuning)] if a.tuning else []
     report["tuning"] = str(a.tuning) if a.tuning else None
-    serve = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            str(a.distractors),
-            "--workdir",
-            str(a.workdir),
-            "--sets",
-            *a.sets,
-            *tuning,
-            "--_serve",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if serve.returncode != 0:
-        sys.exit(f"serving process failed:\n{serve.stderr[-3000:]}")
-    report["serve"] = json.loads(serve.stdout.strip().splitlines()[-1])
+    report["serve"] = serving_process(a.workdir, ["--sets", *a.sets, *tuning], str(a.distractors))
     report["disk"] = disk(data_dir, report["serve"]["indexed"])
     if report["serve"]["indexed"] < count * 0.99:
         sys.exit(f"only {report['serve']['indexed']} of {count} gallery images were indexed: see the ingest's output")
