@@ -47,6 +47,9 @@ class Candidates:
     cosines: dict[int, float] = field(default_factory=dict)  # the nearest vectors' cosines
     nearest: frozenset[int] = frozenset()  # those close enough to be matched against the mirror too
     framed: tuple[int, ...] = ()  # the nearest vectors that get the frame check when no fit made them a copy
+    # the image's own keypoints and embedding as ``link_candidates`` read them (None: read by ``verify_links``)
+    orb: OrbFeatures | None = field(default=None, compare=False)
+    embedding: np.ndarray | None = field(default=None, compare=False)
 
 
 def link_candidates(
@@ -58,7 +61,8 @@ def link_candidates(
     own = dict(catalogue.orb_blobs_of([vec_id])).get(vec_id)
     if own is None:
         return None
-    votes = local.vote(OrbFeatures.from_bytes(own))
+    orb = OrbFeatures.from_bytes(own)
+    votes = local.vote(orb)
     ranked = votes.top(tuning.cascade.graph_candidates + 1, tuning.cascade.local_min_votes)
     others = [v for v in ranked if v != vec_id][: tuning.cascade.graph_candidates]
     cosines: dict[int, float] = {}
@@ -83,7 +87,7 @@ def link_candidates(
                 if other not in others:
                     others.append(other)
     counts = {v: c for v, c in votes.counts.items() if v != vec_id and c >= tuning.cascade.local_min_votes}
-    return Candidates(vec_id, others, counts, cosines, frozenset(nearest), tuple(framed))
+    return Candidates(vec_id, others, counts, cosines, frozenset(nearest), tuple(framed), orb, embedding)
 
 
 def verify_links(catalogue: Catalogue, tuning: Tuning, candidates: Candidates) -> list[LinkFit]:
@@ -97,13 +101,16 @@ def verify_links(catalogue: Catalogue, tuning: Tuning, candidates: Candidates) -
     them a copy.
     """
     vec_id, others, nearest, framed = candidates.vec_id, candidates.others, candidates.nearest, candidates.framed
-    own = dict(catalogue.orb_blobs_of([vec_id])).get(vec_id)
     facts = catalogue.image_facts([vec_id]).get(vec_id)
-    if own is None or facts is None:  # deleted meanwhile
+    if facts is None:  # deleted meanwhile
         return []
-    orb = OrbFeatures.from_bytes(own)
+    orb, embedding = candidates.orb, candidates.embedding
+    if orb is None:  # not read yet (a pair owed at the end of a run)
+        own = dict(catalogue.orb_blobs_of([vec_id])).get(vec_id)
+        if own is None:
+            return []
+        orb, embedding = OrbFeatures.from_bytes(own), _embedding(catalogue, vec_id)
     cosines = dict(candidates.cosines)
-    embedding = _embedding(catalogue, vec_id)
     if embedding is not None:
         for ids_, vectors in catalogue.embeddings([v for v in others if v not in cosines]):
             cosines.update(zip(ids_.tolist(), (vectors @ embedding).tolist(), strict=True))
