@@ -34,7 +34,7 @@ import numpy as np
 
 from pictrace.errors import NotFoundError
 from pictrace.matching.transform import TransformReadout, read_transform
-from pictrace.schemas import DuplicateEdit, DuplicateGroupInfo, DuplicateImage, DuplicateMember
+from pictrace.schemas import DuplicateEdit, DuplicateGroupInfo, DuplicateImage, DuplicateMember, thumbnail_url
 from pictrace.store import Catalogue, ImageFacts, PairLink
 from pictrace.tuning import Duplicates as DuplicatesTuning
 
@@ -603,7 +603,7 @@ def _image(facts: ImageFacts) -> DuplicateImage:
         height=facts.height,
         format=facts.format,
         nbytes=facts.nbytes,
-        thumbnail_url=f"/api/images/{facts.sha256}/thumbnail",
+        thumbnail_url=thumbnail_url(facts.sha256),
     )
 
 

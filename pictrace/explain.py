@@ -35,7 +35,7 @@ from pictrace.features.extract import orb_of
 from pictrace.features.orb import OrbFeatures, ratio_matches
 from pictrace.files import read_local_file
 from pictrace.matching.transform import read_transform
-from pictrace.schemas import ComponentScores, Match, SearchResult
+from pictrace.schemas import ComponentScores, Match, SearchResult, thumbnail_url
 from pictrace.search.present import transform_info
 from pictrace.store import Catalogue
 from pictrace.tuning import Evidence, Tuning
@@ -253,7 +253,7 @@ def explain_pair(
         scores=ComponentScores(embedding=0.0, ssim=0.0, orb=0.0),
         verdict="exact" if a.pixel_sha256 == b.pixel_sha256 else "copy",
         transform=transform_info(readout),
-        thumbnail_url=f"/api/images/{b.sha256}/thumbnail",
+        thumbnail_url=thumbnail_url(b.sha256),
     )
     orb_blob, width, height = catalogue.orb_by_sha256(b.sha256)
     b_rgb = gallery_picture(catalogue, b.sha256, settings, draft)

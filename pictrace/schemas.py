@@ -9,6 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+
+def thumbnail_url(sha256: str) -> str:
+    """Where an answer points a client for an image's stored thumbnail (served by pictrace/web/api.py)."""
+    return f"/api/images/{sha256}/thumbnail"
+
 # ---------------------------------------------------------------------------------------------- input
 
 

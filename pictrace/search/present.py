@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pictrace.matching.scores import CandidateScore
 from pictrace.matching.transform import TransformReadout, read_transform
 from pictrace.matching.verdict import VerdictThresholds, classify
-from pictrace.schemas import ComponentScores, Match, TransformInfo
+from pictrace.schemas import ComponentScores, Match, TransformInfo, thumbnail_url
 from pictrace.store import ImageRecord
 from pictrace.tuning import Tuning
 
@@ -76,7 +76,7 @@ def describe(
                 verdict=verdict,
                 transform=None if readout is None else transform_info(readout),
                 via=None if c.via is None or c.via not in records else records[c.via].entry_id,
-                thumbnail_url=f"/api/images/{record.sha256}/thumbnail",
+                thumbnail_url=thumbnail_url(record.sha256),
                 metadata=record.metadata,
             )
         )

@@ -27,6 +27,7 @@ from pictrace.schemas import (
     KeepRequest,
     NotDuplicatesRequest,
     Reindexed,
+    thumbnail_url,
 )
 from pictrace.web.api import ERRORS
 from pictrace.web.auth import require_writer
@@ -142,7 +143,7 @@ def _answer(added: Added) -> AddedImage:
         added=added.added,
         width=added.width,
         height=added.height,
-        thumbnail_url=f"/api/images/{added.sha256}/thumbnail",
+        thumbnail_url=thumbnail_url(added.sha256),
     )
 
 

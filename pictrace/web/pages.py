@@ -13,7 +13,7 @@ from starlette.templating import Jinja2Templates
 from pictrace.duplicates import GroupTier, group_info
 from pictrace.errors import AuthError, InvalidInputError, PicTraceError
 from pictrace.matching.verdict import Verdict
-from pictrace.schemas import SearchResult
+from pictrace.schemas import SearchResult, thumbnail_url
 from pictrace.web.auth import check_token
 from pictrace.web.deps import ServiceDep, query_bytes, run_search
 from pictrace.web.errors import headers_for, status_for
@@ -134,7 +134,7 @@ async def gallery_page(request: Request, service: ServiceDep, page: int = 1) -> 
             {
                 **im.__dict__,
                 "entry_id": im.entry_id if details or not named_by_url else im.sha256[:12],
-                "original_url": original if details or not im.is_remote else f"/api/images/{im.sha256}/thumbnail",
+                "original_url": original if details or not im.is_remote else thumbnail_url(im.sha256),
             }
         )
     context: dict[str, object] = {
