@@ -99,9 +99,15 @@ def _instrument(times: StepTimes) -> None:
     from pictrace.indexes.keeper import DerivedIndexes
     from pictrace.store import Catalogue
 
-    for name, step in [("read_local_file", "read"), ("decode_image", "decode"), ("local_features", "features"),
-                       ("sha256_hex", "sha256"), ("find_links", "link: find"),
-                       ("link_candidates", "link: votes"), ("verify_links", "link: match")]:
+    for name, step in [
+        ("read_local_file", "read"),
+        ("decode_image", "decode"),
+        ("local_features", "features"),
+        ("sha256_hex", "sha256"),
+        ("find_links", "link: find"),
+        ("link_candidates", "link: votes"),
+        ("verify_links", "link: match"),
+    ]:
         times.wrap(pictrace.ingest, name, step)
     times.wrap(pictrace.graph, "find_links", "link: find")  # before: link_images called it from graph.py
     times.wrap(OnnxEmbedder, "embed", "embed (resize + model)")
@@ -130,7 +136,7 @@ def _write_db(files: list[Path], workdir: Path) -> Path:
     return db
 
 
-def _floor(files: list[Path], batch: int, threads: int) -> tuple[float, float]:
+def floor_rate(files: list[Path], batch: int, threads: int) -> tuple[float, float]:
     """(images/s, process CPU s) of read + decode + resize + embed, the decoding beside the embedding."""
     from pictrace.config import load_settings
     from pictrace.decode import decode_image
@@ -142,8 +148,9 @@ def _floor(files: list[Path], batch: int, threads: int) -> tuple[float, float]:
     embedder = build_embedder(settings.backbone, settings.model_path, threads=threads)
 
     def decoded(path: Path) -> Any:
-        image = decode_image(path.read_bytes(), max_pixels=settings.max_pixels,
-                             draft_min_side=tuning.decoding.draft_min_side)
+        image = decode_image(
+            path.read_bytes(), max_pixels=settings.max_pixels, draft_min_side=tuning.decoding.draft_min_side
+        )
         return image.rgb
 
     def batches(pool: ThreadPoolExecutor) -> Iterator[list[Any]]:
@@ -207,11 +214,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ingest-speed-") as tmp:
         workdir = Path(tmp)
         db = _write_db(files, workdir)
-        floor_before, floor_cpu_before = _floor(files, args.batch, args.threads)
+        floor_before, floor_cpu_before = floor_rate(files, args.batch, args.threads)
         times.reset()  # the floor's embeddings are not the ingest's
         wall, cpu = _ingest(db, workdir / "data")
         ingest_steps, ingest_cpu, ingest_calls = dict(times.seconds), dict(times.cpu), dict(times.calls)
-        floor_after, floor_cpu_after = _floor(files, args.batch, args.threads)
+        floor_after, floor_cpu_after = floor_rate(files, args.batch, args.threads)
         counts = _counts(workdir / "data")
     floor = (floor_before + floor_after) / 2
     floor_cpu_ms = (floor_cpu_before + floor_cpu_after) / 2 / len(files) * 1000
@@ -243,8 +250,10 @@ def main() -> None:
     print(f"floor : {floor:6.1f} images/s (before {floor_before:.1f}, after {floor_after:.1f})")
     print(f"ingest: {ingest:6.1f} images/s ({wall:.1f} s, {cpu:.1f} CPU s: {cpu / wall:.2f} cores busy)")
     print(f"ratio : {ingest / floor:.3f} of the floor; stored {counts['images']} images, {counts['links']} links")
-    print(f"CPU   : floor {floor_cpu_ms:.1f} ms/image, ingest {ingest_cpu_ms:.1f} ms/image "
-          f"(ratio {floor_cpu_ms / ingest_cpu_ms:.3f}: the most the wall ratio can reach on idle cores)\n")
+    print(
+        f"CPU   : floor {floor_cpu_ms:.1f} ms/image, ingest {ingest_cpu_ms:.1f} ms/image "
+        f"(ratio {floor_cpu_ms / ingest_cpu_ms:.3f}: the most the wall ratio can reach on idle cores)\n"
+    )
     rows = [("step", "busy s", "thread CPU s", "share of wall")]
     rows += [(k, f"{v:.1f}", f"{ingest_cpu.get(k, 0.0):.1f}", f"{v / wall:.0%}") for k, v in steps.items()]
     print(_table(rows))

@@ -16,8 +16,8 @@ harsh for copy-public (look-alikes of its own originals), easier for smvs-dvd-a 
 Steps, each in its own process so that memory is the process's own:
 1. ingest the combined db.json with ``python -m pictrace index`` (images/s, peak RSS); ``--reuse`` skips it
    when the data dir already holds the gallery;
-2. the floor on the same files: decode + resize + embed, batch 16, 2 threads (images/s), so that the ingest
-   rate is read as a fraction of the model's own;
+2. the floor on the same files (``bench/ingest_speed.py``'s: decode beside a batch-16 embedding on 2 threads),
+   so that the ingest rate is read as a fraction of the model's own;
 3. a serving process: ``Service.start`` on the data dir (restart time), every query of each set through
    ``Searcher.search_ranked`` (p50/p95 next to one embedding's time, sampled through the run), RSS;
 4. mAP / R@1 per set with ``pictrace.eval``'s scoring, every distractor a non-relevant gallery image.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "eval"
@@ -72,26 +73,14 @@ def combined_gallery(distractors: Path, sets: dict[str, Path], workdir: Path) ->
     return db, len(entries)
 
 
-def floor_rate(db: Path, sample: int, batch: int = 16) -> float:
-    """Images/s of decoding (the product's decoder, with its draft) and embedding (the product's model, 2
-    threads) a sample of the gallery's files, read from disk first: the ingest's floor on the same content."""
-    from pictrace.config import Settings
-    from pictrace.decode import decode_image
-    from pictrace.features.embed import build_embedder
-    from pictrace.tuning import Tuning
+def sampled_floor(db: Path, sample: int) -> float:
+    """The ingest's floor (``ingest_speed.floor_rate``: decode beside a batch-16 embedding on 2 threads) on
+    ``sample`` files spread over the gallery: images/s."""
+    from ingest_speed import floor_rate
 
-    settings, tuning = Settings(), Tuning()
     entries = json.loads(db.read_text())
     step = max(1, len(entries) // sample)
-    blobs = [(db.parent / e["url"]).read_bytes() for e in entries[::step][:sample]]
-    embedder = build_embedder(settings.backbone, settings.model_path, threads=2)
-    draft = tuning.decoding.draft_min_side
-    embedder.embed([decode_image(blobs[0], max_pixels=settings.max_pixels, draft_min_side=draft).rgb])
-    started = time.perf_counter()
-    for i in range(0, len(blobs), batch):
-        rgbs = [decode_image(b, max_pixels=settings.max_pixels, draft_min_side=draft).rgb for b in blobs[i : i + batch]]
-        embedder.embed(rgbs)
-    return len(blobs) / (time.perf_counter() - started)
+    return floor_rate([db.parent / e["url"] for e in entries[::step][:sample]], 16, 2)[0]
 
 
 def ingest(db: Path, data_dir: Path) -> dict[str, Any]:
@@ -244,7 +233,7 @@ def main() -> None:
         report["ingest"] = ingest(db, data_dir)
         report["ingest"]["images_per_s"] = round(count / report["ingest"]["wall_s"], 2)
     if report["ingest"] is not None:  # the floor is what the ingest rate is read against
-        report["floor_images_per_s"] = round(floor_rate(db, a.floor_sample), 2)
+        report["floor_images_per_s"] = round(sampled_floor(db, a.floor_sample), 2)
     tuning = ["--tuning", str(a.tuning)] if a.tuning else []
     report["tuning"] = str(a.tuning) if a.tuning else None
     report["serve"] = serving_process(a.workdir, ["--sets", *a.sets, *tuning], str(a.distractors))
