@@ -24,10 +24,10 @@ import numpy as np
 
 from pictrace.errors import DecodeError
 from pictrace.features.orb import OrbFeatures
-from pictrace.indexes.local import LocalIndex
+from pictrace.indexes.local import LocalIndex, Votes
 from pictrace.indexes.vector import VectorIndex
 from pictrace.matching.frame import frame_agreement, rescale_homography, same_aspect
-from pictrace.matching.geometry import match_features
+from pictrace.matching.geometry import match_features, passes_screen
 from pictrace.matching.mirror import mirrored_orb
 from pictrace.matching.transform import mirror_matrix, overlap_perspective, to_pixel_homography
 from pictrace.matching.verdict import VerdictThresholds, classify
@@ -50,6 +50,9 @@ class Candidates:
     # the image's own keypoints and embedding as ``link_candidates`` read them (None: read by ``verify_links``)
     orb: OrbFeatures | None = field(default=None, compare=False)
     embedding: np.ndarray | None = field(default=None, compare=False)
+    # the pairs behind the votes, which the voted candidates' screen fits (None: every candidate fully matched)
+    screen: Votes | None = field(default=None, compare=False)
+    unscreened: frozenset[int] = frozenset()  # the nearest vectors: fully matched whatever their votes
 
 
 def link_candidates(
@@ -67,6 +70,7 @@ def link_candidates(
     others = [v for v in ranked if v != vec_id][: tuning.cascade.graph_candidates]
     cosines: dict[int, float] = {}
     nearest: set[int] = set()
+    unscreened: set[int] = set()
     framed: list[int] = []
     wanted = tuning.duplicates
     deepest = max(wanted.nearest_candidates, wanted.frame_candidates)
@@ -82,12 +86,15 @@ def link_candidates(
             if rank < wanted.frame_candidates:
                 framed.append(other)
             if rank < wanted.nearest_candidates:
+                unscreened.add(other)
                 if tuning.cascade.mirror_check and score >= wanted.mirror_min_embedding:
                     nearest.add(other)
                 if other not in others:
                     others.append(other)
     counts = {v: c for v, c in votes.counts.items() if v != vec_id and c >= tuning.cascade.local_min_votes}
-    return Candidates(vec_id, others, counts, cosines, frozenset(nearest), tuple(framed), orb, embedding)
+    return Candidates(
+        vec_id, others, counts, cosines, frozenset(nearest), tuple(framed), orb, embedding, votes, frozenset(unscreened)
+    )
 
 
 def verify_links(catalogue: Catalogue, tuning: Tuning, candidates: Candidates) -> list[LinkFit]:
@@ -120,10 +127,19 @@ def verify_links(catalogue: Catalogue, tuning: Tuning, candidates: Candidates) -
     size = (facts.width, facts.height)
     mirrored: OrbFeatures | None = None
     links: dict[int, LinkFit] = {}
+    screen = candidates.screen
     for other, blob in catalogue.orb_blobs_of(others):  # images deleted meanwhile are not read back
         if other not in pixels_of:
             continue
         gallery = OrbFeatures.from_bytes(blob)
+        # as the search screens its voted candidates: most voted images are no match, and a RANSAC over the
+        # vote pairs (~0.2 ms) tells them from one that is before the full match (~2 ms)
+        if (
+            screen is not None
+            and other not in candidates.unscreened
+            and not passes_screen(orb, gallery, screen.pairs(other), tuning)
+        ):
+            continue
         cosine = cosines.get(other, 0.0)
         match = match_features(orb, gallery, tuning)
         inliers = match.inliers if match.homography is not None else 0

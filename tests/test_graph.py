@@ -154,3 +154,34 @@ def test_owed_pairs_are_the_earlier_images_best_voted_it_never_matched_itself() 
     owed.arrived(Candidates(5, [1], {1: 99}))  # an image already recorded: ignored
     assert owed.owed() == expected
     assert OwedPairs(k=0, checked=0).owed() == []
+
+
+async def test_voted_candidates_pass_the_screen_before_the_full_match(
+    tmp_path: Path, photos: dict[str, np.ndarray], make_settings: Callable[..., Settings]
+) -> None:
+    """At ingest, as in a search, a voted image is fully matched only if the pairs behind its votes agree on a
+    homography: the right part's own votes for the whole photo pass; the same candidate with no vote pairs
+    behind it is not matched, unless it is one of the nearest vectors (those are matched whatever their votes)."""
+    from dataclasses import replace
+
+    from pictrace.graph import link_candidates, verify_links
+    from pictrace.indexes.local import Votes
+
+    settings = make_settings()
+    write_gallery(tmp_path, settings, photos)
+    service = await start_and_ingest(settings)
+    try:
+        catalogue, tuning = service.catalogue, service.tuning
+        names = {r.entry_id: v for v, r in catalogue.records(catalogue.vec_ids().tolist()).items()}
+        part, whole = names["right-part"], names["whole"]
+        found = link_candidates(catalogue, service.indexes.local, tuning, part)
+        assert found is not None and whole in found.others and found.screen is not None
+        assert [f.other for f in verify_links(catalogue, tuning, found)] == [whole]
+        unbacked = replace(found, screen=Votes({whole: found.votes[whole]}), unscreened=frozenset())
+        assert verify_links(catalogue, tuning, unbacked) == []
+        assert [f.other for f in verify_links(catalogue, tuning, replace(unbacked, unscreened=frozenset({whole})))] == [
+            whole
+        ]
+        assert [f.other for f in verify_links(catalogue, tuning, replace(unbacked, screen=None))] == [whole]
+    finally:
+        await service.close()
