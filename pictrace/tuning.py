@@ -59,6 +59,9 @@ class Storage(_Frozen):
 
     thumbnail_format: Literal["jpeg", "webp"] = "webp"
     thumbnail_quality: Annotated[int, Field(ge=1, le=100)] = 80
+    # libwebp's effort: 2 encodes in 1.5 ms instead of 3.2 (4, OpenCV's) at 4% more bytes and 39.3 dB instead
+    # of 39.6 on 200 real-content distractors (docs/scaling.md, "Ingest speed")
+    webp_method: Annotated[int, Field(ge=0, le=6)] = 2
     ssim_gray: Literal["png", "thumbnail"] = "thumbnail"  # png: a lossless 256x256 gray of its own
     # the strongest keypoints stored per gallery image (a query keeps all of orb.features)
     gallery_features: Annotated[int, Field(ge=50, le=1 << KEYPOINT_BITS)] = 1000

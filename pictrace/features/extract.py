@@ -43,5 +43,10 @@ def local_features(image: DecodedImage, tuning: Tuning) -> LocalFeatures:
         dhash=dhash64(image.rgb),
         gray_png=encode_gray_png(gray256(image.rgb)) if storage.ssim_gray == "png" else b"",
         orb=orb.to_bytes(),
-        thumbnail=encode_thumbnail(image.rgb, quality=storage.thumbnail_quality, fmt=storage.thumbnail_format),
+        thumbnail=encode_thumbnail(
+            image.rgb,
+            quality=storage.thumbnail_quality,
+            fmt=storage.thumbnail_format,
+            webp_method=storage.webp_method,
+        ),
     )

@@ -3,8 +3,11 @@ catalogue) and SSIM's gray (its own lossless PNG in older catalogues; now read f
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
+from PIL import Image
 
 from pictrace.errors import DecodeError
 from pictrace.features.ssim import gray256
@@ -12,9 +15,12 @@ from pictrace.features.ssim import gray256
 _ENCODINGS = {"jpeg": (".jpg", cv2.IMWRITE_JPEG_QUALITY), "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY)}
 
 
-def encode_thumbnail(rgb: np.ndarray, *, max_side: int = 256, quality: int = 82, fmt: str = "jpeg") -> bytes:
+def encode_thumbnail(
+    rgb: np.ndarray, *, max_side: int = 256, quality: int = 82, fmt: str = "jpeg", webp_method: int = 4
+) -> bytes:
     """JPEG or WebP (``fmt``) of the image with its longest side at most ``max_side`` (aspect kept, never
-    upscaled)."""
+    upscaled). ``webp_method``: libwebp's effort, 0 (fastest) to 6 (smallest); OpenCV's encoder fixes it at 4,
+    so any other goes through Pillow's."""
     if fmt not in _ENCODINGS:
         raise ValueError(f"unknown thumbnail format {fmt!r}")
     if max_side < 1:
@@ -25,6 +31,10 @@ def encode_thumbnail(rgb: np.ndarray, *, max_side: int = 256, quality: int = 82,
     if scale < 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    if fmt == "webp" and webp_method != 4:
+        out = io.BytesIO()
+        Image.fromarray(img).save(out, "WEBP", quality=int(quality), method=int(webp_method))
+        return out.getvalue()
     bgr = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     ext, flag = _ENCODINGS[fmt]
     ok, buf = cv2.imencode(ext, bgr, [flag, int(quality)])
