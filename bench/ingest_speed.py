@@ -19,7 +19,7 @@ Input: a db.json or a folder; its first ``--limit`` local entries (default 1,000
 shared eval's make_distractors.py; pass another path where that does not exist. ``--code DIR`` runs the
 product from another checkout (e.g. ``git archive main | tar -x -C /tmp/main``) for a before/after.
 
-    python bench/ingest_speed.py [/work/d10k/db.json] [--limit 1000] [--code DIR] [--out FILE]
+    python bench/ingest_speed.py [/work/d10k/db.json] [--limit 1000] [--code DIR] [--tuning FILE] [--out FILE]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="the floor's embedding batch")
     parser.add_argument("--threads", type=int, default=2, help="the floor's onnxruntime and decoding threads")
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose pictrace/ is measured")
+    parser.add_argument("--tuning", type=Path, help="a tuning JSON file for the ingest (pictrace/tuning.py)")
     parser.add_argument("--out", type=Path, default=RESULTS / "ingest_speed.json")
     return parser.parse_args()
 
@@ -168,12 +169,13 @@ def floor_rate(files: list[Path], batch: int, threads: int) -> tuple[float, floa
     return len(files) / (time.perf_counter() - started), time.process_time() - cpu
 
 
-def _ingest(db: Path, data_dir: Path) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of ``python -m pictrace index DB`` into ``data_dir``."""
+def _ingest(db: Path, data_dir: Path, tuning: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``python -m pictrace [--tuning FILE] index DB`` into ``data_dir``."""
     from pictrace.cli import main
 
     cpu, started = time.process_time(), time.perf_counter()
-    code = main(["--data-dir", str(data_dir), "index", str(db), "--quiet"])
+    fitted = ["--tuning", str(tuning)] if tuning is not None else []
+    code = main(["--data-dir", str(data_dir), *fitted, "index", str(db), "--quiet"])
     if code != 0:
         sys.exit(f"pictrace index exited with {code}")
     return time.perf_counter() - started, time.process_time() - cpu
@@ -216,7 +218,7 @@ def main() -> None:
         db = _write_db(files, workdir)
         floor_before, floor_cpu_before = floor_rate(files, args.batch, args.threads)
         times.reset()  # the floor's embeddings are not the ingest's
-        wall, cpu = _ingest(db, workdir / "data")
+        wall, cpu = _ingest(db, workdir / "data", args.tuning)
         ingest_steps, ingest_cpu, ingest_calls = dict(times.seconds), dict(times.cpu), dict(times.calls)
         floor_after, floor_cpu_after = floor_rate(files, args.batch, args.threads)
         counts = _counts(workdir / "data")
@@ -229,6 +231,7 @@ def main() -> None:
         "source": str(args.source),
         "images": len(files),
         "code": str(Path(pictrace.__file__).resolve().parent.parent),
+        "tuning": str(args.tuning) if args.tuning else None,
         "floor_images_per_s": round(floor, 2),
         "floor_before_after": [round(floor_before, 2), round(floor_after, 2)],
         "ingest_images_per_s": round(ingest, 2),
