@@ -10,7 +10,7 @@ from pictrace.decode import DecodedImage
 from pictrace.features.hashing import dhash64, pixel_sha256
 from pictrace.features.orb import OrbFeatures, extract_orb
 from pictrace.features.ssim import gray256
-from pictrace.features.thumbnail import encode_gray_png, encode_thumbnail
+from pictrace.features.thumbnail import encode_gray_png, encode_thumbnail, thumbnail_pixels
 from pictrace.tuning import Tuning
 
 
@@ -38,13 +38,14 @@ def local_features(image: DecodedImage, tuning: Tuning) -> LocalFeatures:
     """What the catalogue stores, encoded as ``tuning.storage`` says (docs/scaling.md, "Sizing")."""
     storage = tuning.storage
     orb = orb_of(image.rgb, tuning, image.scale).strongest(storage.gallery_features)
+    small = thumbnail_pixels(image.rgb)  # one area resize for both: the hash moves by a bit or two, not more
     return LocalFeatures(
         pixel_sha256=pixel_sha256(image.rgb),
-        dhash=dhash64(image.rgb),
+        dhash=dhash64(small),
         gray_png=encode_gray_png(gray256(image.rgb)) if storage.ssim_gray == "png" else b"",
         orb=orb.to_bytes(),
         thumbnail=encode_thumbnail(
-            image.rgb,
+            small,
             quality=storage.thumbnail_quality,
             fmt=storage.thumbnail_format,
             webp_method=storage.webp_method,

@@ -15,14 +15,9 @@ from pictrace.features.ssim import gray256
 _ENCODINGS = {"jpeg": (".jpg", cv2.IMWRITE_JPEG_QUALITY), "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY)}
 
 
-def encode_thumbnail(
-    rgb: np.ndarray, *, max_side: int = 256, quality: int = 82, fmt: str = "jpeg", webp_method: int = 4
-) -> bytes:
-    """JPEG or WebP (``fmt``) of the image with its longest side at most ``max_side`` (aspect kept, never
-    upscaled). ``webp_method``: libwebp's effort, 0 (fastest) to 6 (smallest); OpenCV's encoder fixes it at 4,
-    so any other goes through Pillow's."""
-    if fmt not in _ENCODINGS:
-        raise ValueError(f"unknown thumbnail format {fmt!r}")
+def thumbnail_pixels(rgb: np.ndarray, max_side: int = 256) -> np.ndarray:
+    """The image with its longest side at most ``max_side`` (area-averaged, aspect kept, never upscaled): what
+    the thumbnail encodes, and small enough for the other whole-image summaries (the difference hash)."""
     if max_side < 1:
         raise ValueError("max_side must be positive")
     img: np.ndarray = np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -31,6 +26,18 @@ def encode_thumbnail(
     if scale < 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return img
+
+
+def encode_thumbnail(
+    rgb: np.ndarray, *, max_side: int = 256, quality: int = 82, fmt: str = "jpeg", webp_method: int = 4
+) -> bytes:
+    """JPEG or WebP (``fmt``) of the image with its longest side at most ``max_side`` (aspect kept, never
+    upscaled). ``webp_method``: libwebp's effort, 0 (fastest) to 6 (smallest); OpenCV's encoder fixes it at 4,
+    so any other goes through Pillow's."""
+    if fmt not in _ENCODINGS:
+        raise ValueError(f"unknown thumbnail format {fmt!r}")
+    img = thumbnail_pixels(rgb, max_side)
     if fmt == "webp" and webp_method != 4:
         out = io.BytesIO()
         Image.fromarray(img).save(out, "WEBP", quality=int(quality), method=int(webp_method))
