@@ -13,7 +13,7 @@ flatter it):
 The evaluation sets' own rows are kept once, so their queries' targets stay unique.
 
     python bench/scale_quality.py D10K/db.json --workdir /data/sq10k          # the real rows, once
-    python bench/scale_million.py /data/sq10k --size 1000000 --workdir /data/m1
+    python bench/scale_million.py /data/sq10k --size 1000000 --workdir /data/m1 [--tuning FILE]
 
 Then ``python -m pictrace reindex`` builds both indexes (timed, with its peak RSS), and a fresh serving process
 opens them (restart time) and searches every query of both sets (``scale_quality.serve_and_search``).
@@ -141,12 +141,13 @@ def grow(real: Path, data_dir: Path, size: int, flip: float, seed: int = 1) -> d
     return {"rows": have, "copies_per_distractor": copy, "write_s": round(time.perf_counter() - started, 1)}
 
 
-def reindex(data_dir: Path) -> dict[str, Any]:
+def reindex(data_dir: Path, tuning: Path | None = None) -> dict[str, Any]:
     """Both indexes built from the catalogue by the product's own command, in its own process."""
     env = {**os.environ, "PICTRACE_DATA_DIR": str(data_dir)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pictrace", "reindex"], env=env, check=True)
+    fitted = ["--tuning", str(tuning)] if tuning is not None else []
+    subprocess.run([sys.executable, "-m", "pictrace", *fitted, "reindex"], env=env, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "build_s": round(time.perf_counter() - started, 1),
@@ -162,13 +163,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--flip", type=float, default=0.1, help="probability of flipping each descriptor bit")
     ap.add_argument("--reuse", action="store_true", help="keep an already grown catalogue and built indexes")
+    ap.add_argument("--tuning", type=Path, help="a tuning JSON file for the reindex and the serving process")
     a = ap.parse_args()
     data_dir = a.workdir / "data"
-    report: dict[str, Any] = {"size": a.size, "flip": a.flip, "real": str(a.real)}
+    report: dict[str, Any] = {"size": a.size, "flip": a.flip, "real": str(a.real), "tuning": str(a.tuning or "")}
     if not a.reuse:
         report["grow"] = grow(a.real, data_dir, a.size, a.flip)
-        report["reindex"] = reindex(data_dir)
-    report["serve"] = s = serving_process(a.workdir, [])
+        report["reindex"] = reindex(data_dir, a.tuning)
+    report["serve"] = s = serving_process(a.workdir, ["--tuning", str(a.tuning)] if a.tuning else [])
     report["disk"] = d = disk(data_dir, s["indexed"])
     print(f"\ngallery {s['indexed']:,} images")
     if "grow" in report:
