@@ -321,6 +321,7 @@ def edit_of(readout: TransformReadout, size: tuple[int, int], hops: int) -> Edit
 
 _META_KEY = "duplicate_groups"
 _FORMAT = 1
+_FIRST_PAGE = 20  # groups of the first list page (the API's default limit): their keepers are chosen first
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,8 @@ class DuplicateGroups:
         self._saved_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.ready_s: float | None = None  # seconds from start() to the first partition
+        self._ready = False  # the first partition is published and its first page's keepers chosen
+        self.ready_s: float | None = None  # seconds from start() to ready
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -379,28 +381,48 @@ class DuplicateGroups:
 
     @property
     def ready(self) -> bool:
-        return self._view is not None
+        return self._ready
+
+    def pending_keepers(self) -> int:
+        """Groups whose keeper is not chosen yet (the thread chooses them in list order; a page chooses those
+        it shows that the thread has not reached)."""
+        view = self._view
+        if view is None:
+            return 0
+        return sum(1 for i in range(len(view.groups)) if not self._has_keeper(view, i))
+
+    def _has_keeper(self, view: _View, index: int) -> bool:
+        cached = self._keepers.get(view.groups[index][0])
+        return view.decided[index] or (cached is not None and cached[0] == tuple(view.groups[index]))
 
     def _follow(self) -> None:
         started = time.perf_counter()
         while not self._stop.is_set():
+            more = False
             try:
-                self.refresh()
-                if self.ready_s is None:
+                self._refresh()
+                # the first page's keepers before the first page is served: it then only reads them
+                more = self._choose_keepers(deadline=time.perf_counter() + self.tuning.refresh_s)
+                if not self._ready:
+                    self._choose_keepers(deadline=math.inf, groups=_FIRST_PAGE)
+                    self._ready = True
                     self.ready_s = time.perf_counter() - started
                     log.info("duplicate groups ready in %.1f s", self.ready_s)
-                self._choose_keepers(deadline=time.perf_counter() + self.tuning.refresh_s)
                 if self._dirty and time.monotonic() - self._saved_at >= self.tuning.save_every_s:
                     with self._lock:
                         self._save()
             except Exception:  # a database hiccup must not end the thread; retried on the next tick
                 log.exception("could not update the duplicate groups; retrying")
-            self._stop.wait(self.tuning.refresh_s)
+            self._stop.wait(0.01 if more else self.tuning.refresh_s)
 
     # --- following the catalogue ----------------------------------------------------------------------------
     def refresh(self) -> None:
         """Bring the partition up to date with the catalogue now (the thread does this every ``refresh_s``; the
         CLI, the tests and a decision call it to see their own writes)."""
+        self._refresh()
+        self._ready = True
+
+    def _refresh(self) -> None:
         with self._lock:
             if self._grouping is None:
                 self._build()
@@ -417,11 +439,14 @@ class DuplicateGroups:
         shapes = self.catalogue.image_shapes()
         self._sha = {v: sha for v, sha, *_ in shapes}
         grouping.add_images({v: Shape(w, h, n, pixels) for v, _, pixels, w, h, n in shapes})
-        linked = grouping.add_links(self.catalogue.copy_fits())
+        grouping.add_links(self.catalogue.copy_fits())
         self._decisions = self.catalogue.decisions()
-        linked |= grouping.set_decisions(*self._decided(self._decisions))
-        linked |= grouping.restore(self._stored_groups())
-        grouping.place(linked | set(grouping.shapes))
+        released = grouping.set_decisions(*self._decided(self._decisions))
+        groups, via, alone = self._stored()
+        loose = grouping.restore(groups, via, alone)
+        known = {v for g in groups for v in g} | set(alone)
+        # what the stored partition placed stays as it was (the same groups after a restart); the rest is placed
+        grouping.place(released | loose | (set(grouping.shapes) - known))
         self._grouping = grouping
         self._position, self._link_generation = (position.seq, position.generation), link_generation
         self._publish()
@@ -507,34 +532,48 @@ class DuplicateGroups:
         if view is None:
             return
         keepers = {str(a): k for a, (members, k) in self._keepers.items()}
-        state = {"format": _FORMAT, "rule": self._rule(), "groups": view.groups, "keepers": keepers}
+        grouping = self._grouping
+        alone = grouping.alone() if grouping is not None else []
+        via = sorted(grouping.vias().items()) if grouping is not None else []
+        state = {
+            "format": _FORMAT,
+            "rule": self._rule(),
+            "groups": view.groups,
+            "via": via,
+            "alone": alone,
+            "keepers": keepers,
+        }
         self.catalogue.set_meta(_META_KEY, json.dumps(state, separators=(",", ":")))
         self._dirty = False
         self._saved_at = time.monotonic()
 
-    def _stored_groups(self) -> list[list[int]]:
+    def _stored(self) -> tuple[list[list[int]], dict[int, int], list[int]]:
+        """The partition a previous run stored: (groups, what each member joined through, anchors alone);
+        nothing where none fits this rule."""
         raw = self.catalogue.get_meta(_META_KEY)
         if raw is None:
-            return []
+            return [], {}, []
         try:
             state = json.loads(raw)
             if state.get("format") != _FORMAT or state.get("rule") != self._rule():
-                return []
+                return [], {}, []
             groups = [[int(v) for v in g] for g in state["groups"]]
+            via = {int(m): int(v) for m, v in state.get("via", [])}
+            alone = [int(v) for v in state.get("alone", [])]
             keepers = {int(a): int(k) for a, k in state.get("keepers", {}).items()}
         except (ValueError, TypeError, KeyError, AttributeError):
             log.warning("the stored duplicate groups do not read back: computing them again")
-            return []
+            return [], {}, []
         by_anchor = {g[0]: g for g in groups if g}
         self._keepers = {
             a: (tuple(by_anchor[a]), k) for a, k in keepers.items() if a in by_anchor and k in by_anchor[a]
         }
-        return groups
+        return groups, via, alone
 
     # --- reading ----------------------------------------------------------------------------------------------
     def _current(self) -> _View:
         view = self._view
-        if view is None:
+        if view is None or not self._ready:
             raise GroupsNotReadyError(retry_after_s=max(1, math.ceil(self.tuning.refresh_s * 2)))
         return view
 
@@ -614,22 +653,22 @@ class DuplicateGroups:
         self._dirty = True
         return chosen
 
-    def _choose_keepers(self, deadline: float) -> None:
-        """Choose the keepers of the groups that have none yet, in list order, until ``deadline``: the pages
-        then only read them."""
+    def _choose_keepers(self, deadline: float, groups: int | None = None) -> bool:
+        """Choose the keepers of the groups that have none yet, in list order (the first ``groups``), until
+        ``deadline``: the pages then only read them. Whether some are left."""
         view = self._view
         if view is None:
-            return
-        for index, vec_ids in enumerate(view.groups):
+            return False
+        for index, vec_ids in enumerate(view.groups[:groups]):
             if time.perf_counter() > deadline or self._stop.is_set() or self._view is not view:
-                return
-            cached = self._keepers.get(vec_ids[0])
-            if view.decided[index] or (cached is not None and cached[0] == tuple(vec_ids)):
+                return True
+            if self._has_keeper(view, index):
                 continue
             links = self.catalogue.pair_links(vec_ids)
             facts = self.catalogue.image_facts(vec_ids)
             if len(facts) == len(vec_ids):
                 self._keeper(view, index, facts, self._fits(vec_ids, links))
+        return False
 
     def _describe(self, view: _View, index: int, offset: int, limit: int | None) -> Group:
         vec_ids = view.groups[index]

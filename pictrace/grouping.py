@@ -30,8 +30,9 @@ catalogue, no threads.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,16 +41,20 @@ _IDENTITY = np.eye(3)
 _EXACT = 1 << 30  # same decoded pixels: stronger than any fit
 
 
+@functools.cache
+def _unit_grid() -> np.ndarray:
+    """Cell centres of an 8 x 8 grid over the unit square, as homogeneous columns (3 x 64)."""
+    cells = (np.arange(_GRID) + 0.5) / _GRID
+    gx, gy = np.meshgrid(cells, cells)
+    return np.stack([gx.ravel(), gy.ravel(), np.ones(_GRID * _GRID)])
+
+
 def inside_shares(homs: np.ndarray, sizes_a: np.ndarray, sizes_b: np.ndarray) -> np.ndarray:
     """For each homography (a's pixels -> b's), the share of a's frame it maps inside b's frame: the centres of
     an 8 x 8 grid of cells over a, counted (vectorised; a 100k gallery's links in about a second)."""
     count = len(homs)
     out = np.zeros(count)
-    if count == 0:
-        return out
-    cells = (np.arange(_GRID) + 0.5) / _GRID
-    gx, gy = np.meshgrid(cells, cells)
-    unit = np.stack([gx.ravel(), gy.ravel(), np.ones(_GRID * _GRID)])
+    unit = _unit_grid()
     for start in range(0, count, 8192):
         part = slice(start, start + 8192)
         homs_part = np.asarray(homs[part], dtype=np.float64)
@@ -67,7 +72,13 @@ def inside_shares(homs: np.ndarray, sizes_a: np.ndarray, sizes_b: np.ndarray) ->
 
 
 def inside_share(hom: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> float:
-    return float(inside_shares(hom[None], np.array([size_a], float), np.array([size_b], float))[0])
+    """One homography's share (see :func:`inside_shares`)."""
+    points = (hom * np.array([size_a[0], size_a[1], 1.0])) @ _unit_grid()
+    w = points[2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x, y = points[0] / w, points[1] / w
+        inside = (w > 0) & (x >= 0) & (y >= 0) & (x <= size_b[0]) & (y <= size_b[1])
+    return float(inside.mean())
 
 
 @dataclass(frozen=True)
@@ -92,13 +103,18 @@ class _Link:
     hom: np.ndarray  # a's pixels -> b's
     a_in_b: float
     b_in_a: float
+    _back: np.ndarray | None = field(default=None, repr=False)
 
     def other(self, v: int) -> int:
         return self.b if v == self.a else self.a
 
     def to(self, v: int) -> np.ndarray:
         """The map from the other end's pixels to v's."""
-        return self.hom if v == self.b else np.linalg.inv(self.hom)
+        if v == self.b:
+            return self.hom
+        if self._back is None:
+            self._back = np.linalg.inv(self.hom)
+        return self._back
 
     def inside(self, v: int) -> float:
         """The share of v's frame inside the other end's."""
@@ -387,11 +403,18 @@ class Grouping:
         self._via[v] = via
         return True
 
-    def restore(self, groups: Iterable[list[int]]) -> set[int]:
-        """Take back a persisted partition (anchor first in each group), re-deriving each member's map to its
-        anchor from the links; a group that no longer holds together is released. Returns the images left to
-        place (call :meth:`place` with them and any new ones)."""
+    def restore(
+        self, groups: Iterable[list[int]], via: dict[int, int] | None = None, alone: Iterable[int] = ()
+    ) -> set[int]:
+        """Take back a persisted partition: its groups (anchor first), the member each member joined through
+        (``via``: the same maps to the anchor, composed along the same links), and the anchors no image joined.
+        A group that no longer holds together (an image or a link gone) is released. Returns the images left to
+        place (call :meth:`place` with them and the images the partition did not know)."""
+        via = via or {}
         loose: set[int] = set()
+        for v in alone:
+            if v in self.shapes and v not in self.anchor_of:
+                self._seat(v)
         for group in groups:
             present = [v for v in group if v in self.shapes]
             if len(present) < 2 or present[0] != group[0] or any(v in self.kept for v in present[1:]):
@@ -399,20 +422,33 @@ class Grouping:
                 continue
             anchor = present[0]
             self._seat(anchor)
-            wanted = set(present[1:])
-            for _ in range(self.max_hops):
-                for v in sorted(wanted):
-                    for other, link in self._near.get(v, {}).items():
-                        if self.anchor_of.get(other) == anchor and self._join(v, other, link):
-                            wanted.discard(v)
-                            break
-            if wanted:
+            wanted = {v: via.get(v, anchor) for v in present[1:]}
+            while wanted:
+                ready = [v for v, through in wanted.items() if self.anchor_of.get(through) == anchor]
+                joined = [
+                    v
+                    for v in sorted(ready)
+                    if (link := self._near.get(v, {}).get(wanted[v])) and self._join(v, wanted[v], link)
+                ]
+                for v in ready:
+                    del wanted[v]
+                if len(joined) < len(ready) or not ready:
+                    break
+            if wanted or any(self.anchor_of.get(v) != anchor for v in present):
                 loose |= self.release(anchor)
         return loose
+
+    def vias(self) -> dict[int, int]:
+        """The member each grouped image joined through (the anchor, or a member inside it)."""
+        return dict(self._via)
 
     def groups(self) -> Iterator[list[int]]:
         """Every group of two or more, the anchor first."""
         return (g for g in self.members.values() if len(g) > 1)
+
+    def alone(self) -> list[int]:
+        """The anchors no image joined (placed: a later link to them places them again)."""
+        return sorted(a for a, g in self.members.items() if len(g) == 1)
 
     def hops(self, v: int) -> int:
         return self._hops.get(v, 0)

@@ -186,7 +186,7 @@ def test_grouping_rules_weak_links_decisions_and_restore() -> None:
     again.add_images(dict(grouping.shapes))
     again.add_links(links)
     again.set_decisions([(1, 3)], [2])
-    again.place(again.restore(list(grouping.groups())))
+    again.place(again.restore(list(grouping.groups()), grouping.vias(), grouping.alone()))
     assert grouped(again) == groups
     # an image removed: only its group is placed again
     grouping.place(grouping.remove_images([2]))
