@@ -31,7 +31,7 @@ catalogue, no threads.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,10 +124,20 @@ class _Link:
 class Grouping:
     """The partition of one gallery's linked images into star groups, kept up to date by the calls below."""
 
-    def __init__(self, containment: float = 0.8, join_min_inliers: int = 40, max_hops: int = 2) -> None:
+    def __init__(
+        self,
+        containment: float = 0.8,
+        join_min_inliers: int = 40,
+        max_hops: int = 2,
+        looks_alike: Callable[[int, int, np.ndarray], bool] | None = None,
+    ) -> None:
         self.containment = containment
         self.join_min_inliers = join_min_inliers
         self.max_hops = max_hops
+        # (member, anchor, member's pixels -> anchor's): whether their pixels agree there, asked of a member
+        # reached through another one (the map is composed, and may have been extended over a collage)
+        self.looks_alike = looks_alike
+        self._trusted = False  # restoring a stored partition: its joins were checked when they were made
         self.shapes: dict[int, Shape] = {}
         self._links: dict[tuple[int, int], _Link] = {}
         self._near: dict[int, dict[int, _Link]] = {}
@@ -395,6 +405,9 @@ class Grouping:
                 return False  # reached through a member: it must lie inside the anchor
             if link.inside(anchor) < c:
                 return False
+        checked = via != anchor and self.looks_alike is not None and not self._trusted
+        if checked and self.looks_alike is not None and not self.looks_alike(v, anchor, to_anchor):
+            return False
         self.anchor_of[v] = anchor
         self.members[anchor].append(v)
         self._to_anchor[v] = to_anchor
@@ -412,6 +425,7 @@ class Grouping:
         place (call :meth:`place` with them and the images the partition did not know)."""
         via = via or {}
         loose: set[int] = set()
+        self._trusted = True
         for v in alone:
             if v in self.shapes and v not in self.anchor_of:
                 self._seat(v)
@@ -436,6 +450,7 @@ class Grouping:
                     break
             if wanted or any(self.anchor_of.get(v) != anchor for v in present):
                 loose |= self.release(anchor)
+        self._trusted = False
         return loose
 
     def vias(self) -> dict[int, int]:
