@@ -567,7 +567,7 @@ class DuplicateGroups:
     # --- persistence: a restart reads the same groups back ---------------------------------------------------
     def _rule(self) -> list[float]:
         t = self.tuning
-        return [t.containment, t.join_min_inliers, t.max_hops]
+        return [t.containment, t.join_min_inliers, t.max_hops, t.hop_agreement]
 
     def _save(self) -> None:
         view = self._view
