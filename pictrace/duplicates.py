@@ -322,6 +322,7 @@ def edit_of(readout: TransformReadout, size: tuple[int, int], hops: int) -> Edit
 
 _META_KEY = "duplicate_groups"
 _FORMAT = 1
+_RECENT_S = 30.0  # an image's links are read again for this long after it was added (the ingest links it then)
 _GREYS_KEPT = 4096  # grey thumbnails kept while grouping (~4 KB at 64 px, ~40 KB at 256 px)
 _FIRST_PAGE = 20  # groups of the first list page (the API's default limit): their keepers are chosen first
 
@@ -357,7 +358,8 @@ class DuplicateGroups:
         self._position: tuple[int, int] = (-1, -1)  # change log (seq, generation) applied
         self._link_generation = -1
         self._decisions: tuple[list[tuple[str, str]], list[str]] = ([], [])
-        self._recent: set[int] = set()  # images added since the links last tallied with the catalogue's
+        self._recent: dict[int, float] = {}  # images added lately, and when: their links are read again
+        self._links_stale = False  # the catalogue's copy links did not tally with those known
         self._keepers: dict[int, tuple[tuple[int, ...], int]] = {}  # anchor -> (its group, the keeper chosen)
         self._dirty = False
         self._saved_at = 0.0
@@ -365,6 +367,7 @@ class DuplicateGroups:
         self._thread: threading.Thread | None = None
         self._ready = False  # the first partition is published and its first page's keepers chosen
         self.ready_s: float | None = None  # seconds from start() to ready
+        self.cpu_s = 0.0  # CPU time the thread has spent (what following an ingest costs)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -403,6 +406,7 @@ class DuplicateGroups:
         started = time.perf_counter()
         while not self._stop.is_set():
             more = False
+            cpu = time.thread_time()
             try:
                 self._refresh()
                 # the first page's keepers before the first page is served: it then only reads them
@@ -417,6 +421,7 @@ class DuplicateGroups:
                         self._save()
             except Exception:  # a database hiccup must not end the thread; retried on the next tick
                 log.exception("could not update the duplicate groups; retrying")
+            self.cpu_s += time.thread_time() - cpu
             self._stop.wait(0.01 if more else self.tuning.refresh_s)
 
     # --- following the catalogue ----------------------------------------------------------------------------
@@ -497,7 +502,8 @@ class DuplicateGroups:
         grouping = self._grouping
         assert grouping is not None
         position, link_generation = self.catalogue.change_position(), self.catalogue.link_generation()
-        if (position.seq, position.generation) == self._position and link_generation == self._link_generation:
+        unchanged = (position.seq, position.generation) == self._position and link_generation == self._link_generation
+        if unchanged and not self._links_stale:
             return
         touched: set[int] = set()
         if position.generation != self._position[1]:
@@ -514,19 +520,23 @@ class DuplicateGroups:
         shapes = self.catalogue.image_shapes(added - set(grouping.shapes))
         self._sha.update((v, sha) for v, sha, *_ in shapes)
         touched |= grouping.add_images({v: Shape(w, h, n, pixels) for v, _, pixels, w, h, n in shapes})
-        self._recent |= {v for v, *_ in shapes}
-        if link_generation != self._link_generation:
+        now = time.monotonic()
+        self._recent.update((v, now) for v, *_ in shapes)
+        self._recent = {v: t for v, t in self._recent.items() if now - t <= _RECENT_S and v in grouping.shapes}
+        if link_generation != self._link_generation or self._links_stale:
             tally = self.catalogue.copy_tally()
             if tally != grouping.tally() and self._recent:
-                # the links of the images added lately (their own, and those owed at the end of their run)
+                # the links of the images added lately: an ingest writes them a moment after the images
                 touched |= grouping.add_links(self.catalogue.copy_fits(self._recent))
-            if tally != grouping.tally():  # a link among older images changed or went: read them all again
+            # a link among older images appeared, changed or went (those owed at the end of an ingest run):
+            # read them all again, once the gallery is quiet (not once a second through a long ingest)
+            self._links_stale = tally != grouping.tally()
+            if self._links_stale and not shapes:
                 every = self.catalogue.copy_fits()
                 for a, b in grouping.stored_pairs() - {(a, b) for a, b, *_ in every}:
                     touched |= grouping.remove_link(a, b)
                 touched |= grouping.add_links(every)
-            if tally == grouping.tally():
-                self._recent.clear()
+                self._links_stale = False
             decisions = self.catalogue.decisions()
             if decisions != self._decisions:
                 self._decisions = decisions
