@@ -360,6 +360,7 @@ class DuplicateGroups:
         self._decisions: tuple[list[tuple[str, str]], list[str]] = ([], [])
         self._recent: dict[int, float] = {}  # images added lately, and when: their links are read again
         self._links_stale = False  # the catalogue's copy links did not tally with those known
+        self._unsettled: set[int] = set()  # images placed one batch at a time, to place again together
         self._keepers: dict[int, tuple[tuple[int, ...], int]] = {}  # anchor -> (its group, the keeper chosen)
         self._dirty = False
         self._saved_at = 0.0
@@ -503,7 +504,7 @@ class DuplicateGroups:
         assert grouping is not None
         position, link_generation = self.catalogue.change_position(), self.catalogue.link_generation()
         unchanged = (position.seq, position.generation) == self._position and link_generation == self._link_generation
-        if unchanged and not self._links_stale:
+        if unchanged and not self._links_stale and not self._unsettled:
             return
         touched: set[int] = set()
         if position.generation != self._position[1]:
@@ -541,6 +542,15 @@ class DuplicateGroups:
             if decisions != self._decisions:
                 self._decisions = decisions
                 touched |= grouping.set_decisions(*self._decided(decisions))
+        # once the gallery is quiet, the groups of the images added since are placed again together, fullest
+        # first, as a build would place them: placed one batch at a time, an edit that arrived before its
+        # original anchored a group the original could only join as a member (copy-public ingested with the
+        # groups following: precision 0.980, recall 0.825, against 0.990 / 0.838 built at once)
+        self._unsettled |= {v for v, *_ in shapes}
+        if not shapes and self._unsettled:
+            for v in self._unsettled & set(grouping.shapes):
+                touched |= grouping.release(v)
+            self._unsettled.clear()
         grouping.place(touched)
         self._position, self._link_generation = (position.seq, position.generation), link_generation
         self._publish()
