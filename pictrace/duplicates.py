@@ -322,6 +322,7 @@ def edit_of(readout: TransformReadout, size: tuple[int, int], hops: int) -> Edit
 
 _META_KEY = "duplicate_groups"
 _FORMAT = 1
+_CLOSE_WAIT_S = 10.0  # how long a close waits for the thread to finish what it is doing
 _RECENT_S = 30.0  # an image's links are read again for this long after it was added (the ingest links it then)
 _GREYS_KEPT = 4096  # grey thumbnails kept while grouping (~4 KB at 64 px, ~40 KB at 256 px)
 _FIRST_PAGE = 20  # groups of the first list page (the API's default limit): their keepers are chosen first
@@ -379,10 +380,15 @@ class DuplicateGroups:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop following and store the partition. A first build still running (minutes at 100k) is not waited
+        for: its thread ends with the process, and the next start builds again."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=_CLOSE_WAIT_S)
+            if thread.is_alive():
+                log.info("the duplicate groups were still being computed at close: not stored")
+                return
         with self._lock:
             if self._dirty:
                 self._save()
@@ -737,10 +743,13 @@ class DuplicateGroups:
         inside = set(vec_ids)
         links = self.catalogue.pair_links(vec_ids)
         facts = self.catalogue.image_facts(vec_ids)
-        if len(facts) < len(vec_ids):  # removed meanwhile: the next refresh regroups it
+        if len(facts) < len(vec_ids):  # removed meanwhile: the next refresh places the rest again
             vec_ids = [v for v in vec_ids if v in facts]
+            if not vec_ids:
+                raise NotFoundError(f"duplicate group {view.ids[index]} was removed meanwhile")
         fits = self._fits(vec_ids, links)
-        keeper = facts[self._keeper(view, index, facts, fits)] if vec_ids[0] in facts else facts[vec_ids[0]]
+        chosen = self._keeper(view, index, facts, fits)
+        keeper = facts[chosen] if chosen in facts else facts[vec_ids[0]]
         ordered = [keeper.vec_id, *(v for v in vec_ids if v != keeper.vec_id)]
         shown = ordered[offset : None if limit is None else offset + limit]
         paths = _paths_to(keeper.vec_id, fits)
