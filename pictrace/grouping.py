@@ -10,10 +10,12 @@ the anchor by the homography that joins them to it:
   anchor's frame lies inside the member's (a border, a page or a screenshot around it): at least
   ``containment`` of the one frame's area lands in the other (the stored fit, extended over the frame);
 * it is linked to the anchor directly, or through one member that itself lies inside the anchor (at most
-  ``max_hops`` links composed), and a member reached through another must lie inside the anchor. A collage
-  holding part of the anchor's photo is not inside it (its other part maps outside the anchor's frame), and a
-  picture reached through the collage would be read in the anchor's frame through a map fitted on another
-  picture, hence no longer path through a collage.
+  ``max_hops`` links composed); a member reached through another must lie inside the anchor, and its pixels
+  must agree with the anchor's where the composed map puts it (``looks_alike``, given by the owner: the
+  thumbnails). A homography is fitted on the part two images share and extends over the whole frame, so a
+  collage linked to the anchor through one of its tiles may "lie inside" it by its other tiles' extension, and
+  a picture reached through that collage would be read in the anchor's frame through a map fitted on another
+  picture: the pixels say it does not show what the anchor shows there.
 
 Anchors are chosen greedily, the fullest first: a person's "keep this one" first, then images no other image
 contains, then those that contain the most others, then the most pixels and bytes; each anchor takes every
@@ -24,8 +26,8 @@ shots share such near-identity fits) brings in only an image that has no strong 
 The partition is kept up to date incrementally: new images and links are placed (attached to a group, or
 anchoring a new one) without regrouping the rest; a removed image, a removed link or a decision releases only
 the groups it touches, whose members are placed again. Placement is greedy, so the result depends on arrival
-order: the owner persists it (pictrace/duplicates.py) so that a restart reads back the same groups. Pure: no
-catalogue, no threads.
+order: the owner places an ingest run's images again together once it has ended, and persists the partition
+(pictrace/duplicates.py) so that a restart reads back the same groups. Pure: no catalogue, no threads.
 """
 
 from __future__ import annotations
