@@ -10,6 +10,7 @@ as two whole ingests are at the mercy of a shared machine's load, the link phase
 and without, interleaved on one catalogue.
 
     python bench/duplicates_quality.py [--eval ../shared/eval/copy-public] [--runs 1]
+    python bench/duplicates_quality.py --reuse DATA_DIR   # score the groups of a data dir built before
 
 Prints a table and writes bench/results/duplicates_quality.json. Never copies an eval image anywhere: the
 db.json names them where they are.
@@ -89,7 +90,62 @@ def main() -> None:
     parser.add_argument("--eval", type=Path, default=Path(__file__).resolve().parents[2] / "shared/eval/copy-public")
     parser.add_argument("--runs", type=int, default=1, help="ingests of each kind, alternated (cost)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "duplicates_quality.json")
+    parser.add_argument("--reuse", type=Path, help="score the groups of this data dir (no ingest, no cost figures)")
     asyncio.run(run(parser.parse_args()))
+
+
+def score(gt: dict[str, Any], found: list[list[str]], keepers: dict[str, list[str]]) -> dict[str, Any]:
+    """Pairwise precision and recall over the pairs touching the 400 labelled images, per edit type, the
+    look-alikes joined, and how often the keeper is the true original."""
+    group_of, edit_of = truth(gt)
+    true_groups: dict[str, list[str]] = {}
+    for image, original in group_of.items():
+        true_groups.setdefault(original, []).append(image)
+    true_pairs = pairs_of(list(true_groups.values()))
+    touching = {p for p in pairs_of(found) if p & group_of.keys()}
+    tp = len(touching & true_pairs)
+    per_type: dict[str, list[int]] = {}
+    for query, kind in edit_of.items():
+        same = any(query in g and group_of[query] in g for g in found)
+        per_type.setdefault(kind, [0, 0])[0] += int(same)
+        per_type[kind][1] += 1
+    judged = [(k, g) for k, g in keepers.items() if any(group_of.get(n) == n and len(g) > 1 for n in g)]
+    return {
+        "copy_tier": {
+            "precision": round(tp / len(touching), 4) if touching else 1.0,
+            "recall": round(tp / len(true_pairs), 4),
+            "true_pairs": len(true_pairs),
+            "predicted_pairs_touching": len(touching),
+            "true_positive_pairs": tp,
+        },
+        "lookalikes_joined_to_true_groups": sorted(
+            {n for g in found if set(g) & group_of.keys() for n in g if n not in group_of}
+        ),
+        "groups": len(found),
+        "keeper_is_the_original": f"{sum(1 for k, g in judged if group_of.get(k) == k)}/{len(judged)}",
+        "groups_among_the_other_gallery_photos": [sorted(g) for g in found if not set(g) & group_of.keys()],
+        "original_grouped_with_edit_by_type": {k: f"{v[0]}/{v[1]}" for k, v in sorted(per_type.items())},
+        "missed_by_type": dict(
+            Counter(edit_of[q] for q in edit_of if not any(q in g and group_of[q] in g for g in found))
+        ),
+    }
+
+
+async def groups_of(data_dir: Path) -> tuple[list[list[str]], dict[str, list[str]]]:
+    """The groups (entry ids) and each keeper's group, of an already built catalogue."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=data_dir, index_on_start=False, sync_interval_s=0
+    )
+    service = await Service.start(settings)
+    try:
+        service.duplicates.refresh()
+        groups = service.duplicates.all_groups()
+    finally:
+        await service.close()
+    return (
+        [[m.facts.entry_id for m in g.members] for g in groups],
+        {g.keeper.entry_id: [m.facts.entry_id for m in g.members] for g in groups},
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -97,6 +153,11 @@ async def run(args: argparse.Namespace) -> None:
     images = (args.eval / "images").resolve()
     names = list(gt["gallery"]) + [q["query"] for q in gt["queries"]]
     group_of, edit_of = truth(gt)
+    if args.reuse is not None:  # the groups of a catalogue this bench (or the same gallery) built before
+        found, keepers = await groups_of(args.reuse)
+        result = score(gt, found, keepers)
+        print(json.dumps({k: v for k, v in result.items() if k != "groups_among_the_other_gallery_photos"}, indent=2))
+        return
     shipped = Tuning()
     before = shipped.replace(duplicates={"nearest_candidates": 0, "frame_candidates": 0})
 
@@ -113,6 +174,7 @@ async def run(args: argparse.Namespace) -> None:
                     timings[label].append(elapsed)
                     if label == "duplicates":
                         started = time.perf_counter()
+                        service.duplicates.refresh()
                         groups = service.duplicates.all_groups()
                         grouping_s.append(time.perf_counter() - started)
                         if run == 0:

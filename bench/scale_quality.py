@@ -41,6 +41,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from duplicates_paging import duplicate_pages  # bench/ is on the path just above
+
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "eval"
 SETS = {"smvs-dvd-a": EVAL / "smvs-dvd-a" / "gt.json", "copy-public": EVAL / "copy-public" / "gt.json"}
@@ -160,26 +162,6 @@ async def serve_and_search(data_dir: Path, sets: dict[str, Path], tuning_file: P
     return out
 
 
-async def duplicate_pages(service: Any, pages: int = 10, limit: int = 20) -> dict[str, Any]:
-    """The duplicate groups' pages as /api/duplicates serves them: the first after a start (it groups the whole
-    gallery), then pages spread over the list (grouping cached until the catalogue changes)."""
-    started = time.perf_counter()
-    total, _ = await service.pool.run_background(service.duplicates.page, limit=limit)
-    first_ms = (time.perf_counter() - started) * 1000
-    times = []
-    for k in range(pages):
-        offset = (total * k) // pages
-        started = time.perf_counter()
-        await service.pool.run_background(service.duplicates.page, offset=offset, limit=limit)
-        times.append((time.perf_counter() - started) * 1000)
-    return {
-        "groups": total,
-        "first_page_ms": round(first_ms, 1),
-        "page_p50_ms": round(statistics.median(times), 1),
-        "page_max_ms": round(max(times), 1),
-    }
-
-
 def serving_process(workdir: Path, args: list[str], distractors: str = "-") -> dict[str, Any]:
     """``serve_and_search`` in a process of its own (its RSS is the serving process's), on ``workdir``/data."""
     serve = subprocess.run(
@@ -270,7 +252,8 @@ def print_serving(s: dict[str, Any], d: dict[str, Any]) -> None:
     )
     dup = s["duplicates"]
     print(
-        f"duplicates  {dup['groups']:,} groups: first page {dup['first_page_ms']:.0f} ms, then p50"
+        f"duplicates  {dup['groups']:,} groups ready {dup['ready_s']:.1f} s after the start, largest"
+        f" {dup['largest_groups'][:1]}: first page {dup['first_page_ms']:.0f} ms, then p50"
         f" {dup['page_p50_ms']:.0f} ms, max {dup['page_max_ms']:.0f} ms"
     )
     print(f"\n{'set':<14}{'queries':>8}{'mAP':>8}{'R@1':>8}{'R@5':>8}{'p50 ms':>8}{'p95 ms':>8}")

@@ -208,8 +208,11 @@ def _duplicates(settings: Settings, tuning: Tuning, tier: str | None, fmt: str) 
     from pictrace.service import open_catalogue
 
     catalogue = open_catalogue(settings)
+    duplicates = DuplicateGroups(catalogue, tuning.duplicates)
     try:
-        groups = [group_info(g) for g in DuplicateGroups(catalogue, tuning.duplicates).all_groups(tier)]  # type: ignore[arg-type]
+        duplicates.refresh()  # the stored partition, brought up to date (or built, on a catalogue never served)
+        groups = [group_info(g) for g in duplicates.all_groups(tier)]  # type: ignore[arg-type]
+        duplicates.close()
     finally:
         catalogue.close()
     if fmt == "json":

@@ -65,6 +65,16 @@ class NotReadyError(PicTraceError):
     """The service cannot answer yet (model or index still loading)."""
 
 
+class GroupsNotReadyError(NotReadyError):
+    """The duplicate groups are still being computed (after a start, in the background): retry shortly."""
+
+    def __init__(
+        self, message: str = "the duplicate groups are being computed, retry shortly", *, retry_after_s: int = 2
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelWeightsError(NotReadyError):
     """A backbone cannot be built: its weights file (or its library) is missing or does not fit.
 

@@ -238,10 +238,14 @@ class DuplicateMember(DuplicateImage):
 class DuplicateGroupInfo(BaseModel):
     id: str = Field(description="Stable while the member with the smallest sha256 stays.")
     tier: Literal["exact", "copy"] = Field(description="exact: every member has the same pixels; else copy.")
-    size: int
+    size: int = Field(description="Members in all.")
     keeper: str = Field(description="sha256 of the member to keep.")
     decided: bool = Field(description="The keeper was chosen by a person ('keep this one').")
-    members: list[DuplicateMember] = Field(description="The keeper first.")
+    member_offset: int = Field(0, description="Where ``members`` starts among all (the keeper is the first).")
+    members: list[DuplicateMember] = Field(
+        description="A page of the members, the keeper first: a list page shows the first few, "
+        "GET /api/duplicates/{group_id} takes offset and limit."
+    )
     similar: list[DuplicateImage] = Field(description="Linked to a member as similar: shown beside, never merged.")
 
 

@@ -149,6 +149,7 @@ class Service:
             pixels=PixelBudget(tuning.decoding.budget_pixels, settings.queue_limit),
             duplicates=DuplicateGroups(catalogue, tuning.duplicates),
         )
+        service.duplicates.start()  # in a thread of its own: a start does not wait for the groups
         if settings.sync_interval_s > 0:
             service.sync_task = asyncio.create_task(service._follow_catalogue())
         return service
@@ -182,6 +183,7 @@ class Service:
             self.sync_task.cancel()
             await asyncio.gather(self.sync_task, return_exceptions=True)
         self.queries.clear()
+        await asyncio.to_thread(self.duplicates.close)  # stores the groups for the next start
         await self.fetcher.close()
         self.pool.shutdown()
         self.searcher.close()

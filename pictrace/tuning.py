@@ -156,11 +156,27 @@ class Verdicts(_Frozen):
 
 
 class Duplicates(_Frozen):
-    """How copy links join into duplicate groups: docs/duplicates.md (bench/duplicates_quality.py on
-    copy-public: a single weak link between two groups was how look-alike clothing shots merged, 0.85 precision
-    against 0.99 when weak links may only bring in a single image)."""
+    """How copy links make duplicate groups: docs/duplicates.md (bench/duplicates_quality.py on copy-public:
+    look-alike clothing shots share weak near-identity fits; letting such a link only bring in an image with no
+    stronger link kept every look-alike out)."""
 
-    join_min_inliers: Annotated[int, Field(ge=0)] = 40  # a link joining two groups of several images needs this
+    join_min_inliers: Annotated[int, Field(ge=0)] = 40  # a weaker link only brings in an image with no stronger
+    # A member is a copy of its group's anchor when this share of one frame lies inside the other by their
+    # composed homography (pictrace/grouping.py). copy-public (bench/duplicates_quality.py, pair precision /
+    # recall): 0.6 0.990/0.852, 0.7 0.990/0.848, 0.8 0.990/0.813, 0.9 0.989/0.778 (screenshots that cut the
+    # picture fall out first); 10k real-content largest group (before the pixel check below): 47-49 for all.
+    containment: Annotated[float, Field(gt=0.5, le=1)] = 0.7
+    # links composed from a member to its anchor: 1 joins only what matched the anchor itself (copy-public
+    # recall 0.69), 2 also through a member inside the anchor (0.81); with no bound, maps composed through
+    # collages chained 8,651 of 10k real-content images into one group again
+    max_hops: Annotated[int, Field(ge=1, le=4)] = 2
+    # ... and a member reached through another must show, by its thumbnail, the anchor's picture where the
+    # composed map puts it in this share of its textured cells (a map fitted on one tile of a collage, extended
+    # over the rest, does not): 10k real-content largest group 49 -> 21, copy-public recall 0.848 -> 0.840
+    hop_agreement: Annotated[float, Field(ge=0, le=1)] = 0.6
+    refresh_s: Annotated[float, Field(gt=0, le=60)] = 1.0  # how often the groups follow the catalogue
+    save_every_s: Annotated[float, Field(gt=0)] = 30.0  # the partition is stored at most this often (and at close)
+    list_members: Annotated[int, Field(ge=1, le=100)] = 6  # members each group of a list page shows
     # At ingest each image is also matched with its nearest vectors (small copies get few votes: 0.83 -> 0.84
     # pair recall), and those at least mirror_min_embedding close against its mirror too: mirrored copies
     # measured cosine 0.94-0.98 there, look-alike shots 0.8-0.9 (each a wasted mirror check, ~5 ms).

@@ -286,6 +286,14 @@ def test_keyboard_reaches_every_control(page: Any, live: LiveServer) -> None:
 
 def test_duplicates_page_with_the_keyboard_and_a_decision(page: Any, live: LiveServer) -> None:
     """Last in the file: its decision splits the crop from chelsea (searches ignore it; this page does not)."""
+    import httpx
+
+    deadline = time.monotonic() + 30  # the groups follow the catalogue in the background, within a second or two
+    while time.monotonic() < deadline:
+        answer = httpx.get(f"{live.url}/api/duplicates")
+        if answer.status_code == 200 and answer.json()["total"] >= 1:
+            break
+        time.sleep(0.2)
     page.goto(f"{live.url}/duplicates")
     groups = page.locator(".dup-group")
     assert groups.count() == 1 and page.inner_text("#dup-total") == "1 group"

@@ -344,6 +344,14 @@ class TestCatalogue:
         assert cat.add_links(a, [LinkFit(b, 60, "copy", 0.9, hom)]) == 1
         assert cat.link_generation() > before
         assert cat.links_of_tier("copy") == [(a, b, 60)] and cat.links_of_tier("similar") == []
+        # what the duplicate groups read: the copy links with their fits (all, or those touching some images),
+        # a tally to notice a change, and each image's size
+        for fits in (cat.copy_fits(), cat.copy_fits([b])):
+            assert [(x, y, n) for x, y, n, _ in fits] == [(a, b, 60)] and np.allclose(fits[0][3], hom)
+        assert cat.copy_fits([999]) == [] and cat.copy_tally() == (1, 60)
+        shapes = {v: rest for v, *rest in cat.image_shapes()}
+        assert set(shapes) == {a, b} and cat.image_shapes([b]) == [(b, *shapes[b])]
+        assert shapes[a][0] == stored(1).sha256
         there, back = sorted(cat.pair_links([a, b]), key=lambda link: link.vec_id)
         assert (there.tier, there.cosine) == ("copy", pytest.approx(0.9))
         assert there.homography is not None and back.homography is not None

@@ -16,8 +16,10 @@ from fastapi.testclient import TestClient
 from test_cli import run_cli
 
 from pictrace.config import Settings
-from pictrace.duplicates import Group, partition
+from pictrace.duplicates import DuplicateGroups, Group
+from pictrace.errors import GroupsNotReadyError
 from pictrace.gallery import load_gallery
+from pictrace.grouping import Grouping, Shape
 from pictrace.service import Service
 from pictrace.web import create_app
 
@@ -57,6 +59,7 @@ async def started(settings: Settings, ingest: bool = True) -> Service:
     if ingest:
         report = await service.ingestor.ingest_gallery(load_gallery(settings.db))
         assert not report.failed
+    service.duplicates.refresh()  # the background thread follows within a second; the tests read at once
     return service
 
 
@@ -133,20 +136,61 @@ async def test_decisions_stick_through_a_restart_and_a_new_ingest(gallery: Setti
             await service.close()
 
 
-def test_partition_joins_strongest_links_first_and_never_a_separated_pair() -> None:
-    links = [(1, 2, 90), (2, 3, 80), (3, 4, 30), (5, 6, 40)]
-    assert partition(links, [(7, "p"), (8, "p")]) == [[1, 2, 3, 4], [5, 6], [7, 8]]
-    # 1 and 4 are not duplicates: the weakest link that would join them is left out
-    assert partition(links, [], apart=[(1, 4)]) == [[1, 2, 3], [5, 6]]
-    # a weak link brings a single image in, but does not merge two groups of several (look-alikes)
-    weak = [(1, 2, 90), (3, 4, 80), (2, 3, 30), (4, 5, 30)]
-    assert partition(weak, [], join_min_inliers=40) == [[1, 2], [3, 4, 5]]
-    # a strong link merges two groups only when a second link between them agrees (one may be an accident:
-    # the same black corners of two pictures turned by one angle)
-    assert partition(weak, [], join_min_inliers=0) == [[1, 2], [3, 4, 5]]
-    assert partition([*weak, (1, 4, 50)], [], join_min_inliers=0) == [[1, 2, 3, 4, 5]]
-    assert partition([*weak, (1, 4, 50)], [], join_min_inliers=40) == [[1, 2, 3, 4, 5]]  # 2-3 agrees
-    assert partition([(1, 2, 90), (3, 4, 80), (1, 4, 50)], [], join_min_inliers=40) == [[1, 2], [3, 4]]
+def shift(dx: float, dy: float, scale: float = 1.0) -> np.ndarray:
+    return np.array([[scale, 0, dx], [0, scale, dy], [0, 0, 1]], dtype=float)
+
+
+def grouped(grouping: Grouping) -> list[list[int]]:
+    return sorted(sorted(g) for g in grouping.groups())
+
+
+def test_a_collage_of_two_photos_does_not_chain_their_groups() -> None:
+    """1, 2: photos (400 x 400); 3, 4: crops of them; 5: a collage of two other crops, its left half from 1's
+    middle and its right half from 2's (each link's map extends over the whole frame, so the collage's other
+    half lands outside the photo); 6: a crop of 3, matched with 3 only."""
+    grouping = Grouping(containment=0.8, join_min_inliers=40, max_hops=2)
+    sizes = {1: (400, 400), 2: (400, 400), 3: (200, 200), 4: (200, 200), 5: (400, 200), 6: (100, 100)}
+    grouping.add_images({v: Shape(w, h, w * h, f"p{v}") for v, (w, h) in sizes.items()})
+    links = [
+        (3, 1, 300, shift(50, 50)),
+        (4, 2, 300, shift(50, 50)),
+        (5, 1, 200, shift(150, 100)),
+        (5, 2, 200, shift(-50, 100)),
+        (5, 3, 200, shift(100, 50)),
+        (5, 4, 200, shift(-100, 50)),
+        (6, 3, 90, shift(50, 50)),
+    ]
+    grouping.place(grouping.add_links(links))
+    groups = grouped(grouping)  # joining the links transitively made one group of all six
+    assert [1, 3, 6] in groups and any({2, 4} <= set(g) for g in groups), groups
+    # the collage may join one photo's group (its frame, extended by that photo's fit, may lie inside it), but
+    # it never brings the other photo's copies along
+    assert not any({1, 2} <= set(g) or {3, 4} <= set(g) for g in groups), groups
+
+
+def test_grouping_rules_weak_links_decisions_and_restore() -> None:
+    grouping = Grouping(containment=0.8, join_min_inliers=40, max_hops=2)
+    grouping.add_images({v: Shape(100, 100, 1000 + v, f"p{v}") for v in range(1, 8)})
+    grouping.add_images({8: Shape(100, 100, 5, "p1")})  # 1's very pixels: exact, no link needed
+    same = shift(0, 0)
+    links = [(1, 2, 90, same), (1, 3, 80, same), (4, 5, 30, same), (5, 6, 28, same), (1, 4, 29, same)]
+    grouping.place(grouping.add_links(links) | {8})
+    # a weak link brings in only an image with no strong link; look-alikes (weak only) pair among themselves
+    assert grouped(grouping) == [[1, 2, 3, 8], [4, 5, 6]]
+    # not duplicates: 1 and 3 are never in one group again; a kept image anchors its own group
+    grouping.place(grouping.set_decisions([(1, 3)], [2]))
+    groups = grouped(grouping)
+    assert not any({1, 3} <= set(g) for g in groups) and grouping.anchor_of[2] == 2
+    # a partition read back from its groups is the same partition
+    again = Grouping(containment=0.8, join_min_inliers=40, max_hops=2)
+    again.add_images(dict(grouping.shapes))
+    again.add_links(links)
+    again.set_decisions([(1, 3)], [2])
+    again.place(again.restore(list(grouping.groups()), grouping.vias(), grouping.alone()))
+    assert grouped(again) == groups
+    # an image removed: only its group is placed again
+    grouping.place(grouping.remove_images([2]))
+    assert not any(2 in g for g in grouped(grouping)) and [4, 5, 6] in grouped(grouping)
 
 
 TOKEN = "dups-token"
@@ -200,3 +244,90 @@ async def test_cli_prints_one_row_per_member(gallery: Settings, tmp_path: Path) 
     as_json = json.loads(run_cli("duplicates", "--json", "--tier", "copy", cwd=tmp_path).stdout)
     assert len(as_json) == 1 and as_json[0]["size"] == 4
     assert json.loads(run_cli("duplicates", "--json", "--tier", "exact", cwd=tmp_path).stdout) == []
+
+
+async def test_members_page_within_a_group_and_the_list_shows_the_first_few(gallery: Settings) -> None:
+    service = await started(gallery)
+    try:
+        total, groups = service.duplicates.page(members=2)
+        group = groups[0]
+        assert total == 1 and group.size == 4 and len(group.members) == 2 and group.members[0].tier == "keeper"
+        everyone = service.duplicates.group(group.id)
+        assert everyone.size == 4 and [m.facts.sha256 for m in everyone.members][:2] == [
+            m.facts.sha256 for m in group.members
+        ]
+        rest = service.duplicates.group(group.id, offset=2, limit=5)
+        assert rest.offset == 2 and [m.facts.sha256 for m in rest.members] == [
+            m.facts.sha256 for m in everyone.members[2:]
+        ]
+        assert all(m.tier == "copy" and m.edit is not None for m in rest.members)
+    finally:
+        await service.close()
+    with TestClient(create_app(gallery)) as client:
+        listed = client.get("/api/duplicates").json()["groups"][0]
+        assert listed["size"] == 4 and listed["member_offset"] == 0
+        page = client.get(f"/api/duplicates/{listed['id']}", params={"offset": 1, "limit": 2}).json()
+        assert page["member_offset"] == 1 and len(page["members"]) == 2 and page["size"] == 4
+        assert all(m["role"] != "keeper" for m in page["members"])
+        assert client.get(f"/api/duplicates/{listed['id']}", params={"limit": 0}).status_code == 422
+        one = client.get("/duplicates", params={"group": listed["id"]})
+        assert one.status_code == 200 and one.text.count('<li class="dup-member') == 4
+
+
+async def test_the_partition_is_the_same_after_a_restart(gallery: Settings) -> None:
+    service = await started(gallery)
+    try:
+        before = service.duplicates.page()[1]
+        stored = service.catalogue.get_meta("duplicate_groups")
+    finally:
+        await service.close()
+    service = await started(gallery, ingest=False)
+    try:
+        after = service.duplicates.page()[1]
+        assert [(g.id, g.keeper.sha256, names(g)) for g in after] == [(g.id, g.keeper.sha256, names(g)) for g in before]
+        assert stored is not None and service.catalogue.get_meta("duplicate_groups") is not None
+    finally:
+        await service.close()
+
+
+async def test_an_added_image_joins_the_groups_without_a_regroup(
+    gallery: Settings, photos: dict[str, np.ndarray]
+) -> None:
+    service = await started(gallery)
+    try:
+        grouping = service.duplicates._grouping  # followed in place, not built again
+        [before] = service.duplicates.page()[1]
+        added = await service.ingestor.add_image(encode(crop(photos["coffee"], 0.7, 0.1)), entry_id="coffee-crop")
+        assert added.added
+        service.duplicates.refresh()
+        total, groups = service.duplicates.page()
+        assert total == 2 and service.duplicates._grouping is grouping
+        coffee = next(g for g in groups if "coffee" in names(g))
+        assert sorted(names(coffee)) == ["coffee", "coffee-crop"]
+        again = next(g for g in groups if g.id == before.id)
+        assert names(again) == names(before)
+        await service.ingestor.remove_image(added.sha256)  # removed: its group goes, the other stays
+        service.duplicates.refresh()
+        assert [g.id for g in service.duplicates.page()[1]] == [before.id]
+    finally:
+        await service.close()
+
+
+async def test_pages_before_the_groups_are_computed_say_so(gallery: Settings) -> None:
+    service = await started(gallery)
+    try:
+        fresh = DuplicateGroups(service.catalogue, service.tuning.duplicates)  # not started: nothing computed yet
+        with pytest.raises(GroupsNotReadyError) as raised:
+            fresh.page()
+        assert raised.value.retry_after_s >= 1
+        fresh.refresh()
+        assert fresh.page()[0] == 1
+    finally:
+        await service.close()
+    with TestClient(create_app(gallery)) as client:
+        # a start does not wait for the groups: /api/health answers whatever the groups' state
+        assert client.get("/api/health").status_code == 200
+        from pictrace.web.errors import headers_for, status_for
+
+        error = GroupsNotReadyError()
+        assert status_for(error) == 503 and headers_for(error)["Retry-After"] == "2"

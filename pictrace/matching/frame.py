@@ -53,3 +53,38 @@ def _gradients(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def rescale_homography(a: tuple[int, int], b: tuple[int, int]) -> np.ndarray:
     """The homography of a whole-frame copy: ``a``'s pixels onto ``b``'s (sizes as width, height)."""
     return np.diag([b[0] / a[0], b[1] / a[1], 1.0])
+
+
+def cells_agreeing(a: np.ndarray, b: np.ndarray, a_to_b: np.ndarray, cells: int = 4) -> float:
+    """Where a homography says grey image ``a`` shows part of grey image ``b`` (``a_to_b``: a's pixels -> b's),
+    the share of a's cells (a ``cells`` x ``cells`` grid) whose gradients correlate with b's warped onto them
+    (at least 0.5), among the cells that lie inside b and have texture in both. A copy agrees in nearly every
+    cell; a map fitted on one part of a collage and extended over the rest does not agree beyond that part."""
+    h, w = a.shape[:2]
+    if min(h, w) < 2 * cells:
+        return 1.0  # too small to say where it agrees
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpPerspective(b, a_to_b, (w, h), flags=flags)
+    inside = cv2.warpPerspective(np.full(b.shape[:2], 255, np.uint8), a_to_b, (w, h), flags=flags) == 255
+    (ax, ay), (bx, by) = _gradients(cv2.GaussianBlur(a, (0, 0), 1.0)), _gradients(cv2.GaussianBlur(warped, (0, 0), 1.0))
+    weight = inside.astype(np.float64)
+    rows, cols = [i * h // cells for i in range(cells)], [j * w // cells for j in range(cells)]
+
+    def per_cell(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(np.add.reduceat(x, rows, axis=0), cols, axis=1)
+
+    num = per_cell((ax * bx + ay * by) * weight)
+    den_a, den_b = per_cell((ax * ax + ay * ay) * weight), per_cell((bx * bx + by * by) * weight)
+    shown, area = per_cell(weight), per_cell(np.ones_like(weight))
+    # a cell says something where most of it lies inside b and both have texture there (not a plain
+    # background, not a black corner)
+    judged = (shown >= 0.5 * area) & (den_a >= _TEXTURE * shown) & (den_b >= _TEXTURE * shown)
+    if not judged.any():
+        return 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = num / np.sqrt(den_a * den_b)
+    return float((corr[judged] >= _CELL_AGREES).mean())
+
+
+_TEXTURE = 100.0  # mean squared Sobel response (grey levels) below which a cell is flat
+_CELL_AGREES = 0.5

@@ -118,6 +118,46 @@ class LinkQueries(SqlAccess):
         rows = self._query("SELECT vec_id, other, inliers FROM links WHERE tier = ? AND vec_id < other", (tier,))
         return [(int(a), int(b), int(n)) for a, b, n in rows]
 
+    def copy_fits(self, vec_ids: Iterable[int] | None = None) -> list[tuple[int, int, int, np.ndarray | None]]:
+        """Copy links once each, ``(a, b, inliers, a's pixels -> b's)`` with ``a < b``: every one, or those
+        touching ``vec_ids``."""
+        sql = "SELECT vec_id, other, inliers, fit FROM links WHERE tier = 'copy' AND vec_id < other"
+        if vec_ids is None:  # in slices of vec_ids: the catalogue answers other queries in between
+            top = self._query("SELECT MAX(vec_id) FROM images")[0][0]
+            every: list[tuple[int, int, int, np.ndarray | None]] = []
+            for start in range(0, int(top or 0) + 1, 4096):
+                rows = self._query(f"{sql} AND vec_id >= ? AND vec_id < ?", (start, start + 4096))
+                every.extend((int(a), int(b), int(n), _fit_of(fit)) for a, b, n, fit in rows)
+            return every
+        wanted = sorted({int(v) for v in vec_ids})
+        out: dict[tuple[int, int], tuple[int, int, int, np.ndarray | None]] = {}
+        for start in range(0, len(wanted), 256):
+            chunk = wanted[start : start + 256]
+            m = marks(len(chunk))
+            for a, b, n, fit in self._query(f"{sql} AND (vec_id IN ({m}) OR other IN ({m}))", [*chunk, *chunk]):
+                out[(int(a), int(b))] = (int(a), int(b), int(n), _fit_of(fit))
+        return list(out.values())
+
+    def copy_tally(self) -> tuple[int, int]:
+        """(copy links, their inliers summed): a cheap check that no copy link appeared, changed or went
+        among images already known."""
+        rows = self._query("SELECT COUNT(*), SUM(inliers) FROM links WHERE tier = 'copy' AND vec_id < other")
+        return int(rows[0][0] or 0), int(rows[0][1] or 0)
+
+    def image_shapes(self, vec_ids: Iterable[int] | None = None) -> list[tuple[int, str, str, int, int, int]]:
+        """``(vec_id, sha256, pixel_sha256, width, height, nbytes)`` of every image (or of ``vec_ids``): what
+        grouping reads."""
+        sql = "SELECT vec_id, sha256, pixel_sha256, width, height, nbytes FROM images"
+        if vec_ids is None:
+            rows = self._query(sql)
+        else:
+            wanted = sorted({int(v) for v in vec_ids})
+            rows = []
+            for start in range(0, len(wanted), 512):
+                chunk = wanted[start : start + 512]
+                rows.extend(self._query(f"{sql} WHERE vec_id IN ({marks(len(chunk))})", chunk))
+        return [(int(v), str(s), str(p), int(w), int(h), int(n)) for v, s, p, w, h, n in rows]
+
     def pixel_twins(self) -> list[tuple[int, str]]:
         """``(vec_id, pixel_sha256)`` of every image that shares its decoded pixels with another one."""
         rows = self._query(

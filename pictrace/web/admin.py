@@ -251,6 +251,7 @@ async def not_duplicates(request: Request, service: ServiceDep) -> Decided:
         if not await service.pool.run(service.catalogue.has_image, sha):
             raise NotFoundError(f"no image with sha256 {sha}")
     await service.pool.run(service.catalogue.decide_distinct, a, b)
+    await service.pool.run(service.duplicates.refresh)  # the answer shows the group after the decision
     try:
         group = group_info(await service.pool.run(service.duplicates.group, a))
     except NotFoundError:
@@ -275,6 +276,7 @@ async def keep(request: Request, service: ServiceDep) -> Decided:
             if member.facts.sha256 != sha:
                 await service.ingestor.remove_image(member.facts.sha256)
                 deleted.append(member.facts.sha256)
+    await service.pool.run(service.duplicates.refresh)
     try:
         after = group_info(await service.pool.run(service.duplicates.group, sha))
     except NotFoundError:

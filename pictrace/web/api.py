@@ -260,6 +260,8 @@ async def duplicates(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> DuplicatePage:
+    """Each group with its keeper, its size and its first few members (the rest: the group's own endpoint).
+    Until the groups are first computed after a start: 503 with Retry-After."""
     total, groups = await service.pool.run(
         service.duplicates.page, tier=tier, min_size=min_size, offset=offset, limit=limit
     )
@@ -270,7 +272,14 @@ async def duplicates(
     "/api/duplicates/{group_id}",
     response_model=DuplicateGroupInfo,
     responses={404: {"description": "No such group"}, 503: ERRORS[503]},
-    summary="One group of duplicates, by its id or by any member's sha256",
+    summary="One group of duplicates, by its id or by any member's sha256, its members a page at a time",
 )
-async def duplicate_group(group_id: str, service: ServiceDep) -> DuplicateGroupInfo:
-    return group_info(await service.pool.run(service.duplicates.group, group_id.strip().lower()))
+async def duplicate_group(
+    group_id: str,
+    service: ServiceDep,
+    offset: Annotated[int, Query(ge=0, description="The first member shown (0: the keeper).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="Members shown.")] = 100,
+) -> DuplicateGroupInfo:
+    return group_info(
+        await service.pool.run(service.duplicates.group, group_id.strip().lower(), offset=offset, limit=limit)
+    )

@@ -38,7 +38,7 @@ def status_for(exc: errors.PicTraceError) -> int:
 
 
 def headers_for(exc: errors.PicTraceError) -> dict[str, str]:
-    if isinstance(exc, errors.OverloadedError):
+    if isinstance(exc, (errors.OverloadedError, errors.GroupsNotReadyError)):
         return {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, errors.AuthError) and not isinstance(exc, errors.WritesDisabledError):
         return {"WWW-Authenticate": "Bearer"}

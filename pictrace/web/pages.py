@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 from starlette.templating import Jinja2Templates
 
 from pictrace.duplicates import GroupTier, group_info
-from pictrace.errors import AuthError, InvalidInputError, PicTraceError
+from pictrace.errors import AuthError, GroupsNotReadyError, InvalidInputError, PicTraceError
 from pictrace.matching.verdict import Verdict
 from pictrace.schemas import SearchResult, thumbnail_url
 from pictrace.web.auth import check_token
@@ -151,33 +151,53 @@ async def gallery_page(request: Request, service: ServiceDep, page: int = 1) -> 
 
 
 DUPLICATES_PAGE_SIZE = 20
+GROUP_PAGE_SIZE = 60  # members of one group shown at a time (/duplicates?group=...)
 
 
 @router.get("/duplicates", response_class=HTMLResponse)
 async def duplicates_page(
-    request: Request, service: ServiceDep, page: int = 1, tier: str = "", min_size: int = 2
+    request: Request, service: ServiceDep, page: int = 1, tier: str = "", min_size: int = 2, group: str = ""
 ) -> HTMLResponse:
-    """Every duplicate group, a page at a time, the keeper first in each row."""
+    """Every duplicate group, a page at a time, the keeper first in each row with its first few members; or,
+    with ``group``, that one group's members a page at a time. While the groups are first computed after a
+    start, a notice that reloads itself."""
     status = await _status(service)
     chosen: GroupTier | None = "exact" if tier == "exact" else "copy" if tier == "copy" else None
     min_size = max(2, min_size)
-    size = DUPLICATES_PAGE_SIZE
-    total, _ = await service.pool.run(service.duplicates.page, tier=chosen, min_size=min_size, limit=0)
-    pages = max(1, math.ceil(total / size))
-    page = min(max(1, page), pages)
-    offset = (page - 1) * size
-    _, groups = await service.pool.run(
-        service.duplicates.page, tier=chosen, min_size=min_size, offset=offset, limit=size
-    )
     context: dict[str, object] = {
         "status": status,
-        "groups": [group_info(g) for g in groups],
-        "total": total,
-        "page": page,
-        "pages": pages,
-        "offset": offset,
+        "groups": [],
+        "total": 0,
+        "page": 1,
+        "pages": 1,
+        "offset": 0,
         "tier": chosen or "",
         "min_size": min_size,
         "query": (f"&tier={chosen}" if chosen else "") + (f"&min_size={min_size}" if min_size > 2 else ""),
+        "computing": False,
+        "single": None,
     }
+    try:
+        if group:
+            first = await service.pool.run(service.duplicates.group, group.strip().lower(), offset=0, limit=1)
+            pages = max(1, math.ceil(first.size / GROUP_PAGE_SIZE))
+            page = min(max(1, page), pages)
+            one = await service.pool.run(
+                service.duplicates.group, first.id, offset=(page - 1) * GROUP_PAGE_SIZE, limit=GROUP_PAGE_SIZE
+            )
+            context.update(
+                groups=[group_info(one)], total=1, page=page, pages=pages, single=one.id, query=f"&group={one.id}"
+            )
+        else:
+            size = DUPLICATES_PAGE_SIZE
+            total, _ = await service.pool.run(service.duplicates.page, tier=chosen, min_size=min_size, limit=0)
+            pages = max(1, math.ceil(total / size))
+            page = min(max(1, page), pages)
+            offset = (page - 1) * size
+            _, groups = await service.pool.run(
+                service.duplicates.page, tier=chosen, min_size=min_size, offset=offset, limit=size
+            )
+            context.update(groups=[group_info(g) for g in groups], total=total, page=page, pages=pages, offset=offset)
+    except GroupsNotReadyError:
+        context["computing"] = True
     return templates(request).TemplateResponse(request, "duplicates.html", context)
