@@ -53,7 +53,9 @@ async def wait_ready(service: Any, timeout_s: float = 3600) -> float:
     return time.perf_counter() - started
 
 
-async def duplicate_pages(service: Any, pages: int = 10, limit: int = 20) -> dict[str, Any]:
+async def duplicate_pages(
+    service: Any, pages: int = 10, limit: int = 20, keepers_wait_s: float = 300
+) -> dict[str, Any]:
     """The duplicate groups' pages as /api/duplicates serves them, once the groups are ready: the first list
     page, pages spread over the list (their keepers chosen on the spot where the background thread has not yet),
     member pages of the largest group, and list pages again once every keeper is chosen."""
@@ -66,13 +68,15 @@ async def duplicate_pages(service: Any, pages: int = 10, limit: int = 20) -> dic
         times.append(ms)
         cpu.append(cpu_ms)
     started = time.perf_counter()
-    while service.duplicates.pending_keepers():  # pages after every keeper is chosen (steady state)
-        if time.perf_counter() - started > 3600:
-            raise TimeoutError("the keepers were not all chosen in an hour")
-        await asyncio.sleep(0.2)
+    # pages after every keeper is chosen (steady state); on a large first start that can take longer than a
+    # bench should wait, and then the pending count is what it reports
+    pending = service.duplicates.pending_keepers()
+    while pending and time.perf_counter() - started < keepers_wait_s:
+        await asyncio.sleep(1.0)
+        pending = service.duplicates.pending_keepers()
     keepers_s = time.perf_counter() - started
     steady, steady_cpu = [], []
-    for k in range(pages):
+    for k in range(pages if not pending else 0):
         _, ms, cpu_ms = await _timed(service, service.duplicates.page, offset=(total * k) // pages, limit=limit)
         steady.append(ms)
         steady_cpu.append(cpu_ms)
@@ -97,7 +101,8 @@ async def duplicate_pages(service: Any, pages: int = 10, limit: int = 20) -> dic
         "page_cpu_max_ms": round(max(cpu), 1) if cpu else None,
         "member_page_ms": [round(ms, 1) for ms in member_ms],
         "member_page_cpu_ms": [round(ms, 1) for ms in member_cpu],
-        "keepers_all_chosen_s": round(ready_s + keepers_s, 1),
+        "keepers_all_chosen_s": None if pending else round(ready_s + keepers_s, 1),
+        "keepers_pending": pending,
         "page_p50_ms_after": round(statistics.median(steady), 1) if steady else None,
         "page_max_ms_after": round(max(steady), 1) if steady else None,
         "page_cpu_p50_ms_after": round(statistics.median(steady_cpu), 1) if steady_cpu else None,
@@ -145,11 +150,14 @@ def main() -> None:
         f"member pages     {result['member_page_ms']} ms, CPU {result['member_page_cpu_ms']} ms (100 members of the"
         " largest group)"
     )
-    print(
-        f"every keeper     chosen {result['keepers_all_chosen_s']:.0f} s after the start; list pages then p50 "
-        f"{result['page_p50_ms_after']:.0f} ms, max {result['page_max_ms_after']:.0f} ms (CPU p50 "
-        f"{result['page_cpu_p50_ms_after']:.0f}, max {result['page_cpu_max_ms_after']:.0f})"
-    )
+    if result["keepers_pending"]:
+        print(f"every keeper     not yet: {result['keepers_pending']:,} groups' keepers still to choose")
+    else:
+        print(
+            f"every keeper     chosen {result['keepers_all_chosen_s']:.0f} s after the start; list pages then p50 "
+            f"{result['page_p50_ms_after']:.0f} ms, max {result['page_max_ms_after']:.0f} ms (CPU p50 "
+            f"{result['page_cpu_p50_ms_after']:.0f}, max {result['page_cpu_max_ms_after']:.0f})"
+        )
     out = a.out or Path(__file__).parent / "results" / f"duplicates_paging_{result['images']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
