@@ -189,6 +189,20 @@ class ImageQueries(SqlAccess):
         )
         return [int(r[0]) for r in rows]
 
+    def image_shapes(self, vec_ids: Iterable[int] | None = None) -> list[tuple[int, str, str, int, int, int]]:
+        """``(vec_id, sha256, pixel_sha256, width, height, nbytes)`` of every image (or of ``vec_ids``): what
+        grouping reads."""
+        sql = "SELECT vec_id, sha256, pixel_sha256, width, height, nbytes FROM images"
+        if vec_ids is None:
+            rows = self._query(sql)
+        else:
+            wanted = sorted({int(v) for v in vec_ids})
+            rows = []
+            for start in range(0, len(wanted), 512):
+                chunk = wanted[start : start + 512]
+                rows.extend(self._query(f"{sql} WHERE vec_id IN ({marks(len(chunk))})", chunk))
+        return [(int(v), str(s), str(p), int(w), int(h), int(n)) for v, s, p, w, h, n in rows]
+
     def image_facts(self, vec_ids: Iterable[int]) -> dict[int, ImageFacts]:
         """Size, format and name of each image (named by its first source, as in results)."""
         wanted = [int(v) for v in vec_ids]

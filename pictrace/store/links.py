@@ -144,20 +144,6 @@ class LinkQueries(SqlAccess):
         rows = self._query("SELECT COUNT(*), SUM(inliers) FROM links WHERE tier = 'copy' AND vec_id < other")
         return int(rows[0][0] or 0), int(rows[0][1] or 0)
 
-    def image_shapes(self, vec_ids: Iterable[int] | None = None) -> list[tuple[int, str, str, int, int, int]]:
-        """``(vec_id, sha256, pixel_sha256, width, height, nbytes)`` of every image (or of ``vec_ids``): what
-        grouping reads."""
-        sql = "SELECT vec_id, sha256, pixel_sha256, width, height, nbytes FROM images"
-        if vec_ids is None:
-            rows = self._query(sql)
-        else:
-            wanted = sorted({int(v) for v in vec_ids})
-            rows = []
-            for start in range(0, len(wanted), 512):
-                chunk = wanted[start : start + 512]
-                rows.extend(self._query(f"{sql} WHERE vec_id IN ({marks(len(chunk))})", chunk))
-        return [(int(v), str(s), str(p), int(w), int(h), int(n)) for v, s, p, w, h, n in rows]
-
     def pixel_twins(self) -> list[tuple[int, str]]:
         """``(vec_id, pixel_sha256)`` of every image that shares its decoded pixels with another one."""
         rows = self._query(
