@@ -493,7 +493,8 @@ class DuplicateGroups:
         shapes = self.catalogue.image_shapes()
         self._sha = {v: sha for v, sha, *_ in shapes}
         grouping.add_images({v: Shape(w, h, n, pixels) for v, _, pixels, w, h, n in shapes})
-        grouping.add_links(self.catalogue.copy_fits())
+        for part in self.catalogue.copy_fit_slices():
+            grouping.add_links(part)
         self._decisions = self.catalogue.decisions()
         released = grouping.set_decisions(*self._decided(self._decisions))
         groups, via, alone = self._stored()
@@ -541,10 +542,12 @@ class DuplicateGroups:
             # read them all again, once the gallery is quiet (not once a second through a long ingest)
             self._links_stale = tally != grouping.tally()
             if self._links_stale and not shapes:
-                every = self.catalogue.copy_fits()
-                for a, b in grouping.stored_pairs() - {(a, b) for a, b, *_ in every}:
+                stored = grouping.stored_pairs()
+                for part in self.catalogue.copy_fit_slices():
+                    stored -= {(a, b) for a, b, *_ in part}
+                    touched |= grouping.add_links(part)
+                for a, b in stored:
                     touched |= grouping.remove_link(a, b)
-                touched |= grouping.add_links(every)
                 self._links_stale = False
             decisions = self.catalogue.decisions()
             if decisions != self._decisions:

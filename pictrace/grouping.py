@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -83,7 +83,7 @@ def inside_share(hom: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, in
     return float(inside.mean())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shape:
     """What grouping knows of an image."""
 
@@ -97,26 +97,28 @@ class Shape:
         return self.width, self.height
 
 
-@dataclass
+@dataclass(slots=True)
 class _Link:
+    """A million images hold millions of links: slots, and the fit as the catalogue's 36 bytes rather than an
+    array (an array object and its view of a stacked array took 200 bytes)."""
+
     a: int
     b: int
     inliers: int
-    hom: np.ndarray  # a's pixels -> b's
+    fit: bytes  # a's pixels -> b's, 3x3 float32 (as the catalogue stores it)
     a_in_b: float
     b_in_a: float
-    _back: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def hom(self) -> np.ndarray:
+        return np.frombuffer(self.fit, dtype=np.float32).astype(np.float64).reshape(3, 3)
 
     def other(self, v: int) -> int:
         return self.b if v == self.a else self.a
 
     def to(self, v: int) -> np.ndarray:
         """The map from the other end's pixels to v's."""
-        if v == self.b:
-            return self.hom
-        if self._back is None:
-            self._back = np.linalg.inv(self.hom)
-        return self._back
+        return self.hom if v == self.b else np.linalg.inv(self.hom)
 
     def inside(self, v: int) -> float:
         """The share of v's frame inside the other end's."""
@@ -141,8 +143,7 @@ class Grouping:
         self.looks_alike = looks_alike
         self._trusted = False  # restoring a stored partition: its joins were checked when they were made
         self.shapes: dict[int, Shape] = {}
-        self._links: dict[tuple[int, int], _Link] = {}
-        self._near: dict[int, dict[int, _Link]] = {}
+        self._near: dict[int, dict[int, _Link]] = {}  # each link under both its ends
         self._strong: dict[int, int] = {}  # strong links an image has
         self._holds: dict[int, int] = {}  # images (strongly linked) whose frame lies inside it
         self._held: dict[int, int] = {}  # images (strongly linked) it lies inside, and not they in it
@@ -186,7 +187,7 @@ class Grouping:
         touched: set[int] = set()
         unchanged = set()
         for a, b, n, hom in fresh:
-            known = self._links.get((a, b))
+            known = self._near.get(a, {}).get(b)
             if known is not None and known.inliers == n and np.allclose(known.hom, hom, rtol=1e-4, atol=1e-4):
                 unchanged.add((a, b))
             elif known is not None:
@@ -200,8 +201,7 @@ class Grouping:
         a_in_b = inside_shares(homs, size_a, size_b)
         b_in_a = inside_shares(np.linalg.inv(homs), size_b, size_a)
         for (a, b, n, _), hom, ab, ba in zip(fresh, homs, a_in_b, b_in_a, strict=True):
-            link = _Link(a, b, int(n), hom, float(ab), float(ba))
-            self._links[(a, b)] = link
+            link = _Link(a, b, int(n), hom.astype(np.float32).tobytes(), float(ab), float(ba))
             self._near.setdefault(a, {})[b] = link
             self._near.setdefault(b, {})[a] = link
             self._count(link, +1)
@@ -214,14 +214,14 @@ class Grouping:
 
     def stored_pairs(self) -> set[tuple[int, int]]:
         """The pairs of the known copy links that came from the catalogue (not the same-pixel ones)."""
-        return {pair for pair, link in self._links.items() if link.inliers != _EXACT}
+        near = self._near.items()
+        return {(a, b) for a, links in near for b, link in links.items() if a < b and link.inliers != _EXACT}
 
     def remove_link(self, a: int, b: int) -> set[int]:
-        link = self._links.pop((min(a, b), max(a, b)), None)
+        link = self._near.get(a, {}).pop(b, None)
         if link is None:
             return set()
-        self._near[link.a].pop(link.b, None)
-        self._near[link.b].pop(link.a, None)
+        self._near[b].pop(a, None)
         self._count(link, -1)
         if self._via.get(link.a) == link.b or self._via.get(link.b) == link.a:
             return self.release(link.a)  # the link that put one of them in the group

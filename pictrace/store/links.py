@@ -13,7 +13,7 @@ vec_id, so they outlive a delete, a re-ingest and a reindex.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,9 @@ def _inverse_bytes(homography: np.ndarray | None) -> bytes | None:
         return _fit_bytes(np.linalg.inv(np.asarray(homography, dtype=np.float64)))
     except np.linalg.LinAlgError:
         return None
+
+
+_COPY_FITS = "SELECT vec_id, other, inliers, fit FROM links WHERE tier = 'copy' AND vec_id < other"
 
 
 def _fit_of(blob: Any) -> np.ndarray | None:
@@ -121,22 +124,24 @@ class LinkQueries(SqlAccess):
     def copy_fits(self, vec_ids: Iterable[int] | None = None) -> list[tuple[int, int, int, np.ndarray | None]]:
         """Copy links once each, ``(a, b, inliers, a's pixels -> b's)`` with ``a < b``: every one, or those
         touching ``vec_ids``."""
-        sql = "SELECT vec_id, other, inliers, fit FROM links WHERE tier = 'copy' AND vec_id < other"
-        if vec_ids is None:  # in slices of vec_ids: the catalogue answers other queries in between
-            top = self._query("SELECT MAX(vec_id) FROM images")[0][0]
-            every: list[tuple[int, int, int, np.ndarray | None]] = []
-            for start in range(0, int(top or 0) + 1, 4096):
-                rows = self._query(f"{sql} AND vec_id >= ? AND vec_id < ?", (start, start + 4096))
-                every.extend((int(a), int(b), int(n), _fit_of(fit)) for a, b, n, fit in rows)
-            return every
+        if vec_ids is None:
+            return [fit for part in self.copy_fit_slices() for fit in part]
         wanted = sorted({int(v) for v in vec_ids})
         out: dict[tuple[int, int], tuple[int, int, int, np.ndarray | None]] = {}
         for start in range(0, len(wanted), 256):
             chunk = wanted[start : start + 256]
             m = marks(len(chunk))
-            for a, b, n, fit in self._query(f"{sql} AND (vec_id IN ({m}) OR other IN ({m}))", [*chunk, *chunk]):
+            for a, b, n, fit in self._query(f"{_COPY_FITS} AND (vec_id IN ({m}) OR other IN ({m}))", [*chunk, *chunk]):
                 out[(int(a), int(b))] = (int(a), int(b), int(n), _fit_of(fit))
         return list(out.values())
+
+    def copy_fit_slices(self) -> Iterator[list[tuple[int, int, int, np.ndarray | None]]]:
+        """Every copy link as :meth:`copy_fits` gives them, a slice of vec_ids at a time: the catalogue answers
+        other queries in between, and a million images' links (millions) are never all in one list."""
+        top = self._query("SELECT MAX(vec_id) FROM images")[0][0]
+        for start in range(0, int(top or 0) + 1, 4096):
+            rows = self._query(f"{_COPY_FITS} AND vec_id >= ? AND vec_id < ?", (start, start + 4096))
+            yield [(int(a), int(b), int(n), _fit_of(fit)) for a, b, n, fit in rows]
 
     def copy_tally(self) -> tuple[int, int]:
         """(copy links, their inliers summed): a cheap check that no copy link appeared, changed or went
