@@ -49,10 +49,12 @@ EVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "eval"
 SETS = {"smvs-dvd-a": EVAL / "smvs-dvd-a" / "gt.json", "copy-public": EVAL / "copy-public" / "gt.json"}
 
 
-def _rss_mb() -> tuple[float, float]:
-    """(current, peak) resident set size of this process, MB."""
+def _memory_mb() -> dict[str, float]:
+    """This process's resident set (VmRSS), its peak (VmHWM), and the resident set's two kinds: anonymous (the
+    heap: indexes, groups, caches) and file-backed (the SQLite memory map of the catalogue and the libraries'
+    code: the kernel's page cache, dropped under pressure), MB."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 def combined_gallery(distractors: Path, sets: dict[str, Path], workdir: Path) -> tuple[Path, int]:
@@ -115,7 +117,7 @@ async def serve_and_search(data_dir: Path, sets: dict[str, Path], tuning_file: P
     started = time.perf_counter()
     service = await Service.start(settings, tuning=tuning)
     restart_s = time.perf_counter() - started
-    rss_started, _ = _rss_mb()
+    rss_started = _memory_mb()["VmRSS"]
     out: dict[str, Any] = {"restart_s": round(restart_s, 2), "rss_after_start_mb": round(rss_started, 1), "sets": {}}
     try:
         # the searches are timed on a settled service: the duplicate groups are built in the background after
@@ -152,14 +154,16 @@ async def serve_and_search(data_dir: Path, sets: dict[str, Path], tuning_file: P
             }
             latency += set_latency
         out["duplicates"] = await duplicate_pages(service)
-        rss, peak = _rss_mb()
+        memory = _memory_mb()
         out.update(
             indexed=indexed,
             p50_ms=round(_percentile(latency, 50), 1),
             p95_ms=round(_percentile(latency, 95), 1),
             embed_one_ms=round(statistics.median(embed), 1),
-            rss_mb=round(rss, 1),
-            peak_rss_mb=round(peak, 1),
+            rss_mb=round(memory["VmRSS"], 1),
+            peak_rss_mb=round(memory["VmHWM"], 1),
+            rss_anon_mb=round(memory["RssAnon"], 1),
+            rss_file_mb=round(memory["RssFile"], 1),
         )
     finally:
         await service.close()
@@ -248,7 +252,10 @@ def print_table(r: dict[str, Any]) -> None:
 
 def print_serving(s: dict[str, Any], d: dict[str, Any]) -> None:
     """The serving process's figures (``serve_and_search``) and the data dir's size, as a table."""
-    print(f"restart     {s['restart_s']:.1f} s   serving RSS {s['rss_mb']:.0f} MB (peak {s['peak_rss_mb']:.0f} MB)")
+    print(
+        f"restart     {s['restart_s']:.1f} s   serving RSS {s['rss_mb']:.0f} MB (peak {s['peak_rss_mb']:.0f} MB;"
+        f" anonymous {s.get('rss_anon_mb', 0):.0f}, file-backed {s.get('rss_file_mb', 0):.0f})"
+    )
     print(f"disk        {d['total_mb']:.0f} MB = {d['kb_per_image']:.1f} KB/image   {d['files_mb']}")
     print(
         f"search      p50 {s['p50_ms']:.0f} ms  p95 {s['p95_ms']:.0f} ms   one embedding {s['embed_one_ms']:.1f} ms"
