@@ -343,7 +343,9 @@ class TestCatalogue:
         before = cat.link_generation()
         assert cat.add_links(a, [LinkFit(b, 60, "copy", 0.9, hom)]) == 1
         assert cat.link_generation() > before
-        assert cat.links_of_tier("copy") == [(a, b, 60)] and cat.links_of_tier("similar") == []
+        cat.add_links(b, [LinkFit(a, 20, "similar", 0.7, hom)])  # b matched a again: the latest verdict stays
+        assert cat.links_of([a, b]) == {a: [(b, 20)], b: [(a, 20)]} and cat.copy_fits() == []
+        cat.add_links(a, [LinkFit(b, 60, "copy", 0.9, hom)])
         # what the duplicate groups read: the copy links with their fits (all, or those touching some images),
         # a tally to notice a change, and each image's size
         for fits in (cat.copy_fits(), cat.copy_fits([b])):
@@ -380,4 +382,4 @@ class TestCatalogue:
         assert reopened.links_of([a]) == {a: [(b, 40)]}  # still used by the search meanwhile
         assert reopened.unlinked() == [a, b]  # the next ingest links them again, with verdicts
         reopened.add_links(a, [LinkFit(b, 41, "copy", 0.8, np.eye(3))])
-        assert reopened.links_of_tier("copy") == [(min(a, b), max(a, b), 41)]
+        assert [fit[:3] for fit in reopened.copy_fits()] == [(min(a, b), max(a, b), 41)]

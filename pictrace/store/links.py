@@ -116,11 +116,6 @@ class LinkQueries(SqlAccess):
         rows = self._query("SELECT generation FROM link_generation WHERE id = 1")
         return int(rows[0][0]) if rows else 0
 
-    def links_of_tier(self, tier: str) -> list[tuple[int, int, int]]:
-        """Every link of one verdict once, ``(a, b, inliers)`` with ``a < b``: the edges of the groups."""
-        rows = self._query("SELECT vec_id, other, inliers FROM links WHERE tier = ? AND vec_id < other", (tier,))
-        return [(int(a), int(b), int(n)) for a, b, n in rows]
-
     def copy_fits(self, vec_ids: Iterable[int] | None = None) -> list[tuple[int, int, int, np.ndarray | None]]:
         """Copy links once each, ``(a, b, inliers, a's pixels -> b's)`` with ``a < b``: every one, or those
         touching ``vec_ids``."""
