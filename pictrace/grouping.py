@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _GRID = 8  # points a side sampled over a frame to measure the share of it that lands inside another frame
+_CELLS = _GRID * _GRID
 _IDENTITY = np.eye(3)
 _EXACT = 1 << 30  # same decoded pixels: stronger than any fit
 
@@ -99,15 +100,15 @@ class Shape:
 
 @dataclass(slots=True)
 class _Link:
-    """A million images hold millions of links: slots, and the fit as the catalogue's 36 bytes rather than an
-    array (an array object and its view of a stacked array took 200 bytes)."""
+    """A million images hold millions of links: slots, the fit as the catalogue's 36 bytes rather than an array
+    (an array object and its view of a stacked array took 200 bytes), and the frame shares in grid cells."""
 
     a: int
     b: int
     inliers: int
     fit: bytes  # a's pixels -> b's, 3x3 float32 (as the catalogue stores it)
-    a_in_b: float
-    b_in_a: float
+    a_in_b: int  # the share of a's frame inside b's, in cells of the 8 x 8 grid (a small int: no object)
+    b_in_a: int
 
     @property
     def hom(self) -> np.ndarray:
@@ -122,7 +123,7 @@ class _Link:
 
     def inside(self, v: int) -> float:
         """The share of v's frame inside the other end's."""
-        return self.a_in_b if v == self.a else self.b_in_a
+        return (self.a_in_b if v == self.a else self.b_in_a) / _CELLS
 
 
 class Grouping:
@@ -201,7 +202,7 @@ class Grouping:
         a_in_b = inside_shares(homs, size_a, size_b)
         b_in_a = inside_shares(np.linalg.inv(homs), size_b, size_a)
         for (a, b, n, _), hom, ab, ba in zip(fresh, homs, a_in_b, b_in_a, strict=True):
-            link = _Link(a, b, int(n), hom.astype(np.float32).tobytes(), float(ab), float(ba))
+            link = _Link(a, b, int(n), hom.astype(np.float32).tobytes(), round(ab * _CELLS), round(ba * _CELLS))
             self._near.setdefault(a, {})[b] = link
             self._near.setdefault(b, {})[a] = link
             self._count(link, +1)
