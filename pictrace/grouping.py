@@ -199,10 +199,11 @@ class Grouping:
         homs = np.stack([np.asarray(h, dtype=np.float64) for *_, h in fresh])
         size_a = np.array([self.shapes[a].size for a, *_ in fresh], dtype=float)
         size_b = np.array([self.shapes[b].size for _, b, *_ in fresh], dtype=float)
-        a_in_b = inside_shares(homs, size_a, size_b)
-        b_in_a = inside_shares(np.linalg.inv(homs), size_b, size_a)
-        for (a, b, n, _), hom, ab, ba in zip(fresh, homs, a_in_b, b_in_a, strict=True):
-            link = _Link(a, b, int(n), hom.astype(np.float32).tobytes(), round(ab * _CELLS), round(ba * _CELLS))
+        shares = np.stack([inside_shares(homs, size_a, size_b), inside_shares(np.linalg.inv(homs), size_b, size_a)])
+        cells = np.rint(shares * _CELLS).astype(int).tolist()
+        fits = homs.astype(np.float32)
+        for (a, b, n, _), fit, ab, ba in zip(fresh, fits, *cells, strict=True):
+            link = _Link(a, b, int(n), fit.tobytes(), ab, ba)
             self._near.setdefault(a, {})[b] = link
             self._near.setdefault(b, {})[a] = link
             self._count(link, +1)
