@@ -254,7 +254,7 @@ def print_serving(s: dict[str, Any], d: dict[str, Any]) -> None:
     """The serving process's figures (``serve_and_search``) and the data dir's size, as a table."""
     print(
         f"restart     {s['restart_s']:.1f} s   serving RSS {s['rss_mb']:.0f} MB (peak {s['peak_rss_mb']:.0f} MB;"
-        f" anonymous {s.get('rss_anon_mb', 0):.0f}, file-backed {s.get('rss_file_mb', 0):.0f})"
+        f" anonymous {s['rss_anon_mb']:.0f}, file-backed {s['rss_file_mb']:.0f})"
     )
     print(f"disk        {d['total_mb']:.0f} MB = {d['kb_per_image']:.1f} KB/image   {d['files_mb']}")
     print(
