@@ -9,6 +9,7 @@ import contextlib
 import csv
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,11 +82,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOPPED = "pictrace: stopped; what was stored is kept and indexed (the same command goes on from there)"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``docker stop``, systemd, ``kill``) stops the command as Ctrl-C does: its task is cancelled, so the
+    cleanup on the way out saves the derived indexes (the default SIGTERM exits at once, and the next start
+    then rebuilds what the run had indexed since its last save)."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 async def _index(
     settings: Settings, tuning: Tuning, db: Path, quiet: bool, shard: Shard | None = None
 ) -> IngestReport:
     from tqdm import tqdm
 
+    _stop_on_sigterm()
     gallery = load_gallery(db)
     service = await Service.start(settings, tuning=tuning)
     bar = tqdm(total=len(gallery.entries), unit="img", disable=quiet, desc="indexing")
@@ -104,6 +118,7 @@ async def _index(
 async def _watch(settings: Settings, tuning: Tuning, folder: Path) -> None:
     from pictrace.watch import FolderWatcher
 
+    _stop_on_sigterm()
     service = await Service.start(settings, tuning=tuning)
     try:
         watcher = FolderWatcher(service.ingestor, folder, tuning.watch, on_report=_print_report)
@@ -250,14 +265,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         settings = load_settings(**overrides)
         if args.command == "index":
-            report = asyncio.run(_index(settings, tuning, args.db or settings.db, args.quiet, args.shard))
+            try:
+                report = asyncio.run(_index(settings, tuning, args.db or settings.db, args.quiet, args.shard))
+            except (asyncio.CancelledError, KeyboardInterrupt) as stop:
+                print(STOPPED, file=sys.stderr)
+                return 128 + (signal.SIGTERM if isinstance(stop, asyncio.CancelledError) else signal.SIGINT)
             _print_report(report)
             return 0
         if args.command == "watch":
             folder = args.folder or settings.db
             if not folder.is_dir():
                 raise GalleryError(f"{folder} is not a folder: only a folder gallery can be watched")
-            with contextlib.suppress(KeyboardInterrupt):
+            with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
                 asyncio.run(_watch(settings, tuning, folder))
             return 0
         if args.command == "reindex":

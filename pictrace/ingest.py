@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,13 +244,18 @@ class Ingestor:
             await self.pool.run_background(self._refresh_details, [e for e in unchanged if e.stat is None])
             self.progress = IngestProgress(total=len(todo), running=True)
             dropped = 0
+            stopped = False
             try:
                 try:
                     outcome = await self._run(todo, states, whole.folder, on_progress)
                     report.removed, dropped = await self._drop_removed(whole, gallery, shard, stats)
+                except asyncio.CancelledError:
+                    stopped = True  # SIGTERM or Ctrl-C: save what is indexed now; relearning waits for a next run
+                    raise
                 finally:
                     if todo or dropped:  # a re-scan that found nothing to do writes nothing
-                        await self.pool.run_background(self.indexes.maintain)
+                        if not stopped:
+                            await self.pool.run_background(self.indexes.maintain)
                         await self.pool.run_background(self.indexes.save)
                 await self.pool.run_background(self._link_unlinked)
             finally:
@@ -382,6 +388,18 @@ class Ingestor:
                     await schedule.one(self._store_links, found, owed)
                 finally:
                     self.progress.linking -= len(new_ids)
+            await checkpoint()
+
+        saved_at = time.monotonic()
+
+        async def checkpoint() -> None:
+            """Save the derived indexes every ``checkpoint_s`` (late parts run one at a time, so each save holds
+            exactly the batches committed before it): a run killed outright then costs the next start the
+            images since, not a rebuild of the whole gallery's indexes from the catalogue."""
+            nonlocal saved_at
+            if time.monotonic() - saved_at >= self.tuning.ingest.checkpoint_s:
+                await schedule.one(self.indexes.save)
+                saved_at = time.monotonic()
 
         async def settle() -> None:
             """Match the pairs the images' arrival missed (``OwedPairs``), once all are in."""

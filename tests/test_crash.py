@@ -125,6 +125,54 @@ def test_kill_9_mid_ingest_then_restart_resumes_consistently(tmp_path: Path, ima
     assert (scores[:, 0] > 0.999).all() and len(set(ids[:, 0].tolist())) == 2
 
 
+def test_sigterm_mid_ingest_saves_the_indexes_and_the_next_run_goes_on(
+    tmp_path: Path, image_server: ImageServer
+) -> None:
+    """`docker stop` or systemd ends an ingest with SIGTERM: it stops like Ctrl-C, saving the derived indexes of what
+    it stored (the default SIGTERM exits at once, without them), and the same command goes on from there."""
+    n = 24
+    image_server.slow_seconds = 0.4
+    entries = [{"id": f"img-{i}", "url": image_server.add(f"slow/{i}.jpg", picture(i))} for i in range(n)]
+    (tmp_path / "db.json").write_text(json.dumps(entries))
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICTRACE_")}
+    env.update(PYTHONPATH=str(ROOT), PICTRACE_DATA_DIR=str(data_dir), PICTRACE_FETCH_PER_HOST="2")
+    command = [sys.executable, "-m", "pictrace", "index", "db.json", "--quiet"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while count_images(data_dir / "catalogue.sqlite3") < 4:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "ingest made no progress"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped" in output and "Traceback" not in output, output
+
+    stopped = catalogue_rows(data_dir / "catalogue.sqlite3")
+    assert stopped["integrity"] == "ok" and stopped["orphans"] == 0
+    assert 4 <= int(stopped["images"]) < n  # type: ignore[call-overload]
+    from pictrace.indexes.local import LocalIndex, local_index_params
+    from pictrace.tuning import Tuning
+
+    with contextlib.closing(sqlite3.connect(data_dir / "catalogue.sqlite3")) as conn:
+        catalogue_id = conn.execute("SELECT value FROM meta WHERE key = 'catalogue_id'").fetchone()[0]
+    saved = LocalIndex.open(data_dir / "local.faiss", local_index_params(Tuning().local), catalogue_id)
+    assert saved is not None
+    held = saved.held_ids().tolist()
+    assert len(held) >= 4 and set(held) <= set(stopped["vec_ids"])  # type: ignore[call-overload]
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"added {n - int(stopped['images'])}," in again.stdout, again.stdout  # type: ignore[call-overload]
+    assert catalogue_rows(data_dir / "catalogue.sqlite3")["images"] == n
+
+
 # --- gallery hosts that are down, slow or send garbage -------------------------------------------------
 
 

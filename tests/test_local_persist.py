@@ -16,8 +16,10 @@ from conftest import ImageServer, crop, encode, ingest, resize
 
 from pictrace.config import Settings
 from pictrace.features.orb import OrbFeatures, extract_orb
+from pictrace.gallery import load_gallery
 from pictrace.indexes.local import LocalIndex, LocalIndexCorruptError, LocalIndexParams, local_index_params
 from pictrace.indexes.local.lists import train_lists
+from pictrace.ingest import IngestProgress
 from pictrace.service import Service
 from pictrace.store import Catalogue
 from pictrace.tuning import Tuning
@@ -320,3 +322,52 @@ async def test_persisting_can_be_turned_off(
     _write_db(settings, image_server, photos, ["coffee"])
     await ingest(settings, Tuning().replace(local={"persist": False}))
     assert not settings.local_index_path.exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "mid_run"),
+    [
+        ({"ingest": {"checkpoint_s": 0}}, "some"),  # saved after every batch
+        ({"local": {"flat_below": 1000}}, "lists"),  # lists learned mid-run are saved at once
+        ({}, "none"),  # neither: the file is the one the start wrote, until the run ends
+    ],
+    ids=["checkpoint", "relearn", "neither"],
+)
+async def test_a_long_ingest_saves_the_local_index_as_it_goes(
+    image_server: ImageServer,
+    photos: dict[str, np.ndarray],
+    make_settings: Callable[..., Settings],
+    changes: dict[str, dict[str, object]],
+    mid_run: str,
+) -> None:
+    """What a run killed outright would leave for the next start: the images of its last checkpoint, and any lists
+    learned since, instead of a rebuild of everything from the catalogue."""
+    settings = make_settings()
+    _write_db(settings, image_server, photos, NAMES)
+    tuning = Tuning().replace(ingest={"embed_batch": 2}).replace(**changes)
+    params = local_index_params(tuning.local)
+    seen: list[tuple[int, int, bool]] = []  # (images done, images the saved file holds, whether it has lists)
+    service = await Service.start(settings, tuning=tuning)
+    catalogue_id = service.catalogue.get_meta("catalogue_id")
+    assert catalogue_id is not None
+
+    def on_progress(progress: IngestProgress) -> None:
+        saved = LocalIndex.open(settings.local_index_path, params, catalogue_id)
+        assert saved is not None
+        seen.append((progress.done, len(saved.held_ids()), saved.is_inverted_file))
+
+    try:
+        report = await service.ingestor.ingest_gallery(load_gallery(settings.db), on_progress)
+    finally:
+        await service.close()
+    assert report.added == len(NAMES)
+    during = [(held, lists) for done, held, lists in seen if done < len(NAMES)]
+    assert during
+    if mid_run == "none":
+        assert all(held == 0 for held, _ in during)
+    else:
+        assert any(0 < held < len(NAMES) for held, _ in during)
+    if mid_run == "lists":
+        assert any(lists for held, lists in during if held)
+    final = LocalIndex.open(settings.local_index_path, params, catalogue_id)
+    assert final is not None and len(final.held_ids()) == len(NAMES)

@@ -239,11 +239,13 @@ class DerivedIndexes:
     def relearn_if_outgrown(self) -> bool:
         """Relearn the local index's lists when the gallery outgrew them (``LocalIndex.needs_training``, the one
         rule: a first ingest grows the gallery from nothing, and without lists every search scans all codes).
-        Checked under a lock, so one growth seen by two writers relearns once."""
+        Checked under a lock, so one growth seen by two writers relearns once. The new lists are saved at once:
+        at 100k images they cost minutes, which a crash before the next save would cost the next start again."""
         with self._relearning:
             if not self.local.needs_training():
                 return False
             self._relearn_local()
+            self._save_local()
             return True
 
     def _maintain_vector(self) -> bool:
