@@ -112,6 +112,7 @@ class Cascade(_Frozen):
     local_min_votes: Annotated[int, Field(ge=1)] = 3  # fewer votes make no candidate
     prescreen_min_inliers: Annotated[int, Field(ge=0, le=1000)] = 7  # votes' own agreeing pairs for a full check
     verify_embedding_top: Annotated[int, Field(ge=0, le=1000)] = 2  # nearest vectors fully checked regardless
+    verify_voted_top: Annotated[int, Field(ge=0, le=1000)] = 2  # most-voted images fully checked regardless
     ssim_shortlist: Annotated[int, Field(ge=0, le=1000)] = 30  # best candidates that also get SSIM (all nearest)
     expand_from: Annotated[int, Field(ge=0, le=50)] = 3  # best results whose graph neighbours join (0: off)
     expand_min_score: Annotated[float, Field(ge=0, le=1)] = 0.2  # a result's score before it is expanded

@@ -116,6 +116,28 @@ def test_verify_checks_the_voted_copy_fully_and_takes_the_exact_match_as_identic
     assert [c.vec_id for c in ranked if c.orb_inliers == 0] != []  # unchecked ones keep their embedding score
 
 
+def test_the_most_voted_get_the_full_check_though_their_few_votes_fail_the_screen(
+    photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], tuning: Tuning
+) -> None:
+    """A tiny copy's keypoints reach few of its original's codes: too few pairs for the screen's RANSAC, though
+    its full match agrees on a homography. Being the most voted is enough for the full check."""
+    query = orb_of(resize(crop(photos["rocket"], 0.7, 0.1), 0.8), tuning)
+    few = np.arange(4)  # four pairs: under prescreen_min_inliers, so the screen cannot pass them
+    votes = Votes({ROCKET: 4, COFFEE: 3}, owners=np.array([COFFEE] * 3 + [ROCKET] * 4), rows=np.r_[few[:3], few],
+                  keypoints=np.r_[few[:3], few])
+    found = Candidates(frozenset(), votes, (ROCKET, COFFEE))
+    orbs = {v: gallery[v] for v in found.local}
+    assert tuning.cascade.verify_voted_top == 2 and len(few) < tuning.cascade.prescreen_min_inliers
+    screened_only = verify(query, found, orbs, Checks(), tuning.replace(cascade={"verify_voted_top": 0}), map_serial)
+    assert screened_only.fits == {}
+    checks = verify(query, found, orbs, Checks(), tuning, map_serial)
+    assert set(checks.fits) == {ROCKET, COFFEE}
+    assert checks.fits[ROCKET].inliers >= tuning.check.min_inliers and checks.fits[ROCKET].homography is not None
+    assert checks.fits[COFFEE].homography is None
+    top_one = verify(query, found, orbs, Checks(), tuning.replace(cascade={"verify_voted_top": 1}), map_serial)
+    assert set(top_one.fits) == {ROCKET}
+
+
 def test_without_votes_every_candidate_gets_the_full_check(
     photos: dict[str, np.ndarray], gallery: dict[int, OrbFeatures], local: LocalIndex, tuning: Tuning
 ) -> None:

@@ -2,8 +2,10 @@
 
 The full check (ORB + RANSAC, pictrace/matching/geometry.py) costs ~2 ms a candidate. The cascade: exact
 matches take ``identical_fit`` for free; the others pass a screen on the pairs behind their votes first; the
-``verify_embedding_top`` nearest by embedding are checked whatever their screen (an edited copy can be too
-small or too blurred for its keypoints to reach the index); the rest keep their embedding score.
+``verify_embedding_top`` nearest by embedding and the ``verify_voted_top`` most voted are checked whatever their
+screen (an edited copy can be too small or too blurred for its keypoints to reach the index, and a tiny one's few
+votes too few for the screen's RANSAC, though its full match finds a hundred inliers); the rest keep their
+embedding score.
 
 ``verify`` runs once on the candidates found without the embedding (while it is computed) and once more when
 the nearest vectors have joined them, each time on the candidates it has not considered yet.
@@ -42,7 +44,7 @@ def verify(
     fits = dict(done.fits)
     fits.update((v, identical_fit(orbs[v])) for v in new if v in found.exact and v not in fits)
     passed = screen(query, {v: orbs[v] for v in new if v not in fits}, found.votes, tuning, map_each)
-    checked = passed | nearest_by_embedding(found.cosines, orbs, tuning)
+    checked = passed | nearest_by_embedding(found.cosines, orbs, tuning) | most_voted(found.votes, new, tuning)
     fits |= fit_all(query, orbs, checked - fits.keys(), tuning, map_each)
     return Checks(fits, done.considered | frozenset(new))
 
@@ -68,6 +70,12 @@ def nearest_by_embedding(cosines: Mapping[int, float], among: Container[int], tu
     """The ``verify_embedding_top`` candidates nearest by embedding, of those in ``among`` (ties: cosines' order)."""
     candidates = [v for v in cosines if v in among]
     return set(sorted(candidates, key=lambda v: -cosines[v])[: tuning.cascade.verify_embedding_top])
+
+
+def most_voted(votes: Votes, among: Container[int], tuning: Tuning) -> set[int]:
+    """The ``verify_voted_top`` most voted candidates (``local_min_votes`` or more), of those in ``among``."""
+    top = votes.top(tuning.cascade.verify_voted_top, tuning.cascade.local_min_votes)
+    return {v for v in top if v in among}
 
 
 def fit_all(
