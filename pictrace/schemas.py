@@ -105,6 +105,11 @@ class QueryInfo(BaseModel):
     sha256: str
     width: int
     height: int
+    inner_picture: list[int] | None = Field(
+        None,
+        description="[x, y, width, height] of a picture found inside the query (a screenshot's, or one framed by a "
+        "border), in the query's pixels: it was searched by its own embedding as well.",
+    )
 
 
 class SearchResult(BaseModel):

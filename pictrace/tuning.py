@@ -123,6 +123,21 @@ class Cascade(_Frozen):
     embed_alongside: bool = True  # embed on a second thread while the local-feature half runs
 
 
+class InnerPicture(_Frozen):
+    """The picture inside a query (pictrace/features/inner.py), searched by its own embedding as well: docs/
+    quality.md, "The picture inside a query" (screenshots among 10k distractors)."""
+
+    enabled: bool = True
+    side: Annotated[int, Field(ge=64)] = 512  # the query is looked at this large (longest side)
+    canny_low: Annotated[int, Field(ge=0, le=1000)] = 40
+    canny_high: Annotated[int, Field(ge=0, le=1000)] = 120
+    min_share: Annotated[float, Field(gt=0, le=1)] = 0.05  # of the query's area: a smaller box is a detail
+    max_share: Annotated[float, Field(gt=0, le=1)] = 0.8  # a larger one is the query itself, give or take a border
+    min_side: Annotated[int, Field(ge=8)] = 40  # pixels of the query, as ORB's smallest image
+    fill: Annotated[float, Field(gt=0, le=1)] = 0.9  # the outline's area over its box's: closed and straight
+    min_contrast: Annotated[float, Field(ge=0)] = 20.0  # grey levels (standard deviation) inside: not a flat box
+
+
 class Fusion(_Frozen):
     """Weights of the three scores in the fused one: docs/quality.md, "Chosen defaults and why" (fitted on
     smvs-dvd-a with ``eval --details``, checked on copy-public)."""
@@ -282,6 +297,7 @@ class Tuning(_Frozen):
     storage: Storage = Storage()
     check: GeometricCheck = GeometricCheck()
     local: LocalVotes = LocalVotes()
+    inner: InnerPicture = InnerPicture()
     cascade: Cascade = Cascade()
     fusion: Fusion = Fusion()
     verdicts: Verdicts = Verdicts()

@@ -74,6 +74,30 @@ def recompress(rgb: np.ndarray, quality: int) -> bytes:
     return encode(rgb, "JPEG", quality=quality)
 
 
+PASTED_AT = (236, 112)
+
+
+def screenshot(
+    picture: np.ndarray, at: tuple[int, int] = PASTED_AT, size: tuple[int, int] = (640, 440)
+) -> np.ndarray:
+    """A screenshot of a dark page: a coloured bar with a title, lines of text, two flat boxes, and ``picture``
+    pasted at ``at``."""
+    import cv2
+
+    width, height = size
+    page = np.full((height, width, 3), 30, np.uint8)
+    page[:32] = (220, 150, 100)
+    cv2.putText(page, "Home  News  Photos", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
+    cv2.rectangle(page, (300, 40), (480, 90), (20, 20, 200), -1)
+    cv2.rectangle(page, (150, 160), (230, 240), (90, 200, 140), -1)
+    for i, line in enumerate(["SALE 50% OFF", "WOW BUY NOW", "HOT DEAL LOL", "TOP 10 SALE"]):
+        cv2.putText(page, line, (10, 130 + 60 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (230, 230, 230), 1)
+    x, y = at
+    h, w = picture.shape[:2]
+    page[y : y + h, x : x + w] = picture
+    return page
+
+
 # --- a real HTTP server on 127.0.0.1 -------------------------------------------------------------------
 
 

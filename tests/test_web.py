@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ImageServer, crop, encode, rotate90
+from conftest import ImageServer, crop, encode, resize, rotate90, screenshot
 from fastapi.testclient import TestClient
 
 from pictrace.config import Settings
@@ -59,7 +60,8 @@ def test_api_search_multipart(client: TestClient, photos: dict[str, np.ndarray])
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"query", "results", "took_ms"}
-    assert set(body["query"]) == {"id", "sha256", "width", "height"}
+    assert set(body["query"]) == {"id", "sha256", "width", "height", "inner_picture"}
+    assert body["query"]["inner_picture"] is None  # a crop of a photo: no picture inside it
     assert 1 <= len(body["results"]) <= 3  # the unrelated photos are not shown
     best = body["results"][0]
     assert best["verdict"] == "copy" and best["transform"]["crop_fraction"] < 0.5
@@ -98,6 +100,19 @@ def test_page_upload_shows_results(client: TestClient, photos: dict[str, np.ndar
     assert page.status_code == 200
     assert page.text.index("astronaut") < page.text.index("chelsea") if "chelsea" in page.text else True
     assert "/api/images/" in page.text and "%" in page.text and "SSIM" in page.text and "ORB" in page.text
+
+
+def test_page_says_it_searched_the_picture_inside_a_screenshot(
+    client: TestClient, photos: dict[str, np.ndarray]
+) -> None:
+    query = encode(screenshot(resize(photos["coffee"], 0.4)))
+    page = client.post("/search", files={"file": ("screen.png", query, "image/jpeg")})
+    assert page.status_code == 200
+    said = re.search(r'id="inner-picture">It holds a picture \((\d+)×(\d+) px at (\d+), (\d+)\)', page.text)
+    assert said is not None, page.text
+    assert max(abs(int(a) - b) for a, b in zip(said.groups(), (240, 160, 236, 112), strict=True)) <= 3
+    plain = client.post("/search", files={"file": ("q.jpg", encode(photos["coffee"]), "image/jpeg")})
+    assert plain.status_code == 200 and 'id="inner-picture"' not in plain.text
 
 
 def test_page_readable_errors(client: TestClient) -> None:

@@ -52,10 +52,16 @@ def local_candidates(exact: Iterable[int], votes: Votes, tuning: Tuning) -> Cand
     return Candidates(frozenset(exact), votes, tuple(voted))
 
 
-def nearest(index: VectorIndex, embedding: np.ndarray, tuning: Tuning) -> dict[int, float]:
-    """The ``candidates`` nearest vectors and their cosines, best first."""
-    scores, ids = index.search(embedding[None, :], tuning.cascade.candidates)
-    return {int(i): float(s) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0}
+def nearest(index: VectorIndex, embeddings: np.ndarray, tuning: Tuning) -> dict[int, float]:
+    """The ``candidates`` nearest vectors of each of the query's embeddings (the query's, and the picture's inside
+    it), each with its best cosine, best first (ties: the query's own first)."""
+    scores, ids = index.search(np.atleast_2d(embeddings), tuning.cascade.candidates)
+    best: dict[int, float] = {}
+    for row_scores, row_ids in zip(scores, ids, strict=True):
+        for s, i in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
+            if i >= 0 and s > best.get(int(i), -np.inf):
+                best[int(i)] = float(s)
+    return dict(sorted(best.items(), key=lambda kv: -kv[1]))
 
 
 def with_nearest(found: Candidates, nearest: Mapping[int, float], own: Mapping[int, float]) -> Candidates:

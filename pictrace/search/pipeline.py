@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import astuple
+
+import numpy as np
 
 from pictrace.config import Settings
 from pictrace.decode import DecodedImage, decode_image
@@ -75,15 +78,17 @@ class Searcher:
         found = candidates.local_candidates(self.catalogue.vec_ids_by_hash(sha256, jobs.pixel_hash.result()), votes, t)
         checks = verify(query, found, reads.orbs(found.local), Checks(), t, run.map)
         # the nearest vectors join them, and are verified in turn
-        embedding = jobs.embedding.result()
-        nearest = candidates.nearest(self.index, embedding, t)
+        # the picture inside the query (a screenshot's) is searched by its own embedding too
+        inner = jobs.inner.result()
+        embeddings = np.vstack([jobs.embedding.result(), *([] if inner is None else [inner.embedding])])
+        nearest = candidates.nearest(self.index, embeddings, t)
         reads.know_cosines(nearest)
-        found = candidates.with_nearest(found, nearest, reads.cosines(embedding, found.local))
+        found = candidates.with_nearest(found, nearest, reads.cosines(embeddings, found.local))
         orbs = reads.orbs(found.cosines)
         checks = verify(query, found, orbs, checks, t, run.map)
         ranked = found.best_first(scores(found, orbs, checks, t))
         # expand through the match graph
-        cosine_of = functools.partial(reads.cosines, embedding)
+        cosine_of = functools.partial(reads.cosines, embeddings)
         ranked = found.best_first(expand(ranked, found.exact, t, links_of=self.catalogue.links_of, cosine_of=cosine_of))
         # rerank the shortlist: SSIM, and the mirrored query's ORB extracted beside it when a candidate needs it
         best, rest = rerank.shortlist(ranked, top_k, t)
@@ -95,7 +100,12 @@ class Searcher:
         # present the first top_k related
         records = reads.records(present.named(kept))
         result = SearchResult(
-            query=QueryInfo(sha256=sha256, width=image.width, height=image.height),
+            query=QueryInfo(
+                sha256=sha256,
+                width=image.width,
+                height=image.height,
+                inner_picture=None if inner is None else list(astuple(inner.box.scaled(1.0 / image.scale))),
+            ),
             results=present.describe(kept, found.exact, records, (image.width, image.height), top_k, t),
             took_ms=round((time.perf_counter() - started) * 1000, 2),
         )

@@ -40,15 +40,17 @@ class QueryReads:
         for vec_id, cosine in cosines.items():
             self._cosines.setdefault(vec_id, cosine)
 
-    def cosines(self, embedding: np.ndarray, vec_ids: Iterable[int]) -> dict[int, float]:
-        """The query embedding's cosine with each candidate's: those already known first, then those read now in
-        the catalogue's order (the order breaks ties between equal scores)."""
+    def cosines(self, embeddings: np.ndarray, vec_ids: Iterable[int]) -> dict[int, float]:
+        """Each candidate's best cosine with the query's embeddings (rows: the query's, and the picture's inside
+        it): those already known first, then those read now in the catalogue's order (the order breaks ties
+        between equal scores)."""
         wanted = list(dict.fromkeys(vec_ids))
         known = {v: self._cosines[v] for v in wanted if v in self._cosines}
         missing = [v for v in wanted if v not in known and v not in self._no_embedding]
         read: dict[int, float] = {}
+        rows = np.atleast_2d(embeddings).T
         for ids, vectors in self._catalogue.embeddings(missing):
-            for vec_id, score in zip(ids.tolist(), (vectors @ embedding).tolist(), strict=True):
+            for vec_id, score in zip(ids.tolist(), (vectors @ rows).max(axis=1).tolist(), strict=True):
                 read[int(vec_id)] = float(score)
         self._cosines.update(read)
         self._no_embedding.update(v for v in missing if v not in read)

@@ -6,9 +6,10 @@ of the search, which needs no embedding, fits largely beside it (docs/quality.md
 query"). This module is the only one that knows what runs where; the stages only ever see a ``MapEach`` and
 results to wait for, and this module knows nothing of how candidates are ranked:
 
-* ``QueryJobs``: the query's pixel hash, embedding and SSIM reference go to the side thread in that order (its
-  queue is first in, first out) while the worker extracts the query's ORB features, collects the votes and
-  screens and checks the voted candidates; the mirrored query's ORB goes there later, beside the shortlist's SSIM.
+* ``QueryJobs``: the query's pixel hash, embedding, inner picture and SSIM reference go to the side thread in
+  that order (its queue is first in, first out) while the worker extracts the query's ORB features, collects
+  the votes and screens and checks the voted candidates; the mirrored query's ORB goes there later, beside the
+  shortlist's SSIM.
 * ``Schedule.map``: everything mapped over candidates (vote lookups, screens, full checks, SSIM, mirror
   matches) is shared by both threads, each taking the next item.
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from pictrace.features.embed import Embedder
 from pictrace.features.hashing import pixel_sha256
+from pictrace.features.inner import InnerQuery, inner_query
 from pictrace.features.orb import OrbFeatures
 from pictrace.features.ssim import SsimReference, gray256
 from pictrace.matching.mirror import mirrored_orb
@@ -138,11 +140,15 @@ class Schedule:
         self, rgb: np.ndarray, embedder: Embedder, tuning: Tuning, decoded_scale: float = 1.0
     ) -> QueryJobs:
         """Start the query's features that the worker's first steps do without (see the module docstring)."""
+        pixel_hash = self.beside(lambda: pixel_sha256(rgb))
+        embedding = self.beside(lambda: embedder.embed([rgb])[0])
+        inner = self.beside(lambda: inner_query(rgb, embedder, tuning.inner))  # wanted right after the embedding
         return QueryJobs(
-            self.beside(lambda: pixel_sha256(rgb)),
-            self.beside(lambda: embedder.embed([rgb])[0]),
+            pixel_hash,
+            embedding,
             self.beside(lambda: SsimReference(gray256(rgb))),
             lambda: self.beside(lambda: mirrored_orb(rgb, tuning, decoded_scale)),
+            inner,
         )
 
     def close(self) -> None:
@@ -158,3 +164,4 @@ class QueryJobs:
     embedding: SideJob[np.ndarray]
     ssim_reference: SideJob[SsimReference]
     start_mirrored_orb: Callable[[], SideJob[OrbFeatures]]  # started only when a candidate needs it
+    inner: SideJob[InnerQuery | None]  # the picture inside the query (a screenshot's), with its embedding
