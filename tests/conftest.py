@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -23,6 +25,9 @@ from PIL import Image
 from pictrace.config import Settings
 from pictrace.schemas import IngestReport
 from pictrace.tuning import Tuning
+
+if TYPE_CHECKING:  # the service is imported where a fixture starts one
+    from pictrace.service import Service
 
 
 def encode(rgb: np.ndarray, fmt: str = "JPEG", **options: object) -> bytes:
@@ -154,6 +159,25 @@ def image_server() -> Iterator[ImageServer]:
     yield state
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+async def photos_service(tmp_path: Path, photos: dict[str, np.ndarray]) -> AsyncIterator[Service]:
+    """A service whose gallery is the eight photos, as files beside a db.json, ingested."""
+    from pictrace.gallery import load_gallery
+    from pictrace.service import Service
+
+    (tmp_path / "g").mkdir()
+    entries = []
+    for name in photos:
+        (tmp_path / "g" / f"{name}.jpg").write_bytes(encode(photos[name]))
+        entries.append({"id": name, "url": f"g/{name}.jpg"})
+    (tmp_path / "db.json").write_text(json.dumps(entries))
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", db=tmp_path / "db.json", index_on_start=False)
+    svc = await Service.start(settings)
+    assert (await svc.ingestor.ingest_gallery(load_gallery(settings.db))).added == len(photos)
+    yield svc
+    await svc.close()
 
 
 @pytest.fixture

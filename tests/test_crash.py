@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -60,19 +61,24 @@ def count_images(path: Path) -> int:
 # --- kill -9 in the middle of `python -m pictrace index` -------------------------------------------------
 
 
-def test_kill_9_mid_ingest_then_restart_resumes_consistently(tmp_path: Path, image_server: ImageServer) -> None:
-    n = 24
-    image_server.slow_seconds = 0.4  # every image is slow, so the kill lands half way
+@dataclass
+class SlowIngest:
+    """`python -m pictrace index` of ``n`` slow images, run until ``signal`` once 4 are stored."""
+
+    command: list[str]
+    env: dict[str, str]
+    data_dir: Path
+    returncode: int
+    output: str
+
+
+def ingest_until_signalled(tmp_path: Path, image_server: ImageServer, n: int, stop: signal.Signals) -> SlowIngest:
+    image_server.slow_seconds = 0.4  # every image is slow, so the signal lands half way
     entries = [{"id": f"img-{i}", "url": image_server.add(f"slow/{i}.jpg", picture(i))} for i in range(n)]
     (tmp_path / "db.json").write_text(json.dumps(entries))
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICTRACE_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        PICTRACE_DATA_DIR=str(data_dir),
-        PICTRACE_FETCH_PER_HOST="2",
-        PICTRACE_EMBED_BATCH="2",
-    )
+    env.update(PYTHONPATH=str(ROOT), PICTRACE_DATA_DIR=str(data_dir), PICTRACE_FETCH_PER_HOST="2")
     command = [sys.executable, "-m", "pictrace", "index", "db.json", "--quiet"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -81,15 +87,22 @@ def test_kill_9_mid_ingest_then_restart_resumes_consistently(tmp_path: Path, ima
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             assert time.monotonic() < deadline, "ingest made no progress"
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.send_signal(stop)
+        output = proc.communicate(timeout=60)[0].decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         if proc.stdout:
             proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    return SlowIngest(command, env, data_dir, proc.returncode, output)
+
+
+def test_kill_9_mid_ingest_then_restart_resumes_consistently(tmp_path: Path, image_server: ImageServer) -> None:
+    n = 24
+    run = ingest_until_signalled(tmp_path, image_server, n, signal.SIGKILL)
+    command, env, data_dir = run.command, run.env, run.data_dir
+    assert run.returncode == -signal.SIGKILL
 
     # what the kill left: whole images only, each with its source; an index file is whole or absent
     after_kill = catalogue_rows(data_dir / "catalogue.sqlite3")
@@ -131,28 +144,10 @@ def test_sigterm_mid_ingest_saves_the_indexes_and_the_next_run_goes_on(
     """`docker stop` or systemd ends an ingest with SIGTERM: it stops like Ctrl-C, saving the derived indexes of what
     it stored (the default SIGTERM exits at once, without them), and the same command goes on from there."""
     n = 24
-    image_server.slow_seconds = 0.4
-    entries = [{"id": f"img-{i}", "url": image_server.add(f"slow/{i}.jpg", picture(i))} for i in range(n)]
-    (tmp_path / "db.json").write_text(json.dumps(entries))
-    data_dir = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PICTRACE_")}
-    env.update(PYTHONPATH=str(ROOT), PICTRACE_DATA_DIR=str(data_dir), PICTRACE_FETCH_PER_HOST="2")
-    command = [sys.executable, "-m", "pictrace", "index", "db.json", "--quiet"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while count_images(data_dir / "catalogue.sqlite3") < 4:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "ingest made no progress"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=60)[0].decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 128 + signal.SIGTERM, output
-    assert "stopped" in output and "Traceback" not in output, output
+    run = ingest_until_signalled(tmp_path, image_server, n, signal.SIGTERM)
+    command, env, data_dir = run.command, run.env, run.data_dir
+    assert run.returncode == 128 + signal.SIGTERM, run.output
+    assert "stopped" in run.output and "Traceback" not in run.output, run.output
 
     stopped = catalogue_rows(data_dir / "catalogue.sqlite3")
     assert stopped["integrity"] == "ok" and stopped["orphans"] == 0

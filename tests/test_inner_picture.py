@@ -3,18 +3,12 @@ a pasted photo), not found in plain photos, and searched by its own embedding be
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 from conftest import PASTED_AT, encode, resize, screenshot
 
-from pictrace.config import Settings
 from pictrace.features.inner import Box, inner_picture
-from pictrace.gallery import load_gallery
 from pictrace.service import Service
 from pictrace.tuning import Tuning
 
@@ -47,22 +41,10 @@ def test_plain_photos_and_flat_boxes_hold_no_picture(photos: dict[str, np.ndarra
     assert inner_picture(page, tuning) is None
 
 
-@pytest.fixture
-async def service(tmp_path: Path, photos: dict[str, np.ndarray]) -> AsyncIterator[Service]:
-    (tmp_path / "g").mkdir()
-    entries = []
-    for name in NAMES:
-        (tmp_path / "g" / f"{name}.jpg").write_bytes(encode(photos[name]))
-        entries.append({"id": name, "url": f"g/{name}.jpg"})
-    (tmp_path / "db.json").write_text(json.dumps(entries))
-    settings = Settings(_env_file=None, data_dir=tmp_path / "data", db=tmp_path / "db.json", index_on_start=False)
-    svc = await Service.start(settings)
-    assert (await svc.ingestor.ingest_gallery(load_gallery(settings.db))).added == len(NAMES)
-    yield svc
-    await svc.close()
-
-
-async def test_a_screenshot_is_searched_by_the_picture_inside_it(service: Service, pasted: np.ndarray) -> None:
+async def test_a_screenshot_is_searched_by_the_picture_inside_it(
+    photos_service: Service, pasted: np.ndarray
+) -> None:
+    service = photos_service
     query = encode(screenshot(pasted))
     result = service.searcher.search_bytes(query)
     h, w = pasted.shape[:2]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 from conftest import crop, encode, recompress, resize, rotate90
 
-from pictrace.config import Settings
 from pictrace.features.extract import orb_of
 from pictrace.features.orb import OrbFeatures
 from pictrace.features.ssim import SsimReference, gray256
 from pictrace.features.thumbnail import encode_gray_png
-from pictrace.gallery import load_gallery
 from pictrace.indexes.local import LocalIndex, LocalIndexParams, Votes
 from pictrace.matching.geometry import identical_fit
 from pictrace.matching.mirror import mirrored_orb
@@ -238,19 +236,8 @@ def record(vec_id: int) -> ImageRecord:
 
 
 @pytest.fixture
-async def service(tmp_path: Path, photos: dict[str, np.ndarray]) -> AsyncIterator[Service]:
-    root = tmp_path
-    (root / "g").mkdir()
-    entries = []
-    for name in NAMES:
-        (root / "g" / f"{name}.jpg").write_bytes(encode(photos[name]))
-        entries.append({"id": name, "url": f"g/{name}.jpg"})
-    (root / "db.json").write_text(json.dumps(entries))
-    settings = Settings(_env_file=None, data_dir=root / "data", db=root / "db.json", index_on_start=False)
-    svc = await Service.start(settings)
-    assert (await svc.ingestor.ingest_gallery(load_gallery(settings.db))).added == len(NAMES)
-    yield svc
-    await svc.close()
+async def service(photos_service: Service) -> Service:
+    return photos_service
 
 
 def queries(photos: dict[str, np.ndarray], root: Path) -> Iterator[bytes]:
