@@ -168,6 +168,9 @@ def _print_results(result: SearchResult) -> None:
     print(
         f"query {result.query.sha256[:12]} {result.query.width}x{result.query.height}, {result.took_ms:.0f} ms"
     )
+    if result.query.inner_picture is not None:
+        x, y, w, h = result.query.inner_picture
+        print(f"it holds a picture ({w}x{h} at {x},{y}), which was searched too")
     if not result.results:
         print("no matches")
     for rank, match in enumerate(result.results, 1):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import ImageServer, crop, encode
+from conftest import ImageServer, crop, encode, resize, screenshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +48,10 @@ def test_index_then_search(tmp_path: Path, image_server: ImageServer, photos: di
 
     text = run_cli("search", "q.jpg", cwd=tmp_path)
     assert text.returncode == 0 and "rocket" in text.stdout.splitlines()[1]
+    (tmp_path / "screen.jpg").write_bytes(encode(screenshot(resize(photos["coffee"], 0.4))))
+    screen = run_cli("search", "screen.jpg", cwd=tmp_path)
+    assert screen.returncode == 0 and "it holds a picture (" in screen.stdout.splitlines()[1], screen.stdout
+    assert "coffee" in screen.stdout.splitlines()[2]
 
     bad = run_cli("search", "missing.jpg", cwd=tmp_path)
     assert bad.returncode == 2 and "not found" in bad.stderr
