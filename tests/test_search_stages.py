@@ -205,6 +205,18 @@ def test_rerank_gives_the_shortlist_ssim_and_finds_a_mirrored_copy(
 # ------------------------------------------------------------------------------------------------- present
 
 
+def test_the_nearest_by_embedding_stay_on_the_shortlist_wherever_they_rank(tuning: Tuning) -> None:
+    """A mirrored copy (no direct fit) ranked below images lifted by the match graph still gets the mirror check."""
+    lifted = [score(v, 0.5, 0.3, 9, fit=True) for v in range(10, 16)]
+    mirror = score(1, 0.96)
+    ranked = [*lifted, score(2, 0.6), mirror, score(3, 0.7)]
+    best, rest = shortlist(ranked, 3, tuning.replace(cascade={"ssim_shortlist": 4}))
+    assert [c.vec_id for c in best] == [10, 11, 12, 13, 1, 3]  # the 2 nearest by embedding: 1 and 3
+    assert [c.vec_id for c in rest] == [14, 15, 2]
+    off = tuning.replace(cascade={"ssim_shortlist": 4, "verify_embedding_top": 0})
+    assert [c.vec_id for c in shortlist(ranked, 3, off)[0]] == [10, 11, 12, 13]
+
+
 def test_present_keeps_the_related_and_describes_them_with_verdicts(tuning: Tuning) -> None:
     exact, copy, linked, unrelated = (
         score(1, 1.0, 1.0, 500, fit=True),
