@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,7 +42,7 @@ from pictrace.grouping import Grouping, Shape
 from pictrace.matching.frame import cells_agreeing
 from pictrace.matching.transform import TransformReadout, read_transform
 from pictrace.schemas import DuplicateEdit, DuplicateGroupInfo, DuplicateImage, DuplicateMember, thumbnail_url
-from pictrace.store import Catalogue, ImageFacts, PairLink
+from pictrace.store import Catalogue, GroupLinks, ImageFacts
 from pictrace.tuning import Duplicates as DuplicatesTuning
 
 log = logging.getLogger(__name__)
@@ -429,6 +429,8 @@ class DuplicateGroups:
                     with self._lock:
                         self._save()
             except Exception:  # a database hiccup must not end the thread; retried on the next tick
+                if self._stop.is_set():  # closed meanwhile, the catalogue too: the work is dropped, as close says
+                    break
                 log.exception("could not update the duplicate groups; retrying")
             self.cpu_s += time.thread_time() - cpu
             self._stop.wait(0.01 if more else self.tuning.refresh_s)
@@ -703,13 +705,11 @@ class DuplicateGroups:
             raise NotFoundError("no chain of copy links joins these two images")
         return facts[sha_a], facts[sha_b], path[0]
 
-    def _fits(
-        self, vec_ids: Sequence[int], links: Iterable[PairLink] | None = None
-    ) -> dict[tuple[int, int], np.ndarray]:
+    def _fits(self, vec_ids: Sequence[int], links: GroupLinks | None = None) -> dict[tuple[int, int], np.ndarray]:
         inside = set(vec_ids)
         return {
             (link.vec_id, link.other): link.homography
-            for link in (self.catalogue.pair_links(vec_ids) if links is None else links)
+            for link in (self.catalogue.group_links(vec_ids) if links is None else links).inside
             if link.other in inside and link.tier == "copy" and link.homography is not None
         }
 
@@ -740,7 +740,7 @@ class DuplicateGroups:
                 return True
             if self._has_keeper(view, index):
                 continue
-            links = self.catalogue.pair_links(vec_ids)
+            links = self.catalogue.group_links(vec_ids)
             facts = self.catalogue.image_facts(vec_ids)
             if len(facts) == len(vec_ids):
                 self._keeper(view, index, facts, self._fits(vec_ids, links))
@@ -749,7 +749,7 @@ class DuplicateGroups:
     def _describe(self, view: _View, index: int, offset: int, limit: int | None) -> Group:
         vec_ids = view.groups[index]
         inside = set(vec_ids)
-        links = self.catalogue.pair_links(vec_ids)
+        links = self.catalogue.group_links(vec_ids)
         facts = self.catalogue.image_facts(vec_ids)
         if len(facts) < len(vec_ids):  # removed meanwhile: the next refresh places the rest again
             vec_ids = [v for v in vec_ids if v in facts]
@@ -813,10 +813,10 @@ class DuplicateGroups:
         return flat_outside(self.catalogue.thumbnail(image.sha256), (image.width, image.height), box)
 
 
-def _similar(links: Iterable[PairLink], inside: set[int], limit: int = 12) -> list[int]:
+def _similar(links: GroupLinks, inside: set[int], limit: int = 12) -> list[int]:
     """Images outside the group linked to a member (similar, or a copy link a decision cut), strongest first."""
-    best: dict[int, int] = {}
-    for link in links:
+    best = dict(links.leaving)
+    for link in links.inside:  # members the group left out meanwhile (removed, or placed elsewhere)
         if link.other not in inside:
             best[link.other] = max(best.get(link.other, 0), link.inliers)
     return sorted(best, key=lambda v: (-best[v], v))[:limit]

@@ -354,10 +354,13 @@ class TestCatalogue:
         shapes = {v: rest for v, *rest in cat.image_shapes()}
         assert set(shapes) == {a, b} and cat.image_shapes([b]) == [(b, *shapes[b])]
         assert shapes[a][0] == stored(1).sha256
-        there, back = sorted(cat.pair_links([a, b]), key=lambda link: link.vec_id)
-        assert (there.tier, there.cosine) == ("copy", pytest.approx(0.9))
+        both = cat.group_links([a, b])
+        there, back = sorted(both.inside, key=lambda link: link.vec_id)
+        assert (there.tier, there.cosine) == ("copy", pytest.approx(0.9)) and both.leaving == {}
         assert there.homography is not None and back.homography is not None
         assert np.allclose(there.homography, hom) and np.allclose(back.homography @ hom, np.eye(3), atol=1e-5)
+        one = cat.group_links([a])  # a link leaving the images asked for: only its strength
+        assert one.inside == [] and one.leaving == {b: 60}
         sha_a, sha_b = stored(1).sha256, stored(2).sha256
         cat.decide_distinct(sha_b, sha_a)
         cat.decide_keep(sha_a)

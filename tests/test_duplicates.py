@@ -106,8 +106,8 @@ async def test_another_view_of_a_scene_is_similar_not_a_copy(gallery: Settings) 
     try:
         ids = service.catalogue.image_facts(service.catalogue.vec_ids().tolist())
         by_name = {f.entry_id: v for v, f in ids.items()}
-        links = service.catalogue.pair_links([by_name["chelsea-angle"]])
-        to_cat = [link for link in links if link.other == by_name["chelsea"]]
+        links = service.catalogue.group_links([by_name["chelsea-angle"], by_name["chelsea"]])
+        to_cat = [link for link in links.inside if link.other == by_name["chelsea"]]
         assert to_cat and to_cat[0].tier == "similar"  # matched, with a clear perspective
         _, groups = service.duplicates.page()
         assert all("chelsea" not in names(g) for g in groups)

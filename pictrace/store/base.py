@@ -16,10 +16,10 @@ if TYPE_CHECKING:
         FailedSource,
         FileStat,
         GalleryImage,
+        GroupLinks,
         ImageFacts,
         ImageRecord,
         LinkFit,
-        PairLink,
         Source,
         SourceState,
         StoredImage,
@@ -113,7 +113,7 @@ class CatalogueStore(Protocol):
 
     def pixel_twins(self) -> list[tuple[int, str]]: ...
 
-    def pair_links(self, vec_ids: Iterable[int]) -> list[PairLink]: ...
+    def group_links(self, vec_ids: Iterable[int]) -> GroupLinks: ...
 
     def image_facts(self, vec_ids: Iterable[int]) -> dict[int, ImageFacts]: ...
 

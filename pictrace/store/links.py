@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pictrace.store.records import LinkFit, PairLink
+from pictrace.store.records import GroupLinks, LinkFit, PairLink
 from pictrace.store.sql import SqlAccess, marks
 
 
@@ -152,10 +152,14 @@ class LinkQueries(SqlAccess):
         )
         return [(int(v), str(p)) for v, p in rows]
 
-    def pair_links(self, vec_ids: Iterable[int]) -> list[PairLink]:
-        """Every stored link leaving these images (to any image), both directions present when both are named."""
+    def group_links(self, vec_ids: Iterable[int]) -> GroupLinks:
+        """The links among these images (each direction, copy links with their fit), and the strongest link of
+        each image outside them linked to one of them. The outward ones are only tallied: a 100k gallery's 20
+        largest groups have ~22,000, and reading each as a link with its fit made a list page 210 ms."""
         wanted = [int(v) for v in vec_ids]
-        out: list[PairLink] = []
+        inside_ids = set(wanted)
+        inside: list[PairLink] = []
+        leaving: dict[int, int] = {}
         for start in range(0, len(wanted), 512):
             chunk = wanted[start : start + 512]
             for a, b, n, tier, cosine, fit in self._query(
@@ -163,10 +167,12 @@ class LinkQueries(SqlAccess):
                     WHERE vec_id IN ({marks(len(chunk))}) AND other != vec_id""",
                 chunk,
             ):
-                out.append(
-                    PairLink(int(a), int(b), int(n), tier, None if cosine is None else float(cosine), _fit_of(fit))
-                )
-        return out
+                if b not in inside_ids:
+                    leaving[b] = max(leaving.get(b, 0), n)
+                    continue
+                hom = _fit_of(fit) if tier == "copy" else None
+                inside.append(PairLink(a, b, n, tier, None if cosine is None else float(cosine), hom))
+        return GroupLinks(inside, leaving)
 
     def vec_ids_of(self, sha256s: Iterable[str]) -> dict[str, int]:
         """``{sha256: vec_id}`` of those catalogued."""

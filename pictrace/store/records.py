@@ -130,7 +130,8 @@ class LinkFit:
 
 @dataclass(frozen=True)
 class PairLink:
-    """A stored link read back in one direction (``homography``: ``vec_id`` pixels -> ``other`` pixels)."""
+    """A stored link read back in one direction (``homography``: ``vec_id`` pixels -> ``other`` pixels; None but
+    for a copy)."""
 
     vec_id: int
     other: int
@@ -138,6 +139,15 @@ class PairLink:
     tier: str | None
     cosine: float | None
     homography: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class GroupLinks:
+    """The stored links of a set of images: those between two of them, each direction, and for each image
+    outside linked to one of them, its strongest link's inliers."""
+
+    inside: list[PairLink]
+    leaving: dict[int, int]
 
 
 @dataclass(frozen=True)
