@@ -14,6 +14,7 @@ from pictrace.features.ssim import SsimReference
 from pictrace.matching.mirror import mirror_fit, worth_mirroring
 from pictrace.matching.scores import CandidateScore, with_ssim
 from pictrace.search.schedule import MapEach
+from pictrace.search.verify import nearest_by_embedding
 from pictrace.tuning import Tuning
 
 
@@ -25,8 +26,8 @@ def shortlist(
     graph lifts around a weak fit to a look-alike can push it past the shortlist, away from the mirror check
     that would find it (a copy-public mirror among 100k distractors fell from rank 1 to 63 so)."""
     size = max(tuning.cascade.ssim_shortlist, top_k)
-    by_embedding = sorted(ranked, key=lambda c: -c.embedding)[: tuning.cascade.verify_embedding_top]
-    nearest = {c.vec_id for c in by_embedding}
+    cosines = {c.vec_id: c.embedding for c in ranked}
+    nearest = nearest_by_embedding(cosines, cosines, tuning)  # the verify stage's own rule
     best = ranked[:size] + [c for c in ranked[size:] if c.vec_id in nearest]
     return best, [c for c in ranked[size:] if c.vec_id not in nearest]
 
