@@ -748,7 +748,6 @@ class DuplicateGroups:
 
     def _describe(self, view: _View, index: int, offset: int, limit: int | None) -> Group:
         vec_ids = view.groups[index]
-        inside = set(vec_ids)
         links = self.catalogue.group_links(vec_ids)
         facts = self.catalogue.image_facts(vec_ids)
         if len(facts) < len(vec_ids):  # removed meanwhile: the next refresh places the rest again
@@ -780,7 +779,7 @@ class DuplicateGroups:
                     )
                 )
                 described.append(Member(m, "copy", edit))
-        similar = _similar(links, inside)
+        similar = _similar(links.leaving)
         similar_facts = self.catalogue.image_facts(similar) if similar else {}
         return Group(
             id=view.ids[index],
@@ -813,13 +812,9 @@ class DuplicateGroups:
         return flat_outside(self.catalogue.thumbnail(image.sha256), (image.width, image.height), box)
 
 
-def _similar(links: GroupLinks, inside: set[int], limit: int = 12) -> list[int]:
+def _similar(leaving: dict[int, int], limit: int = 12) -> list[int]:
     """Images outside the group linked to a member (similar, or a copy link a decision cut), strongest first."""
-    best = dict(links.leaving)
-    for link in links.inside:  # members the group left out meanwhile (removed, or placed elsewhere)
-        if link.other not in inside:
-            best[link.other] = max(best.get(link.other, 0), link.inliers)
-    return sorted(best, key=lambda v: (-best[v], v))[:limit]
+    return sorted(leaving, key=lambda v: (-leaving[v], v))[:limit]
 
 
 def _group_id(sha256: str) -> str:
