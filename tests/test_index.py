@@ -175,6 +175,27 @@ def test_faiss_corrupt_file_is_detected(tmp_path: Path) -> None:
         FaissIndex.open(tmp_path / "v.faiss", INFO)
 
 
+def test_faiss_saves_only_what_changed(tmp_path: Path) -> None:
+    """A close right after an ingest's own save writes nothing again; a change, or a fresh index, is written."""
+    path = tmp_path / "v.faiss"
+    index = FaissIndex.open(path, INFO)
+    index.save()
+    assert path.exists()  # a fresh index is written even when empty
+    index.add(np.arange(5, dtype=np.int64), unit_vectors(5))
+    index.save()
+    written = path.stat().st_mtime_ns
+    index.save()
+    index.remove(np.array([99], dtype=np.int64))  # nothing removed: no change
+    index.save()
+    assert path.stat().st_mtime_ns == written
+    reopened = FaissIndex.open(path, INFO)
+    reopened.save()
+    assert path.stat().st_mtime_ns == written
+    reopened.remove(np.array([0], dtype=np.int64))
+    reopened.save()
+    assert path.stat().st_mtime_ns != written and len(FaissIndex.open(path, INFO)) == 4
+
+
 def test_faiss_refuses_other_backbone(tmp_path: Path) -> None:
     index = FaissIndex.open(tmp_path / "v.faiss", INFO)
     index.add(np.arange(3, dtype=np.int64), unit_vectors(3))

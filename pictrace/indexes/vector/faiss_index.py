@@ -175,6 +175,8 @@ class FaissIndex:
         self._lock = ReadWriteLock()
         self._rebuild_lock = threading.Lock()
         self._journal: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None
+        self._changes = 0  # adds, removes and rebuilds so far: ``save`` writes only when some came since the last
+        self._saved_changes: int | None = 0 if _structure is not None else None  # read from the file: as saved
 
     @classmethod
     def open(cls, path: Path, info: IndexInfo, params: FaissParams | None = None) -> FaissIndex:
@@ -220,6 +222,7 @@ class FaissIndex:
             return
         with self._lock.write():
             self._s.add(ids, vectors)
+            self._changes += 1
             if self._journal is not None:
                 self._journal.append(("add", ids, vectors))
 
@@ -228,7 +231,9 @@ class FaissIndex:
         with self._lock.write():
             if self._journal is not None:
                 self._journal.append(("remove", ids, None))
-            return self._s.remove(ids)
+            removed = self._s.remove(ids)
+            self._changes += removed > 0
+            return removed
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -281,6 +286,7 @@ class FaissIndex:
                         structure.remove(ids)
                 self._journal = None
                 self._s = structure
+                self._changes += 1
         log.info("vector index rebuilt: %d vectors, mode %s", structure.alive, structure.mode)
 
     def _build(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], expected: int | None) -> _Structure:
@@ -309,9 +315,13 @@ class FaissIndex:
         return structure
 
     def save(self) -> None:
+        """Write the index atomically, unless nothing changed since it was saved or read: a close after an
+        ingest, which has just saved, would otherwise write it again (1.6-5 GB at 1M images)."""
         if self._path is None:
             return
         with self._lock.read():  # writers wait while the file is written; searches go on
+            if self._saved_changes == self._changes:
+                return
             s = self._s
             header = {
                 "backbone": self._info.backbone,
@@ -323,6 +333,7 @@ class FaissIndex:
                 "trained_on": s.trained_on,
             }
             atomic_write(self._path, lambda handle: _write(handle, header, s.labels, s.index))
+            self._saved_changes = self._changes
 
     def close(self) -> None:
         """Nothing to release: the file is written by ``save`` and not held open."""
