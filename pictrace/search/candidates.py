@@ -53,8 +53,8 @@ def local_candidates(exact: Iterable[int], votes: Votes, tuning: Tuning) -> Cand
 
 
 def nearest(index: VectorIndex, embeddings: np.ndarray, tuning: Tuning) -> dict[int, float]:
-    """The ``candidates`` nearest vectors of each of the query's embeddings (the query's, and the picture's inside
-    it), each with its best cosine, best first (ties: the query's own first)."""
+    """The ``candidates`` nearest vectors of each of the query's embeddings (rows: the query's, and the picture's
+    inside it), each with its best cosine, best first (ties: the query's own first)."""
     scores, ids = index.search(np.atleast_2d(embeddings), tuning.cascade.candidates)
     best: dict[int, float] = {}
     for row_scores, row_ids in zip(scores, ids, strict=True):

@@ -79,8 +79,8 @@ class Searcher:
         checks = verify(query, found, reads.orbs(found.local), Checks(), t, run.map)
         # the nearest vectors join them, and are verified in turn
         # the picture inside the query (a screenshot's) is searched by its own embedding too
-        inner = jobs.inner.result()
-        embeddings = np.vstack([jobs.embedding.result(), *([] if inner is None else [inner.embedding])])
+        own, inner = jobs.embedding.result(), jobs.inner.result()
+        embeddings = own[None, :] if inner is None else np.stack([own, inner.embedding])
         nearest = candidates.nearest(self.index, embeddings, t)
         reads.know_cosines(nearest)
         found = candidates.with_nearest(found, nearest, reads.cosines(embeddings, found.local))
