@@ -307,7 +307,7 @@ class Ingestor:
     ) -> _BatchOutcome:
         outcome = _BatchOutcome()
         hosts = _HostSchedule(todo, self.settings.fetch_per_host)
-        fetched: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=self.tuning.ingest.embed_batch * 2)
+        fetched: asyncio.Queue[_Fetched | Exception | None] = asyncio.Queue(maxsize=self.tuning.ingest.embed_batch * 2)
         n_fetchers = max(1, min(self.settings.fetch_concurrency, len(todo)))
 
         def advance(n: int, failures: list[FailedEntry]) -> None:
@@ -337,10 +337,15 @@ class Ingestor:
                 await fetched.put(_Fetched(_source(item), data, item.position, item.stat, previous))
 
         async def fetch_all() -> None:
+            """Every entry, then the end mark (None); a fetch that failed unexpectedly ends the stream with its
+            error instead, which ``batches`` raises. Cancelled (the batches failed, or the run was stopped), it
+            puts nothing: no one reads the queue any more, and a put on a full queue would wait for ever."""
             try:
                 await asyncio.gather(*(fetch_worker() for _ in range(n_fetchers)))
-            finally:
-                await fetched.put(None)
+            except Exception as exc:
+                await fetched.put(exc)
+                raise
+            await fetched.put(None)
 
         schedule: IngestSchedule[list[_Fetched], _Embedded] = IngestSchedule(
             self.pool, width=self.settings.workers, ahead=self.tuning.ingest.batches_in_flight
@@ -353,14 +358,17 @@ class Ingestor:
             not hold back the images already fetched."""
             batch: list[_Fetched] = []
             while True:
-                try:
-                    item = await asyncio.wait_for(fetched.get(), self.tuning.ingest.batch_wait_s if batch else None)
+                try:  # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that lands as the get returns
+                    async with asyncio.timeout(self.tuning.ingest.batch_wait_s if batch else None):
+                        item = await fetched.get()
                 except TimeoutError:
                     yield batch
                     batch = []
                     continue
                 if item is None:
                     break
+                if isinstance(item, Exception):
+                    raise item
                 batch.append(item)
                 if len(batch) >= self.tuning.ingest.embed_batch:
                     yield batch

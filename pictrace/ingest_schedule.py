@@ -74,6 +74,9 @@ class IngestSchedule(Generic[B, E]):
                     await before
                 await late(result)
                 over.set_result(None)
+            except BaseException:
+                over.cancel()  # the batches after it stop at once instead of waiting for it
+                raise
             finally:
                 window.release()
 

@@ -3,6 +3,7 @@ and a corrupt index file. Each leaves a consistent catalogue and index, and what
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -308,3 +309,40 @@ async def test_corrupt_index_is_detected_and_rebuilt(
         assert service.searcher.search_bytes(picture(301)).results[0].exact
     finally:
         await service.close()
+
+
+# --- a failure inside the ingest's link stage ---------------------------------------------------------------
+
+
+async def test_a_failing_link_stage_ends_the_ingest_with_its_error(
+    tmp_path: Path, make_settings: Callable[..., Settings], photos: dict[str, np.ndarray]
+) -> None:
+    """A stored image whose keypoints no longer read (a damaged catalogue row) fails the links of the images
+    that match it. The ingest must stop with that error, not wait for ever: the fetchers, far ahead, had
+    filled their queue and waited to put their end mark in it, and no one read the queue any more."""
+    from conftest import crop, resize
+
+    from pictrace.tuning import Tuning
+
+    settings = make_settings()
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "original.jpg").write_bytes(encode(photos["astronaut"]))
+    settings.db.write_text(json.dumps([{"url": "pics/original.jpg"}]))
+    assert (await ingest(settings)).added == 1
+    with contextlib.closing(sqlite3.connect(settings.catalogue_path)) as conn, conn:
+        conn.execute("UPDATE images SET orb = ?", (b"ORB2-damaged",))
+    entries = [{"url": "pics/original.jpg"}]
+    for i in range(12):  # copies of the damaged image: each one's links read its keypoints
+        name = f"copy{i}.jpg"
+        (tmp_path / "pics" / name).write_bytes(encode(resize(crop(photos["astronaut"], 0.9 - 0.02 * i), 0.8)))
+        entries.append({"url": f"pics/{name}"})
+    settings.db.write_text(json.dumps(entries))
+    small_batches = Tuning.model_validate({"ingest": {"embed_batch": 2, "batches_in_flight": 1}})  # a queue of 4
+    run = asyncio.create_task(ingest(settings, small_batches))
+    done, _ = await asyncio.wait({run}, timeout=120)  # a hang, not a speed: it ends in well under a second
+    if not done:
+        run.cancel()
+        await asyncio.wait({run}, timeout=10)  # where it hangs, a cancel may hang as well
+        pytest.fail("the ingest still waits two minutes after its link stage failed")
+    with pytest.raises(ValueError, match="ORB blob"):
+        run.result()
