@@ -195,6 +195,25 @@ def test_grouping_rules_weak_links_decisions_and_restore() -> None:
     assert not any(2 in g for g in grouped(grouping)) and [4, 5, 6] in grouped(grouping)
 
 
+def test_links_read_again_touch_only_what_changed() -> None:
+    """After an ingest run the groups read every copy link again from the catalogue: a link that did not change
+    (its inliers, its fit as stored: float32) leaves its group alone, a changed one has its pair placed again."""
+    grouping = Grouping(containment=0.8, join_min_inliers=40, max_hops=2)
+    grouping.add_images({v: Shape(100, 100, 1000 + v, f"p{v}") for v in range(1, 5)})
+    links = [(1, 2, 90, shift(1.1, 0.3)), (3, 4, 80, shift(0, 0, 1.01))]
+    grouping.place(grouping.add_links(links))
+    assert grouped(grouping) == [[1, 2], [3, 4]]
+
+    def as_stored(hom: np.ndarray) -> np.ndarray:
+        return np.frombuffer(np.asarray(hom, np.float32).tobytes(), np.float32).astype(np.float64).reshape(3, 3)
+
+    assert grouping.add_links([(a, b, n, as_stored(h)) for a, b, n, h in links]) == set()
+    assert grouping.add_links([(1, 2, 90, as_stored(shift(1.1, 2.3)))]) == {1, 2}  # refitted
+    assert grouping.add_links([(3, 4, 81, as_stored(shift(0, 0, 1.01)))]) == {3, 4}  # matched again, one more inlier
+    grouping.place({1, 2, 3, 4})
+    assert grouped(grouping) == [[1, 2], [3, 4]]
+
+
 TOKEN = "dups-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
