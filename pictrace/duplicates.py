@@ -322,6 +322,12 @@ def edit_of(readout: TransformReadout, size: tuple[int, int], hops: int) -> Edit
 
 _META_KEY = "duplicate_groups"
 _FORMAT = 1
+
+
+class _StoppedError(Exception):
+    """``close`` was called during a first build: the build ends at its next slice of links or thumbnail."""
+
+
 _CLOSE_WAIT_S = 10.0  # how long a close waits for the thread to finish what it is doing
 _SETTLE_AFTER_S = 10.0  # no image added for this long: an ingest run has ended (its pauses are shorter)
 _RECENT_S = 30.0  # an image's links are read again for this long after it was added (the ingest links it then)
@@ -382,8 +388,8 @@ class DuplicateGroups:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop following and store the partition. A first build still running (minutes at 100k) is not waited
-        for: its thread ends with the process, and the next start builds again."""
+        """Stop following and store the partition. A first build still running (minutes at 100k) stops at its
+        next slice of links or thumbnail check, unstored: the next start builds again."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
@@ -428,6 +434,8 @@ class DuplicateGroups:
                 if self._dirty and time.monotonic() - self._saved_at >= self.tuning.save_every_s:
                     with self._lock:
                         self._save()
+            except _StoppedError:
+                break
             except Exception:  # a database hiccup must not end the thread; retried on the next tick
                 if self._stop.is_set():  # closed meanwhile, the catalogue too: the work is dropped, as close says
                     break
@@ -463,6 +471,7 @@ class DuplicateGroups:
         where the composed map puts it (pictrace/matching/frame.py's cells_agreeing)."""
         grouping = self._grouping if self._grouping is not None else self._building
         assert grouping is not None
+        self._stop_building()
         small, large = self._grey(member, _LOOK_SIDE), self._grey(anchor, _THUMBNAIL_SIDE)
         if small is None or large is None:
             return False
@@ -496,6 +505,7 @@ class DuplicateGroups:
         self._sha = {v: sha for v, sha, *_ in shapes}
         grouping.add_images({v: Shape(w, h, n, pixels) for v, _, pixels, w, h, n in shapes})
         for part in self.catalogue.copy_fit_slices():
+            self._stop_building()
             grouping.add_links(part)
         self._decisions = self.catalogue.decisions()
         released = grouping.set_decisions(*self._decided(self._decisions))
@@ -509,6 +519,14 @@ class DuplicateGroups:
         self._greys.clear()
         self._position, self._link_generation = (position.seq, position.generation), link_generation
         self._publish()
+
+    def _stop_building(self) -> None:
+        """Raise ``_StoppedError`` when ``close`` was called during a first build (minutes at 100k images): the
+        process then exits without waiting for it, and the next start builds again. An update is never cut
+        short: its partition is the one ``close`` stores."""
+        if self._building is not None and self._stop.is_set():
+            self._building = None
+            raise _StoppedError
 
     def _update(self) -> None:
         grouping = self._grouping
