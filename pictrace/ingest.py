@@ -97,6 +97,15 @@ def tombstone_key(sha256: str) -> str:
 
 
 DELETED_SOURCE = "deleted-source:"
+UNSETTLED = "unsettled-after"
+
+
+def unsettled_key(shard: Shard | None) -> str:
+    """Meta key of a run in progress: its value is the last vec_id before the run's images. A run that stops
+    before matching the pairs its images' arrival missed (``OwedPairs``) leaves it behind, and the next run
+    matches those images again: without it they lost those links for good (docs/scaling.md, "Checkpoints").
+    One per shard: the workers of one catalogue run at the same time."""
+    return UNSETTLED if shard is None else f"{UNSETTLED}:{shard.index}/{shard.count}"
 
 
 def deleted_source_key(url: str) -> str:
@@ -245,9 +254,12 @@ class Ingestor:
             self.progress = IngestProgress(total=len(todo), running=True)
             dropped = 0
             stopped = False
+            unsettled = await self.pool.run_background(self._open_run, unsettled_key(shard), bool(todo))
             try:
                 try:
-                    outcome = await self._run(todo, states, whole.folder, on_progress)
+                    outcome = await self._run(todo, states, whole.folder, on_progress, unsettled)
+                    if self._links_enabled and (todo or unsettled):  # this run's images, and those, settled
+                        await self.pool.run_background(self.catalogue.delete_meta, unsettled_key(shard))
                     report.removed, dropped = await self._drop_removed(whole, gallery, shard, stats)
                 except asyncio.CancelledError:
                     stopped = True  # SIGTERM or Ctrl-C: save what is indexed now; relearning waits for a next run
@@ -265,6 +277,20 @@ class Ingestor:
             report.skipped = outcome.skipped
             report.failed = sorted(outcome.failed, key=lambda f: f.position if f.position is not None else -1)
             return report
+
+    def _open_run(self, key: str, adding: bool) -> list[int]:
+        """Mark where this run's images begin (when it adds some), and return the images of earlier runs that
+        stopped before settling them, to be matched again once this run's images are in."""
+        if not self._links_enabled:
+            return []
+        ids = self.catalogue.vec_ids()
+        last = int(ids.max()) if len(ids) else 0
+        after = self.catalogue.get_meta(key)
+        if after is None:
+            if adding:
+                self.catalogue.set_meta(key, str(last))
+            return []
+        return [int(v) for v in ids if v > int(after)]
 
     def _deleted_sources(self) -> set[str]:
         """db.json URLs whose image was deleted through the API and not added back since."""
@@ -304,6 +330,7 @@ class Ingestor:
         states: dict[str, SourceState],
         folder: Path | None,
         on_progress: Callable[[IngestProgress], None] | None,
+        unsettled: list[int],
     ) -> _BatchOutcome:
         outcome = _BatchOutcome()
         hosts = _HostSchedule(todo, self.settings.fetch_per_host)
@@ -422,10 +449,29 @@ class Ingestor:
             finally:
                 self.progress.linking -= len(pairs)
 
+        async def relink(stopped: list[int]) -> None:
+            """A stopped run's images, linked again as if they were arriving now, before this run's: each against
+            the whole gallery from its side, and tracked like this run's own, so that the images after it (its
+            run's later ones too) offer their votes and ``settle`` matches what they owe."""
+            log.info("matching again the %d images of a run that stopped before settling them", len(stopped))
+            left = len(stopped)
+            self.progress.linking += left
+            step = self.tuning.ingest.embed_batch
+            try:
+                for start in range(0, len(stopped), step):  # a batch's candidates in memory at a time
+                    part = stopped[start : start + step]
+                    await schedule.one(self._store_links, await schedule.each(self._find_links, part), owed)
+                    self.progress.linking -= len(part)
+                    left -= len(part)
+            finally:
+                self.progress.linking -= left
+
         owed = OwedPairs(self.tuning.cascade.graph_candidates,
                          self.tuning.cascade.graph_candidates + self.tuning.duplicates.nearest_candidates)
         producer = asyncio.create_task(fetch_all())
         try:
+            if self._links_enabled and unsettled:
+                await relink(unsettled)
             await schedule.flow(batches(), early, late)
             if self._links_enabled:
                 await settle()

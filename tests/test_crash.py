@@ -163,10 +163,20 @@ def test_sigterm_mid_ingest_saves_the_indexes_and_the_next_run_goes_on(
     held = saved.held_ids().tolist()
     assert len(held) >= 4 and set(held) <= set(stopped["vec_ids"])  # type: ignore[call-overload]
 
+    # the pairs its images' arrival missed were to be matched at its end: the next run matches them again
+    assert meta_value(data_dir, "unsettled-after") == "0"
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"added {n - int(stopped['images'])}," in again.stdout, again.stdout  # type: ignore[call-overload]
     assert catalogue_rows(data_dir / "catalogue.sqlite3")["images"] == n
+    assert f"matching again the {stopped['images']} images of a run that stopped" in again.stderr, again.stderr
+    assert meta_value(data_dir, "unsettled-after") is None
+
+
+def meta_value(data_dir: Path, key: str) -> str | None:
+    with contextlib.closing(sqlite3.connect(data_dir / "catalogue.sqlite3")) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 # --- gallery hosts that are down, slow or send garbage -------------------------------------------------
