@@ -370,6 +370,7 @@ class DuplicateGroups:
         self._links_stale = False  # the catalogue's copy links did not tally with those known
         self._unsettled: set[int] = set()  # images placed one batch at a time, to place again together
         self._added_at = 0.0  # when the last image was added (monotonic)
+        self._linked_at = 0.0  # when links were last seen written (monotonic)
         self._keepers: dict[int, tuple[tuple[int, ...], int]] = {}  # anchor -> (its group, the keeper chosen)
         self._dirty = False
         self._saved_at = 0.0
@@ -447,15 +448,16 @@ class DuplicateGroups:
     def refresh(self) -> None:
         """Bring the partition up to date with the catalogue now (the thread does this every ``refresh_s``; the
         CLI, the tests and a decision call it to see their own writes)."""
-        self._refresh()
+        self._refresh(eager=True)
         self._ready = True
 
-    def _refresh(self) -> None:
+    def _refresh(self, eager: bool = False) -> None:
+        """``eager``: links among older images are read again at once, not once the gallery is quiet."""
         with self._lock:
             if self._grouping is None:
                 self._build()
             else:
-                self._update()
+                self._update(eager)
 
     def _new_grouping(self) -> Grouping:
         t = self.tuning
@@ -528,7 +530,7 @@ class DuplicateGroups:
             self._building = None
             raise _StoppedError
 
-    def _update(self) -> None:
+    def _update(self, eager: bool = False) -> None:
         grouping = self._grouping
         assert grouping is not None
         position, link_generation = self.catalogue.change_position(), self.catalogue.link_generation()
@@ -551,6 +553,8 @@ class DuplicateGroups:
         self._sha.update((v, sha) for v, sha, *_ in shapes)
         touched |= grouping.add_images({v: Shape(w, h, n, pixels) for v, _, pixels, w, h, n in shapes})
         now = time.monotonic()
+        if link_generation != self._link_generation:
+            self._linked_at = now
         self._recent.update((v, now) for v, *_ in shapes)
         self._recent = {v: t for v, t in self._recent.items() if now - t <= _RECENT_S and v in grouping.shapes}
         if link_generation != self._link_generation or self._links_stale:
@@ -559,9 +563,11 @@ class DuplicateGroups:
                 # the links of the images added lately: an ingest writes them a moment after the images
                 touched |= grouping.add_links(self.catalogue.copy_fits(self._recent))
             # a link among older images appeared, changed or went (those owed at the end of an ingest run):
-            # read them all again, once the gallery is quiet (not once a second through a long ingest)
+            # read them all again once the gallery is quiet, no image added and no link written for a while
+            # (at 100k a read of every copy link takes ~9 s: once a second, it starved an ingest's writes)
             self._links_stale = tally != grouping.tally()
-            if self._links_stale and not shapes:
+            quiet = not shapes and now - max(self._added_at, self._linked_at) >= _SETTLE_AFTER_S
+            if self._links_stale and (quiet or eager):
                 stored = grouping.stored_pairs()
                 for part in self.catalogue.copy_fit_slices():
                     stored -= {(a, b) for a, b, *_ in part}

@@ -290,7 +290,7 @@ class Ingestor:
             if adding:
                 self.catalogue.set_meta(key, str(last))
             return []
-        return [int(v) for v in ids if v > int(after)]
+        return [int(v) for v in ids[ids > int(after)]]
 
     def _deleted_sources(self) -> set[str]:
         """db.json URLs whose image was deleted through the API and not added back since."""
