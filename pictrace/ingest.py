@@ -280,7 +280,7 @@ class Ingestor:
 
     def _open_run(self, key: str, adding: bool) -> list[int]:
         """Mark where this run's images begin (when it adds some), and return the images of earlier runs that
-        stopped before settling them, to be matched again once this run's images are in."""
+        stopped before settling them (in vec_id order, as ``OwedPairs`` tracks them), to be linked again first."""
         if not self._links_enabled:
             return []
         ids = self.catalogue.vec_ids()
@@ -290,7 +290,7 @@ class Ingestor:
             if adding:
                 self.catalogue.set_meta(key, str(last))
             return []
-        return [int(v) for v in ids[ids > int(after)]]
+        return [int(v) for v in np.sort(ids[ids > int(after)])]
 
     def _deleted_sources(self) -> set[str]:
         """db.json URLs whose image was deleted through the API and not added back since."""
