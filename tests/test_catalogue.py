@@ -348,7 +348,7 @@ class TestCatalogue:
         cat.add_links(a, [LinkFit(b, 60, "copy", 0.9, hom)])
         # what the duplicate groups read: the copy links with their fits (all, or those touching some images),
         # a tally to notice a change, and each image's size
-        for fits in (cat.copy_fits(), cat.copy_fits([b])):
+        for fits in (cat.copy_fits(), cat.copy_fits([a]), cat.copy_fits([b]), cat.copy_fits([b, a])):
             assert [(x, y, n) for x, y, n, _ in fits] == [(a, b, 60)] and np.allclose(fits[0][3], hom)
         assert cat.copy_fits([999]) == [] and cat.copy_tally() == (1, 60)
         shapes = {v: rest for v, *rest in cat.image_shapes()}

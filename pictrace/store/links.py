@@ -126,7 +126,16 @@ class LinkQueries(SqlAccess):
         for start in range(0, len(wanted), 256):
             chunk = wanted[start : start + 256]
             m = marks(len(chunk))
-            for a, b, n, fit in self._query(f"{_COPY_FITS} AND (vec_id IN ({m}) OR other IN ({m}))", [*chunk, *chunk]):
+            # Both halves by the primary key: each link is stored both ways, so a pair whose smaller end is not
+            # wanted is found from its other row. "other IN" had no index, and "tier = 'copy'" led the planner
+            # to the tier index: a scan of every copy link per chunk (0.34 s at 100k images, now 0.017 s).
+            query = f"""SELECT vec_id, other, inliers, fit FROM links
+                          WHERE vec_id IN ({m}) AND vec_id < other AND COALESCE(tier, '') = 'copy'
+                          UNION ALL
+                          SELECT c.vec_id, c.other, c.inliers, c.fit
+                          FROM links r JOIN links c ON c.vec_id = r.other AND c.other = r.vec_id
+                          WHERE r.vec_id IN ({m}) AND r.other < r.vec_id AND COALESCE(c.tier, '') = 'copy'"""
+            for a, b, n, fit in self._query(query, [*chunk, *chunk]):
                 out[(int(a), int(b))] = (int(a), int(b), int(n), _fit_of(fit))
         return list(out.values())
 
