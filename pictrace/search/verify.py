@@ -13,7 +13,7 @@ the nearest vectors have joined them, each time on the candidates it has not con
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pictrace.features.orb import OrbFeatures
@@ -44,7 +44,7 @@ def verify(
     fits = dict(done.fits)
     fits.update((v, identical_fit(orbs[v])) for v in new if v in found.exact and v not in fits)
     passed = screen(query, {v: orbs[v] for v in new if v not in fits}, found.votes, tuning, map_each)
-    checked = passed | nearest_by_embedding(found.cosines, orbs, tuning) | most_voted(found.votes, new, tuning)
+    checked = passed | nearest_by_embedding(found.cosines, orbs, tuning) | most_voted(found.voted, new, tuning)
     fits |= fit_all(query, orbs, checked - fits.keys(), tuning, map_each)
     return Checks(fits, done.considered | frozenset(new))
 
@@ -72,10 +72,10 @@ def nearest_by_embedding(cosines: Mapping[int, float], among: Container[int], tu
     return set(sorted(candidates, key=lambda v: -cosines[v])[: tuning.cascade.verify_embedding_top])
 
 
-def most_voted(votes: Votes, among: Container[int], tuning: Tuning) -> set[int]:
-    """The ``verify_voted_top`` most voted candidates (``local_min_votes`` or more), of those in ``among``."""
-    top = votes.top(tuning.cascade.verify_voted_top, tuning.cascade.local_min_votes)
-    return {v for v in top if v in among}
+def most_voted(voted: Sequence[int], among: Container[int], tuning: Tuning) -> set[int]:
+    """The ``verify_voted_top`` most voted candidates, of those in ``among``: the first of ``voted`` (the voted
+    candidates, most votes first), not a second ranking of every image voted for (~1 ms at 100k images)."""
+    return {v for v in voted[: tuning.cascade.verify_voted_top] if v in among}
 
 
 def fit_all(
