@@ -418,12 +418,15 @@ class Ingestor:
                 self.progress.linking += len(new_ids)
             advance(len(embedded.batch), result.failed)
             if self._links_enabled and new_ids:
-                try:
-                    found = await schedule.each(self._find_links, new_ids)
-                    await schedule.one(self._store_links, found, owed)
-                finally:
-                    self.progress.linking -= len(new_ids)
+                await link_arrived(new_ids)
             await checkpoint()
+
+        async def link_arrived(vec_ids: list[int]) -> None:
+            """Link images from their side to the images before them, tracked for ``settle``."""
+            try:
+                await schedule.one(self._store_links, await schedule.each(self._find_links, vec_ids), owed)
+            finally:
+                self.progress.linking -= len(vec_ids)
 
         saved_at = time.monotonic()
 
@@ -454,17 +457,10 @@ class Ingestor:
             the whole gallery from its side, and tracked like this run's own, so that the images after it (its
             run's later ones too) offer their votes and ``settle`` matches what they owe."""
             log.info("matching again the %d images of a run that stopped before settling them", len(stopped))
-            left = len(stopped)
-            self.progress.linking += left
+            self.progress.linking += len(stopped)
             step = self.tuning.ingest.embed_batch
-            try:
-                for start in range(0, len(stopped), step):  # a batch's candidates in memory at a time
-                    part = stopped[start : start + step]
-                    await schedule.one(self._store_links, await schedule.each(self._find_links, part), owed)
-                    self.progress.linking -= len(part)
-                    left -= len(part)
-            finally:
-                self.progress.linking -= left
+            for start in range(0, len(stopped), step):  # a batch's candidates in memory at a time
+                await link_arrived(stopped[start : start + step])
 
         owed = OwedPairs(self.tuning.cascade.graph_candidates,
                          self.tuning.cascade.graph_candidates + self.tuning.duplicates.nearest_candidates)
