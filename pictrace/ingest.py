@@ -283,14 +283,12 @@ class Ingestor:
         stopped before settling them (in vec_id order, as ``OwedPairs`` tracks them), to be linked again first."""
         if not self._links_enabled:
             return []
-        ids = self.catalogue.vec_ids()
-        last = int(ids.max()) if len(ids) else 0
         after = self.catalogue.get_meta(key)
-        if after is None:
-            if adding:
-                self.catalogue.set_meta(key, str(last))
-            return []
-        return [int(v) for v in np.sort(ids[ids > int(after)])]
+        if after is not None:
+            return self.catalogue.vec_ids_after(int(after))
+        if adding:
+            self.catalogue.set_meta(key, str(self.catalogue.last_vec_id()))
+        return []
 
     def _deleted_sources(self) -> set[str]:
         """db.json URLs whose image was deleted through the API and not added back since."""

@@ -339,6 +339,7 @@ class TestCatalogue:
         cat = open_catalogue()
         a, _ = cat.add_image(stored(1), source("http://h/a.jpg"))
         b, _ = cat.add_image(stored(2), source("http://h/b.jpg"))
+        assert cat.last_vec_id() == b > a and cat.vec_ids_after(a) == [b] and cat.vec_ids_after(0) == [a, b]
         hom = np.array([[2.0, 0, 10], [0, 2.0, 20], [0, 0, 1]])
         before = cat.link_generation()
         assert cat.add_links(a, [LinkFit(b, 60, "copy", 0.9, hom)]) == 1

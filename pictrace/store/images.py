@@ -181,6 +181,14 @@ class ImageQueries(SqlAccess):
     def vec_ids(self) -> np.ndarray:
         return np.array([r[0] for r in self._query("SELECT vec_id FROM images")], dtype=np.int64)
 
+    def last_vec_id(self) -> int:
+        """The newest image's vec_id (vec_ids only grow, and are never reused); 0 when there is none."""
+        return int(self._query("SELECT MAX(vec_id) FROM images")[0][0] or 0)
+
+    def vec_ids_after(self, vec_id: int) -> list[int]:
+        """The images added after the one that had ``vec_id``, oldest first."""
+        return [int(r[0]) for r in self._query("SELECT vec_id FROM images WHERE vec_id > ? ORDER BY vec_id", (vec_id,))]
+
     def vec_ids_by_hash(self, sha256: str, pixel_sha256: str) -> list[int]:
         """Images with the same bytes or the same decoded pixels as a query: exact matches."""
         rows = self._query(
