@@ -730,11 +730,11 @@ class DuplicateGroups:
         return facts[sha_a], facts[sha_b], path[0]
 
     def _fits(self, vec_ids: Sequence[int], links: GroupLinks | None = None) -> dict[tuple[int, int], np.ndarray]:
-        inside = set(vec_ids)
+        """The copy fits between the group's members (``group_links`` reads a fit for copy links only)."""
         return {
             (link.vec_id, link.other): link.homography
             for link in (self.catalogue.group_links(vec_ids) if links is None else links).inside
-            if link.other in inside and link.tier == "copy" and link.homography is not None
+            if link.homography is not None
         }
 
     def _keeper(
