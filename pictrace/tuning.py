@@ -88,6 +88,10 @@ class LocalVotes(_Frozen):
     knn: Annotated[int, Field(ge=1, le=100)] = 10  # neighbours looked up per query descriptor
     max_distance: Annotated[int, Field(ge=0, le=256)] = 24  # Hamming distance beyond which a neighbour is no vote
     nprobe: Annotated[int, Field(ge=1)] = 16  # inverted lists visited per query descriptor
+    # Codes a query descriptor scans at most, nearest list first, in ``nprobe`` average lists' worth (None: every
+    # probed list whole). k-majority lists are uneven (at 100k real images a probe's list holds 1.8x the average),
+    # and the crowded ones hold the commonest, least telling descriptors: docs/scaling.md, "The scan budget".
+    scan_budget: Annotated[float, Field(gt=0)] | None = 1.0
     flat_below: Annotated[int, Field(ge=0)] = 50_000  # descriptors below which the exact scan is fast enough
     train_max: Annotated[int, Field(ge=1024)] = 262_144  # most descriptors the lists are learned from
     max_lists: Annotated[int, Field(ge=64)] = 65_536  # most inverted lists

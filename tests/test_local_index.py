@@ -132,6 +132,26 @@ def test_the_inverted_file_does_not_depend_on_the_order_images_arrived(
         assert forward.vote(query).counts == backward.vote(query).counts
 
 
+def test_a_scan_budget_bounds_the_codes_a_descriptor_scans(
+    photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]
+) -> None:
+    """The nearest lists are scanned first and the lookup stops once the budget is spent: a generous budget is
+    the full scan, a small one finds fewer pairs, and the source image still leads on what it finds."""
+    from dataclasses import replace
+
+    blobs = [(i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)]
+    full = LocalIndex.build(_params(1000), blobs)
+    generous = LocalIndex.build(replace(_params(1000), scan_budget=1000.0), blobs)
+    tight = LocalIndex.build(replace(_params(1000), scan_budget=0.05), blobs)
+    assert full.is_inverted_file and full.params.structure() == tight.params.structure()
+    for i, name in enumerate(NAMES[:4], 1):
+        query = extract_orb(resize(crop(photos[name], 0.6, 0.2), 0.7))
+        all_of_it, bounded = full.vote(query), tight.vote(query)
+        assert generous.vote(query).counts == all_of_it.counts
+        assert len(bounded.owners) < len(all_of_it.owners)
+        assert bounded.top(1) == [i], bounded.counts
+
+
 @pytest.mark.parametrize("flat_below", [10**9, 1000], ids=["exact", "inverted-file"])
 def test_votes_shared_with_a_side_thread_are_the_votes_of_one_thread(
     photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures], flat_below: int

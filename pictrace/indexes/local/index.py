@@ -268,6 +268,18 @@ class LocalIndex:
             self._index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
             return len(gone)
 
+    def _scan_budget(self) -> Any:
+        """The lookup's parameters when ``scan_budget`` bounds the codes scanned (None: the index's own)."""
+        import faiss
+
+        if self.params.scan_budget is None or not self.is_inverted_file:
+            return None
+        ivf: Any = self._index
+        budget = faiss.SearchParametersIVF()
+        budget.nprobe = self.params.nprobe
+        budget.max_codes = max(1, round(self.params.scan_budget * self.params.nprobe * ivf.ntotal / ivf.nlist))
+        return budget
+
     def vote(self, query: OrbFeatures, map_each: MapEach | None = None) -> Votes:
         """One vote per (query descriptor, gallery image) pair whose codes are within ``max_distance``.
 
@@ -281,9 +293,10 @@ class LocalIndex:
         codes = np.ascontiguousarray(query.descriptors[:, : self.params.code_bytes])
         chunks = [codes[i : i + VOTE_CHUNK] for i in range(0, len(codes), VOTE_CHUNK)]
         with self._lock.read():  # held for all chunks, whichever thread looks them up
+            budget = self._scan_budget()
 
             def lookup(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                dist, ids = self._index.search(part, self.params.knn)
+                dist, ids = self._index.search(part, self.params.knn, params=budget)
                 return dist, ids
 
             found_parts = [lookup(part) for part in chunks] if map_each is None else map_each(lookup, chunks)

@@ -14,6 +14,7 @@ class LocalIndexParams:
     knn: int  # neighbours looked up per query descriptor
     max_distance: int  # Hamming distance (on the prefix) beyond which a neighbour is no vote
     nprobe: int  # inverted lists visited per query descriptor (IVF only)
+    scan_budget: float | None = None  # codes scanned per descriptor at most, in nprobe average lists (IVF only)
     flat_below: int = 50_000  # exact search is fast enough below this many descriptors, and needs no training
     train_max: int = 262_144  # most codes the lists are learned from (64 per list below that)
     max_lists: int = 65_536  # most inverted lists
@@ -25,7 +26,7 @@ class LocalIndexParams:
     def structure(self) -> dict[str, int | float]:
         """The parameters a built index depends on (the others apply at query time, also to a reopened one)."""
         built = asdict(self)
-        for query_time in ("knn", "max_distance", "nprobe", "top_probe", "relearn_growth"):
+        for query_time in ("knn", "max_distance", "nprobe", "scan_budget", "top_probe", "relearn_growth"):
             built.pop(query_time)
         return built
 
@@ -38,6 +39,7 @@ def local_index_params(tuning: LocalVotes) -> LocalIndexParams:
         knn=tuning.knn,
         max_distance=tuning.max_distance,
         nprobe=tuning.nprobe,
+        scan_budget=tuning.scan_budget,
         flat_below=tuning.flat_below,
         train_max=tuning.train_max,
         max_lists=tuning.max_lists,
