@@ -356,3 +356,41 @@ async def test_a_failing_link_stage_ends_the_ingest_with_its_error(
         pytest.fail("the ingest still waits two minutes after its link stage failed")
     with pytest.raises(ValueError, match="ORB blob"):
         run.result()
+
+
+async def test_a_failing_fetch_stage_ends_the_ingest_with_its_error(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """An error the fetchers do not expect (here the catalogue refuses to record a failed download) must end the
+    ingest with that error: it travels through the fetchers' queue to the batches, which are waiting on it,
+    and the images fetched before it are kept."""
+    from pictrace.tuning import Tuning
+
+    settings = make_settings()
+    (tmp_path / "pics").mkdir()
+    entries = []
+    for i in range(10):
+        (tmp_path / "pics" / f"p{i}.png").write_bytes(picture(i))
+        entries.append({"url": f"pics/p{i}.png"})
+    entries.append({"url": "pics/missing.png"})  # fails its fetch, and its failure cannot be recorded
+    settings.db.write_text(json.dumps([{"url": "pics/p0.png"}]))
+    assert (await ingest(settings)).added == 1  # the catalogue exists; now it refuses every failure row
+    with contextlib.closing(sqlite3.connect(settings.catalogue_path)) as conn, conn:
+        for event in ("INSERT", "UPDATE"):
+            conn.execute(
+                f"CREATE TRIGGER no_failures_{event.lower()} BEFORE {event} ON sources WHEN NEW.status = 'failed' "
+                "BEGIN SELECT RAISE(ABORT, 'the disk refuses this row'); END"
+            )
+    settings.db.write_text(json.dumps(entries))
+    small_batches = Tuning.model_validate({"ingest": {"embed_batch": 2, "batches_in_flight": 1}})
+    run = asyncio.create_task(ingest(settings, small_batches))
+    done, _ = await asyncio.wait({run}, timeout=120)  # a hang, not a speed
+    if not done:
+        run.cancel()
+        await asyncio.wait({run}, timeout=10)
+        pytest.fail("the ingest still waits two minutes after its fetch stage failed")
+    with pytest.raises(Exception, match="the disk refuses this row"):
+        run.result()
+    rows = catalogue_rows(settings.catalogue_path)
+    assert rows["integrity"] == "ok" and rows["orphans"] == 0
+    assert "pics/missing.png" not in {u.rsplit("/", 1)[-1] for u in rows["ok"]}  # type: ignore[attr-defined]
