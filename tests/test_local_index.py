@@ -152,6 +152,43 @@ def test_a_scan_budget_bounds_the_codes_a_descriptor_scans(
         assert bounded.top(1) == [i], bounded.counts
 
 
+def test_query_cells_search_the_lists_the_exact_assignment_filed_codes_in(
+    photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures]
+) -> None:
+    """With the codes filed in their nearest lists (one top cell), a query searches cells over the lists for its
+    nearest ones: probing every cell is the exact assignment, probing two still finds the source image with
+    most of its votes. Query-time only: an index saved without them is reused."""
+    from dataclasses import replace
+
+    blobs = [(i, orbs[n].to_bytes()) for i, n in enumerate(NAMES, 1)]
+    exact_filing = replace(_params(1000), cell_lists=65_536)
+    plain = LocalIndex.build(replace(exact_filing, query_cell_lists=None), blobs)
+    two_cells = LocalIndex.build(replace(exact_filing, query_cell_lists=16, top_probe=2), blobs)
+    assert plain.is_inverted_file and plain._query_cells is None
+    cells = two_cells._query_cells
+    assert cells is not None and cells.nlist > 2
+    assert plain.params.structure() == two_cells.params.structure()
+    # probing every cell finds every descriptor's nearest lists, as comparing it with every centre does
+    centres = plain._coarse.invlists  # type: ignore[union-attr]
+    n = centres.list_size(0)
+    every_centre = faiss.IndexBinaryFlat(128)
+    every_centre.add(faiss.rev_swig_ptr(centres.get_codes(0), n * 16).reshape(n, 16)[
+        np.argsort(faiss.rev_swig_ptr(centres.get_ids(0), n))])
+    codes = np.ascontiguousarray(orbs["coins"].descriptors[:, :16])
+    every_cell = faiss.SearchParametersIVF()
+    every_cell.nprobe = cells.nlist
+    assert np.array_equal(cells.search(codes, 16, params=every_cell)[0], every_centre.search(codes, 16)[0])
+    kept = []
+    for i, name in enumerate(NAMES[:4], 1):
+        query = extract_orb(resize(crop(photos[name], 0.6, 0.2), 0.7))
+        exact, approximate = plain.vote(query), two_cells.vote(query)
+        assert approximate.top(1) == [i], approximate.counts
+        pairs = set(zip(exact.owners.tolist(), exact.rows.tolist(), strict=True))
+        found = set(zip(approximate.owners.tolist(), approximate.rows.tolist(), strict=True))
+        kept.append(len(found & pairs) / len(pairs))
+    assert 0.6 < float(np.mean(kept)) < 1.0, kept  # two of the cells: most pairs, not all
+
+
 @pytest.mark.parametrize("flat_below", [10**9, 1000], ids=["exact", "inverted-file"])
 def test_votes_shared_with_a_side_thread_are_the_votes_of_one_thread(
     photos: dict[str, np.ndarray], orbs: dict[str, OrbFeatures], flat_below: int

@@ -28,7 +28,14 @@ import numpy as np
 
 from pictrace.features.orb import OrbFeatures
 from pictrace.indexes.local.file import LocalIndexCorruptError, read_local, write_local
-from pictrace.indexes.local.lists import list_count, stable_sample, train_two_level, two_level_quantizer
+from pictrace.indexes.local.lists import (
+    list_count,
+    query_cells,
+    stable_sample,
+    top_cell_count,
+    train_two_level,
+    two_level_quantizer,
+)
 from pictrace.indexes.local.params import LocalIndexParams
 from pictrace.indexes.local.votes import Votes
 from pictrace.indexes.lock import ReadWriteLock
@@ -60,6 +67,7 @@ class LocalIndex:
         self._index: faiss.IndexBinary = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(self._bits))
         self._quantizer: faiss.IndexBinary | None = None  # the IVF's (kept alive: FAISS does not own it)
         self._coarse: faiss.IndexBinaryIVF | None = None  # the two-level quantizer (IVF only; ``_index`` owns it)
+        self._query_cells: Any = None  # cells over an exact assignment's lists, searched by queries (lists.query_cells)
         self._trained_on = 0  # codes the inverted file's lists were learned from (0: exact flat index)
         self._held: set[int] = set()  # vec_ids applied: adds and removes are idempotent (replicas replay some)
         self._lock = ReadWriteLock()
@@ -138,6 +146,7 @@ class LocalIndex:
             ivf.train(np.ascontiguousarray(sample[:1]))  # the quantizer holds nlist centres: nothing to learn
             ivf.nprobe, coarse.nprobe = params.nprobe, params.top_probe
             index._index, index._quantizer, index._coarse, index._trained_on = ivf, coarse, coarse, total
+            index._query_cells = index._cells_for_queries()
         started = time.perf_counter()
         while chunks:
             chunk_ids, chunk_counts, codes = chunks.pop(0)
@@ -193,6 +202,7 @@ class LocalIndex:
         if coarse is not None:
             stored.nprobe, coarse.nprobe = params.nprobe, params.top_probe  # today's, not the file's
         index._index, index._coarse, index._trained_on = stored, coarse, trained_on
+        index._query_cells = index._cells_for_queries()
         index._held = set(held.tolist())
         index._saved_at = (path, index._changes)
         return index
@@ -238,7 +248,7 @@ class LocalIndex:
         """Swap in a rebuilt index (same object, so the searcher holding this one sees the new lists)."""
         with self._lock.write():
             self._index, self._quantizer, self._trained_on = other._index, other._quantizer, other._trained_on
-            self._coarse = other._coarse
+            self._coarse, self._query_cells = other._coarse, other._query_cells
             self._held = other._held
             self._changes += 1
 
@@ -268,17 +278,58 @@ class LocalIndex:
             self._index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
             return len(gone)
 
-    def _scan_budget(self) -> Any:
-        """The lookup's parameters when ``scan_budget`` bounds the codes scanned (None: the index's own)."""
+    def _cells_for_queries(self) -> Any:
+        """Cells over the lists for queries to search, where every code was filed in its nearest list (one top
+        cell) and the lists are many enough (``query_cell_lists``); None: queries compare every centre."""
         import faiss
 
-        if self.params.scan_budget is None or not self.is_inverted_file:
+        coarse, cell_lists = self._coarse, self.params.query_cell_lists
+        if cell_lists is None or coarse is None or coarse.nlist != 1:
+            return None
+        n = coarse.invlists.list_size(0)
+        if top_cell_count(n, cell_lists) <= self.params.top_probe:
+            return None  # a query would search every cell: the exact assignment with extra steps
+        codes = faiss.rev_swig_ptr(coarse.invlists.get_codes(0), n * coarse.code_size)
+        lists = faiss.rev_swig_ptr(coarse.invlists.get_ids(0), n)
+        centres = np.empty((n, coarse.code_size), dtype=np.uint8)
+        centres[lists] = np.asarray(codes).reshape(n, coarse.code_size)  # row i: the centre of list i
+        cells = query_cells(centres, cell_lists, self.params.train_iterations)
+        if cells is not None:
+            cells.nprobe = self.params.top_probe
+        return cells
+
+    def _lookup_params(self) -> Any:
+        """The lookup's parameters: ``nprobe``, and ``max_codes`` where ``scan_budget`` bounds the codes scanned
+        (None for an exact index)."""
+        import faiss
+
+        if not self.is_inverted_file:
             return None
         ivf: Any = self._index
-        budget = faiss.SearchParametersIVF()
-        budget.nprobe = self.params.nprobe
-        budget.max_codes = max(1, round(self.params.scan_budget * self.params.nprobe * ivf.ntotal / ivf.nlist))
-        return budget
+        params = faiss.SearchParametersIVF()
+        params.nprobe = self.params.nprobe
+        if self.params.scan_budget is not None:
+            params.max_codes = max(1, round(self.params.scan_budget * self.params.nprobe * ivf.ntotal / ivf.nlist))
+        return params
+
+    def _search(self, codes: np.ndarray, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids) of each code's ``knn`` nearest; with query cells, among the lists they find nearest."""
+        import faiss
+
+        cells = self._query_cells
+        if cells is None:
+            dist, ids = self._index.search(codes, self.params.knn, params=params)
+            return dist, ids
+        list_dist, lists = cells.search(codes, self.params.nprobe)
+        list_dist, lists = np.ascontiguousarray(list_dist), np.ascontiguousarray(lists)
+        n, k = len(codes), self.params.knn
+        dist, ids = np.empty((n, k), dtype=np.int32), np.empty((n, k), dtype=np.int64)
+        ivf: Any = self._index
+        ivf.search_preassigned_c(
+            n, faiss.swig_ptr(codes), k, faiss.swig_ptr(lists), faiss.swig_ptr(list_dist),
+            faiss.swig_ptr(dist), faiss.swig_ptr(ids), False, params,
+        )
+        return dist, ids
 
     def vote(self, query: OrbFeatures, map_each: MapEach | None = None) -> Votes:
         """One vote per (query descriptor, gallery image) pair whose codes are within ``max_distance``.
@@ -293,11 +344,10 @@ class LocalIndex:
         codes = np.ascontiguousarray(query.descriptors[:, : self.params.code_bytes])
         chunks = [codes[i : i + VOTE_CHUNK] for i in range(0, len(codes), VOTE_CHUNK)]
         with self._lock.read():  # held for all chunks, whichever thread looks them up
-            budget = self._scan_budget()
+            params = self._lookup_params()
 
             def lookup(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                dist, ids = self._index.search(part, self.params.knn, params=budget)
-                return dist, ids
+                return self._search(part, params)
 
             found_parts = [lookup(part) for part in chunks] if map_each is None else map_each(lookup, chunks)
         dist = np.vstack([d for d, _ in found_parts])  # an IVF's lists: its two-level quantizer's

@@ -21,12 +21,15 @@ class LocalIndexParams:
     train_iterations: int = 10  # k-means rounds
     cell_lists: int = 65_536  # lists per top cell of the two-level coarse quantizer (one cell: exact assignment)
     top_probe: int = 8  # top cells whose lists are candidates for a query descriptor's nprobe nearest
+    query_cell_lists: int | None = None  # lists per cell a query searches where the codes were filed exactly
     relearn_growth: float = 4.0  # growth since the lists were learned that has them learned again (needs_training)
 
     def structure(self) -> dict[str, int | float]:
         """The parameters a built index depends on (the others apply at query time, also to a reopened one)."""
         built = asdict(self)
-        for query_time in ("knn", "max_distance", "nprobe", "scan_budget", "top_probe", "relearn_growth"):
+        for query_time in (
+            "knn", "max_distance", "nprobe", "scan_budget", "top_probe", "query_cell_lists", "relearn_growth"
+        ):
             built.pop(query_time)
         return built
 
@@ -46,5 +49,6 @@ def local_index_params(tuning: LocalVotes) -> LocalIndexParams:
         train_iterations=tuning.train_iterations,
         cell_lists=tuning.max_lists if tuning.cell_lists is None else tuning.cell_lists,
         top_probe=tuning.top_probe,
+        query_cell_lists=tuning.query_cell_lists,
         relearn_growth=tuning.relearn_growth,
     )

@@ -1,13 +1,15 @@
-"""The local-feature index's lookup on a built data dir: where a query's time goes (list assignment, list scan)
-and what a scan budget (``LocalVotes.scan_budget``) saves and loses, on the evaluation sets' real queries.
+"""The local-feature index's lookup on a built data dir: where a query's time goes (list assignment, list scan),
+what a scan budget (``LocalVotes.scan_budget``) and the query cells (``LocalVotes.query_cell_lists``) save and
+lose, on the evaluation sets' real queries.
 
-    python bench/local_scan_budget.py DATA_DIR [--budgets 1.5 1.0 0.7 0.5] [--queries 50]
+    python bench/local_lookup.py DATA_DIR [--budgets 1.5 1.0 0.7 0.5] [--queries 50]
 
 One thread, the shipped ORB extraction (1,000 features at 640 px) and index parameters; a query is the first
 ``--queries`` of every fifth query of each set in ``../shared/eval``. "Vote pairs kept" is the share of the
-(query descriptor, gallery image) pairs of the full scan that the budgeted scan finds too. The search quality
-behind a budget is measured by ``bench/scale_quality.py --tuning``. Prints a table and writes
-``bench/results/local_scan_budget.json``.
+(query descriptor, gallery image) pairs of the full scan that the budgeted scan finds too. The product's own
+``LocalIndex.vote`` is then timed on the same queries, the index opened from the data dir with today's tuning,
+without and with the query cells. The search quality behind either is measured by ``bench/scale_quality.py
+--tuning``. Prints a table and writes ``bench/results/local_lookup.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pictrace.decode import decode_image
-from pictrace.features.orb import extract_orb
+from pictrace.features.orb import OrbFeatures, extract_orb
+from pictrace.indexes.local import LocalIndex, local_index_params
 from pictrace.indexes.local.file import read_local
 from pictrace.indexes.local.index import KP_BITS
 from pictrace.tuning import Tuning
@@ -35,15 +38,31 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETS = ("smvs-dvd-a", "copy-public")
 
 
-def query_codes(per_set: int, code_bytes: int) -> list[np.ndarray]:
-    codes = []
+def query_features(per_set: int) -> list[OrbFeatures]:
+    features = []
     for name in SETS:
         gt = json.loads((EVAL / name / "gt.json").read_text())
         for query in gt["queries"][::5][:per_set]:
             data = (EVAL / name / "images" / query["query"]).read_bytes()
-            rgb = decode_image(data, max_pixels=50_000_000, draft_min_side=640).rgb
-            codes.append(np.ascontiguousarray(extract_orb(rgb).descriptors[:, :code_bytes]))
-    return codes
+            features.append(extract_orb(decode_image(data, max_pixels=50_000_000, draft_min_side=640).rgb))
+    return features
+
+
+def product_votes(
+    data_dir: Path, catalogue_id: str, features: list[OrbFeatures], **tuned: Any
+) -> tuple[float, list[set[Any]]]:
+    """``LocalIndex.vote`` p50 (ms) on one thread, and each query's (descriptor, image) vote pairs."""
+    params = local_index_params(Tuning().local.model_copy(update=tuned))
+    index = LocalIndex.open(data_dir / "local.faiss", params, catalogue_id)
+    if index is None:
+        sys.exit("the saved index was built with other parameters than today's")
+    times, pairs = [], []
+    for query in features:
+        started = time.perf_counter()
+        votes = index.vote(query)
+        times.append(time.perf_counter() - started)
+        pairs.append(set(zip(votes.rows.tolist(), votes.owners.tolist(), strict=True)))
+    return statistics.median(times) * 1000, pairs
 
 
 def main() -> None:
@@ -64,7 +83,8 @@ def main() -> None:
         sys.exit("the index is an exact scan (too small for lists): nothing to budget")
     sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.float64)
     mean = ivf.ntotal / ivf.nlist
-    queries = query_codes(a.queries, local.code_bytes)
+    features = query_features(a.queries)
+    queries = [np.ascontiguousarray(f.descriptors[:, : local.code_bytes]) for f in features]
 
     def lookup(max_codes: int) -> tuple[float, list[set[tuple[int, int]]]]:
         params = faiss.SearchParametersIVF()
@@ -90,17 +110,24 @@ def main() -> None:
         ms, found = lookup(max_codes)
         kept = statistics.mean(len(f & b) / max(1, len(b)) for f, b in zip(found, full, strict=True))
         rows.append({"budget": budget, "max_codes": max_codes, "p50_ms": ms, "pairs_kept": kept})
+    codes_held, lists_held = int(ivf.ntotal), int(ivf.nlist)
+    catalogue_id = str(header["catalogue"])
+    plain_ms, plain = product_votes(a.data_dir, catalogue_id, features, query_cell_lists=None)
+    cells_ms, cells = product_votes(a.data_dir, catalogue_id, features)
+    cells_kept = statistics.mean(len(c & p) / max(1, len(p)) for c, p in zip(cells, plain, strict=True))
     report = {
         "data_dir": str(a.data_dir),
         "images": int(header["held"]),
-        "codes": int(ivf.ntotal),
-        "lists": int(ivf.nlist),
+        "codes": codes_held,
+        "lists": lists_held,
         "mean_list": mean,
         "probed_list": float((sizes**2).sum() / sizes.sum()),  # a list's size as a descriptor landing by data sees it
         "queries": len(queries),
         "descriptors_per_query": statistics.mean(len(q) for q in queries),
         "assign_p50_ms": statistics.median(assign) * 1000,
         "rows": rows,
+        "vote_p50_ms": {"every_centre": plain_ms, "query_cells": cells_ms},
+        "query_cells_pairs_kept": cells_kept,
     }
     print(f"{report['images']:,} images, {report['codes']:,} codes in {report['lists']:,} lists: average list "
           f"{mean:,.0f} codes, the list a probe meets {report['probed_list']:,.0f}")
@@ -111,8 +138,11 @@ def main() -> None:
         budget = "none" if row["budget"] is None else f"{row['budget']:.2f}"
         codes = "all" if not row["max_codes"] else f"{row['max_codes']:,}"
         print(f"{budget:>8} {codes:>17} {row['p50_ms']:>14.1f} {row['pairs_kept']:>16.3f}")
+    print(f"LocalIndex.vote with today's tuning: every list centre compared {plain_ms:.1f} ms; query cells "
+          f"({local.query_cell_lists} lists each, {local.top_probe} probed) {cells_ms:.1f} ms, vote pairs kept "
+          f"{cells_kept:.3f}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "local_scan_budget.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / "local_lookup.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
