@@ -331,6 +331,12 @@ class _StoppedError(Exception):
 _CLOSE_WAIT_S = 10.0  # how long a close waits for the thread to finish what it is doing
 _SETTLE_AFTER_S = 10.0  # no image added for this long: an ingest run has ended (its pauses are shorter)
 _RECENT_S = 30.0  # an image's links are read again for this long after it was added (the ingest links it then)
+# The copy-link tally (a COUNT over every copy link: 0.26 s of CPU at 100k images, ~2.6 s at 1M) runs again no
+# sooner than this many times its last CPU time after it, and no later than half of _RECENT_S (the recent images'
+# links are read before they leave that window): following an ingest's links costs at most ~5 % of a core up to
+# ~300k images. A gallery of thousands tallies in a millisecond, on every tick: when its links are read decides
+# how its groups are placed during an ingest (docs/duplicates.md).
+_TALLY_EVERY = 20.0
 _GREYS_KEPT = 4096  # grey thumbnails kept while grouping (~4 KB at 64 px, ~40 KB at 256 px)
 _FIRST_PAGE = 20  # groups of the first list page (the API's default limit): their keepers are chosen first
 
@@ -364,7 +370,9 @@ class DuplicateGroups:
         self._view: _View | None = None
         self._sha: dict[int, str] = {}
         self._position: tuple[int, int] = (-1, -1)  # change log (seq, generation) applied
-        self._link_generation = -1
+        self._link_generation = -1  # the catalogue's link counter, links read up to it
+        self._links_seen = -1  # the link counter last seen, read or not (when links were last written)
+        self._tally_due = 0.0  # the copy-link tally runs no sooner (monotonic; _TALLY_EVERY)
         self._decisions: tuple[list[tuple[str, str]], list[str]] = ([], [])
         self._recent: dict[int, float] = {}  # images added lately, and when: their links are read again
         self._links_stale = False  # the catalogue's copy links did not tally with those known
@@ -520,6 +528,7 @@ class DuplicateGroups:
         self._building = None
         self._greys.clear()
         self._position, self._link_generation = (position.seq, position.generation), link_generation
+        self._links_seen = link_generation
         self._publish()
 
     def _stop_building(self) -> None:
@@ -553,12 +562,17 @@ class DuplicateGroups:
         self._sha.update((v, sha) for v, sha, *_ in shapes)
         touched |= grouping.add_images({v: Shape(w, h, n, pixels) for v, _, pixels, w, h, n in shapes})
         now = time.monotonic()
-        if link_generation != self._link_generation:
-            self._linked_at = now
+        if link_generation != self._links_seen:
+            self._linked_at, self._links_seen = now, link_generation
         self._recent.update((v, now) for v, *_ in shapes)
         self._recent = {v: t for v, t in self._recent.items() if now - t <= _RECENT_S and v in grouping.shapes}
-        if link_generation != self._link_generation or self._links_stale:
+        links_changed = link_generation != self._link_generation or self._links_stale
+        if links_changed and not eager and now < self._tally_due:
+            link_generation = self._link_generation  # left for a later tick to read
+        elif links_changed:
+            counted = time.thread_time()  # its own CPU: waiting for the cores an ingest keeps busy is not its cost
             tally = self.catalogue.copy_tally()
+            self._tally_due = now + min(_TALLY_EVERY * (time.thread_time() - counted), _RECENT_S / 2)
             if tally != grouping.tally() and self._recent:
                 # the links of the images added lately: an ingest writes them a moment after the images
                 touched |= grouping.add_links(self.catalogue.copy_fits(self._recent))
