@@ -102,6 +102,17 @@ class TestCatalogue:
         with pytest.raises(NotFoundError):
             cat.thumbnail("e" * 64)
 
+    def test_images_with_the_same_pixels_are_found_by_their_pixel_hash(self, open_catalogue: Opener) -> None:
+        from dataclasses import replace
+
+        cat = open_catalogue()
+        first = cat.add_image(stored(1), source("http://h/1.jpg"))[0]
+        twin = cat.add_image(replace(stored(2), pixel_sha256=stored(1).pixel_sha256), source("http://h/2.png"))[0]
+        other = cat.add_image(stored(3), source("http://h/3.jpg"))[0]
+        found = cat.same_pixels([stored(1).pixel_sha256, stored(3).pixel_sha256, "p" + "0" * 63])
+        assert found == {stored(1).pixel_sha256: sorted([first, twin]), stored(3).pixel_sha256: [other]}
+        assert cat.same_pixels([]) == {}
+
     def test_rows_of_an_older_catalogue_read_beside_compact_ones(self, open_catalogue: Opener) -> None:
         """float32 embeddings and a PNG gray per row (older catalogues) read as they were, in the same reads as
         the float16 rows and the empty gray (SSIM then reads the thumbnail) written now."""

@@ -195,6 +195,23 @@ def test_grouping_rules_weak_links_decisions_and_restore() -> None:
     assert not any(2 in g for g in grouped(grouping)) and [4, 5, 6] in grouped(grouping)
 
 
+def test_exact_twins_looked_up_by_the_caller_link_as_those_found_by_reading_every_image() -> None:
+    """An ingest's new images get their exact twins from the catalogue's pixel-hash index: the same exact links
+    as reading every known image for them (which cost ~30 ms a tick at 100k), among the images the grouping
+    knows only."""
+    shapes = {v: Shape(100, 100, 1000 + v, f"p{v % 3}") for v in range(1, 7)}
+    read, told = Grouping(), Grouping()
+    read.add_images({v: shapes[v] for v in (1, 2)})
+    told.add_images({v: shapes[v] for v in (1, 2)})
+    later = {v: shapes[v] for v in range(3, 7)}
+    catalogue_says = {"p0": [3, 6], "p1": [1, 4, 99], "p2": [2, 5]}  # 99: not known to the grouping (yet)
+    assert read.add_images(later) == told.add_images(later, catalogue_says) != set()
+    def linked(grouping: Grouping) -> set[tuple[int, int]]:
+        return {(a, b) for a, near in grouping._near.items() for b in near if a < b}
+
+    assert linked(read) == linked(told) == {(3, 6), (1, 4), (2, 5)}
+
+
 def test_links_read_again_touch_only_what_changed() -> None:
     """After an ingest run the groups read every copy link again from the catalogue: a link that did not change
     (its inliers, its fit as stored: float32) leaves its group alone, a changed one has its pair placed again."""

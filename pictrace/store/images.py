@@ -211,6 +211,21 @@ class ImageQueries(SqlAccess):
                 rows.extend(self._query(f"{sql} WHERE vec_id IN ({marks(len(chunk))})", chunk))
         return [(int(v), str(s), str(p), int(w), int(h), int(n)) for v, s, p, w, h, n in rows]
 
+    def same_pixels(self, pixel_sha256s: Iterable[str]) -> dict[str, list[int]]:
+        """The images with each of these decoded pixels' hashes, by vec_id (the pixel hash is indexed: what an
+        added image's exact twins are, without reading every image)."""
+        wanted = sorted(set(pixel_sha256s))
+        out: dict[str, list[int]] = {}
+        for start in range(0, len(wanted), 512):
+            chunk = wanted[start : start + 512]
+            rows = self._query(
+                f"SELECT pixel_sha256, vec_id FROM images WHERE pixel_sha256 IN ({marks(len(chunk))}) ORDER BY vec_id",
+                chunk,
+            )
+            for pixels, vec_id in rows:
+                out.setdefault(str(pixels), []).append(int(vec_id))
+        return out
+
     def image_facts(self, vec_ids: Iterable[int]) -> dict[int, ImageFacts]:
         """Size, format and name of each image (named by its first source, as in results)."""
         wanted = [int(v) for v in vec_ids]
