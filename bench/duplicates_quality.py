@@ -10,7 +10,8 @@ as two whole ingests are at the mercy of a shared machine's load, the link phase
 and without, interleaved on one catalogue.
 
     python bench/duplicates_quality.py [--eval ../shared/eval/copy-public] [--runs 1]
-    python bench/duplicates_quality.py --reuse DATA_DIR   # score the groups of a data dir built before
+    python bench/duplicates_quality.py --reuse DATA_DIR   # score the groups of a data dir built before, and say
+                                                          # what each edit's own link to its original is
 
 Prints a table and writes bench/results/duplicates_quality.json. Never copies an eval image anywhere: the
 db.json names them where they are.
@@ -23,6 +24,7 @@ import asyncio
 import itertools
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -131,6 +133,27 @@ def score(gt: dict[str, Any], found: list[list[str]], keepers: dict[str, list[st
     }
 
 
+def links_to_original(data_dir: Path, gt: dict[str, Any]) -> dict[str, Any]:
+    """The verdict of each edit's own stored link with its original (copy, similar, or none), in all and per edit
+    type: what the groups start from, before any grouping rule (read from a SQLite data dir's catalogue)."""
+    group_of, edit_of = truth(gt)
+    path = data_dir / "catalogue.sqlite3"
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        vec_of = dict(conn.execute("SELECT s.entry_id, i.vec_id FROM sources s JOIN images i ON i.sha256 = s.sha256"))
+        tier = {(a, b): t for a, b, t in conn.execute("SELECT vec_id, other, tier FROM links")}
+    verdicts: dict[str, str] = {}
+    for query in edit_of:
+        a, b = vec_of.get(query), vec_of.get(group_of[query])
+        verdicts[query] = (tier.get((a, b)) or "none") if a is not None and b is not None else "not ingested"
+    per_type: dict[str, Counter[str]] = {}
+    for query, verdict in verdicts.items():
+        per_type.setdefault(edit_of[query], Counter())[verdict] += 1
+    return {
+        "all": dict(Counter(verdicts.values())),
+        "by_type": {kind: dict(counts) for kind, counts in sorted(per_type.items())},
+    }
+
+
 async def groups_of(data_dir: Path) -> tuple[list[list[str]], dict[str, list[str]]]:
     """The groups (entry ids) and each keeper's group, of an already built catalogue."""
     settings = Settings(  # type: ignore[call-arg]
@@ -156,6 +179,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.reuse is not None:  # the groups of a catalogue this bench (or the same gallery) built before
         found, keepers = await groups_of(args.reuse)
         result = score(gt, found, keepers)
+        result["edit_link_to_its_original"] = links_to_original(args.reuse, gt)
         print(json.dumps({k: v for k, v in result.items() if k != "groups_among_the_other_gallery_photos"}, indent=2))
         return
     shipped = Tuning()
