@@ -562,7 +562,7 @@ class DuplicateGroups:
         touched |= grouping.remove_images(removed)
         for v in removed:
             self._sha.pop(v, None)
-        shapes = self.catalogue.image_shapes(added - set(grouping.shapes))
+        shapes = self.catalogue.image_shapes(v for v in added if v not in grouping.shapes)  # not a copy of 100k keys
         self._sha.update((v, sha) for v, sha, *_ in shapes)
         twins = self.catalogue.same_pixels(pixels for _, _, pixels, *_ in shapes) if shapes else {}
         touched |= grouping.add_images({v: Shape(w, h, n, pixels) for v, _, pixels, w, h, n in shapes}, twins)
